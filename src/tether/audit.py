@@ -1,0 +1,88 @@
+"""The record of an operation: what was actually done, measured after the transfer.
+
+Appended as one JSON line to ``.tether/audit.jsonl`` (and optionally written to a file of the
+user's choice). The schema is versioned and documented in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tether._version import __version__
+
+AUDIT_FORMAT = "tether-audit"
+AUDIT_VERSION = 1
+
+
+@dataclass
+class AuditRecord:
+    operation: str  # push | pull
+    dataset: str
+    remote: str
+    remote_url: str
+    mode: str
+    state: str  # transferred | no-op | dry-run | failed
+    started: float
+    finished: float
+    done: Counter[str] = field(default_factory=Counter)  # action -> files
+    done_bytes: Counter[str] = field(default_factory=Counter)  # action -> bytes
+    failed: list[dict[str, str]] = field(default_factory=list)
+    skipped: int = 0
+    unchanged: int = 0
+    reused_staged: int = 0
+    verification: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished - self.started, 1e-9)
+
+    @property
+    def bytes_transferred(self) -> int:
+        return self.done_bytes.get("upload", 0) + self.done_bytes.get("download", 0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "format": AUDIT_FORMAT,
+            "version": AUDIT_VERSION,
+            "tether_version": __version__,
+            "operation": self.operation,
+            "dataset": self.dataset,
+            "remote": self.remote,
+            "remote_url": self.remote_url,
+            "mode": self.mode,
+            "state": self.state,
+            "user": getpass.getuser(),
+            "host": os.uname().nodename,
+            "started": datetime.fromtimestamp(self.started, UTC).isoformat(),
+            "finished": datetime.fromtimestamp(self.finished, UTC).isoformat(),
+            "seconds": round(self.seconds, 3),
+            "files": dict(self.done),
+            "bytes": dict(self.done_bytes),
+            "bytes_transferred": self.bytes_transferred,
+            "throughput_bytes_per_s": round(self.bytes_transferred / self.seconds),
+            "skipped": self.skipped,
+            "unchanged": self.unchanged,
+            "reused_staged": self.reused_staged,
+            "failed": self.failed,
+            "verification": self.verification,
+            "error": self.error,
+        }
+
+
+def append(log: Path | None, record: AuditRecord, extra_out: Path | None = None) -> None:
+    """Append to the workspace log (None: a dry run, which did nothing worth logging)."""
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record.as_json(), sort_keys=True) + "\n")
+    if extra_out is not None:
+        extra_out.parent.mkdir(parents=True, exist_ok=True)
+        extra_out.write_text(json.dumps(record.as_json(), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,567 @@
+"""Command line: arguments, rendering and exit codes. No sync logic lives here.
+
+``main(argv) -> int`` is the only place that prints errors and decides the exit code; the
+table from error type to message and hint is :func:`_report_error` (tracebacks only with
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.progress import (
+    Progress as RichBars,
+)
+from rich.table import Table
+
+from tether import sync
+from tether._version import __version__
+from tether.config import (
+    LOCAL_FILE,
+    WORKSPACE_FILE,
+    edit_toml,
+    is_secret,
+    write_toml_atomic,
+)
+from tether.errors import ExitCode, Interrupted, RefusedError, TetherError, UsageError
+from tether.plan import Change, Plan
+from tether.progress import NO_PROGRESS, Progress
+from tether.remotes import parse_url
+from tether.report import diff_json, human_bytes, sync_json, sync_summary_lines
+from tether.workspace import Workspace, check_remote_name
+
+MAX_LISTED = 40
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class State:
+    def __init__(self, debug: bool, quiet: bool) -> None:
+        self.debug = debug
+        self.quiet = quiet
+
+
+# -- progress -----------------------------------------------------------------------------------
+class BarsProgress(Progress):
+    """rich bars on stderr: files, bytes, rate and ETA per stage."""
+
+    def __init__(self) -> None:
+        self.bars = RichBars(
+            TextColumn("{task.description:<20}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
+        self.bars.start()
+        self.task: TaskID | None = None
+        self.files = 0
+
+    def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+        if self.task is not None:
+            self.bars.remove_task(self.task)
+        self.task = self.bars.add_task(name, total=bytes or None)
+        self.files = 0
+        self.total_files = files
+
+    def advance(self, *, files: int = 0, bytes: int = 0) -> None:
+        if self.task is not None:
+            self.bars.advance(self.task, bytes)
+
+    def message(self, text: str) -> None:
+        self.bars.console.print(f"[yellow]warning:[/] {text}")
+
+    def close(self) -> None:
+        self.bars.stop()
+
+
+class QuietProgress(Progress):
+    def message(self, text: str) -> None:
+        err.print(f"warning: {text}", markup=False, highlight=False)
+
+
+def _progress(state: State, as_json: bool) -> Progress:
+    if state.quiet or as_json:
+        return NO_PROGRESS
+    if err.is_terminal:
+        return BarsProgress()
+    return QuietProgress()
+
+
+# -- rendering ----------------------------------------------------------------------------------
+STATUS_STYLE = {
+    "local_only": "green",
+    "remote_only": "cyan",
+    "modified_local": "green",
+    "modified_remote": "cyan",
+    "deleted_local": "red",
+    "deleted_remote": "red",
+    "conflict": "bold red",
+    "differs": "yellow",
+}
+
+
+def _render_changes(changes: Sequence[Change], action_of: Callable[[Change], str], show_all: bool) -> None:
+    if not changes:
+        return
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    table.add_column("status")
+    table.add_column("action")
+    table.add_column("size", justify="right")
+    table.add_column("path", overflow="fold")
+    shown = changes if show_all else changes[:MAX_LISTED]
+    for c in shown:
+        size = (c.local or c.remote).size if (c.local or c.remote) else 0  # type: ignore[union-attr]
+        style = STATUS_STYLE.get(c.status.value, "")
+        table.add_row(f"[{style}]{c.status.value}[/]", action_of(c), human_bytes(size), c.path)
+    out.print(table)
+    if len(changes) > len(shown):
+        out.print(f"… and {len(changes) - len(shown)} more (--all lists every file, --json for scripts)")
+
+
+def _render_plan(plan: Plan, title: str, show_all: bool) -> None:
+    counts = ", ".join(f"{n} {a}" for a, n in plan.action_counts().items() if a != "none")
+    size = human_bytes(sum(plan.action_bytes().get(a, 0) for a in ("upload", "download")))
+    out.print(
+        f"[bold]{title}[/]: {counts or 'nothing to do'}; {size} to transfer; {plan.unchanged_files} unchanged"
+    )
+    _render_changes(plan.changes, lambda c: c.action.value, show_all)
+
+
+def _emit_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _confirmer(yes: bool, state: State, as_json: bool, show_all: bool) -> sync.Confirm:
+    """Ask on a terminal; off a terminal, overwrites and deletes need -y (invariant 3)."""
+
+    def confirm(plan: Plan) -> bool:
+        if yes:
+            return True
+        risky = len(plan.overwrites) + len(plan.deletes)
+        if sys.stdin.isatty() and not as_json:
+            return click.confirm(f"Proceed with this {plan.direction.value}?", default=False, err=True)
+        if risky:
+            raise RefusedError(
+                f"this {plan.direction.value} overwrites or deletes {risky} file(s) and there is no "
+                "terminal to confirm it",
+                paths=[c.path for c in plan.overwrites + plan.deletes],
+                hint="Review with `tether diff`, then rerun with -y to confirm.",
+            )
+        return True
+
+    return confirm
+
+
+# -- error table --------------------------------------------------------------------------------
+def _report_error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, TetherError):
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        paths = getattr(exc, "paths", None) or []
+        for p in paths[:10]:
+            err.print(f"  {p}", markup=False, highlight=False)
+        if len(paths) > 10:
+            err.print(f"  … and {len(paths) - 10} more", highlight=False)
+        if exc.hint:
+            err.print(f"[bold]hint:[/] {exc.hint}", highlight=False)
+        return int(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt | click.Abort):
+        err.print("interrupted; nothing half-written was left under a real name. Rerun to finish.")
+        return int(ExitCode.INTERRUPTED)
+    if isinstance(exc, click.ClickException):
+        exc.show(file=sys.stderr)
+        return int(ExitCode.USAGE)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False)
+        err.print("[bold]hint:[/] rerun with --debug for details; completed files are kept.")
+        return int(ExitCode.REFUSED)
+    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+    err.print("[bold]hint:[/] rerun with --debug and report the traceback.")
+    return 70
+
+
+# -- commands -----------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tether")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Keep datasets in step between this workspace and remotes: diff, push, pull."""
+    ctx.obj = State(debug, quiet)
+
+
+@cli.command()
+@click.option("--data-root", default="data", show_default=True, help="Folder holding datasets.")
+def init(data_root: str) -> None:
+    """Create a workspace (tether.toml, .tether/) in the current folder."""
+    ws, created = Workspace.init(Path.cwd(), data_root)
+    what = "Created" if created else "Already a workspace:"
+    out.print(f"{what} {ws.root / WORKSPACE_FILE} (data root {ws.settings.data_root}/)")
+    out.print("Next: `tether remote add NAME URL`, then `tether diff DATASET NAME`.")
+
+
+@cli.group()
+def remote() -> None:
+    """Add, list, show and remove remotes."""
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {pair!r} is not KEY=VALUE")
+        lowered = raw.lower()
+        value: Any = raw
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        elif raw.isdigit():
+            value = int(raw)
+        values[key.strip()] = value
+    return values
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="A remote option.")
+@click.option(
+    "--local", "local_only", is_flag=True, help="Write to .tether/config.local.toml (not committed)."
+)
+def remote_add(name: str, url: str, sets: tuple[str, ...], local_only: bool) -> None:
+    """Add remote NAME at URL (a path, file://, ssh:// or s3://)."""
+    ws = Workspace.find()
+    check_remote_name(name)
+    parse_url(url, base_dir=ws.root)
+    if name in ws.settings.remotes:
+        raise UsageError(
+            f"remote {name!r} already exists ({ws.settings.remotes[name].url})",
+            hint=f"Remove it first with `tether remote remove {name}`.",
+        )
+    target = ws.state_dir / LOCAL_FILE if local_only else ws.root / WORKSPACE_FILE
+    doc = edit_toml(target)
+    remotes = doc.setdefault("remotes", {})
+    remotes[name] = {"url": url, **_parse_sets(sets)}
+    write_toml_atomic(target, doc)
+    out.print(f"Added remote {name} -> {url} (in {target.relative_to(ws.root)})")
+
+
+@remote.command("list")
+def remote_list() -> None:
+    """List configured remotes."""
+    ws = Workspace.find()
+    if not ws.settings.remotes:
+        out.print("No remotes. Add one with `tether remote add NAME URL`.")
+        return
+    for name, cfg in sorted(ws.settings.remotes.items()):
+        out.print(f"{name}\t{cfg.url}", markup=False, highlight=False)
+
+
+@remote.command("show")
+@click.argument("name")
+def remote_show(name: str) -> None:
+    """Show a remote's URL, options (secrets masked) and where it is defined."""
+    ws = Workspace.find()
+    cfg = _remote_config(ws, name)
+    out.print(f"name: {cfg.name}\nurl: {cfg.url}\ndefined in: {cfg.layer}", markup=False, highlight=False)
+    for key, value in sorted(cfg.options.items()):
+        shown = "****" if is_secret(key) else value
+        out.print(f"{key}: {shown}", markup=False, highlight=False)
+
+
+def _remote_config(ws: Workspace, name: str) -> Any:
+    from tether.errors import UnknownRemote
+
+    if name not in ws.settings.remotes:
+        known = ", ".join(sorted(ws.settings.remotes)) or "none configured"
+        raise UnknownRemote(f"unknown remote {name!r} (known: {known})")
+    return ws.settings.remotes[name]
+
+
+@remote.command("remove")
+@click.argument("name")
+def remote_remove(name: str) -> None:
+    """Remove a remote from the file that defines it (data on the remote is not touched)."""
+    ws = Workspace.find()
+    _remote_config(ws, name)
+    removed = False
+    for path in (ws.root / WORKSPACE_FILE, ws.state_dir / LOCAL_FILE):
+        if not path.exists():
+            continue
+        doc = edit_toml(path)
+        if name in doc.get("remotes", {}):
+            del doc["remotes"][name]
+            write_toml_atomic(path, doc)
+            removed = True
+    if not removed:
+        raise UsageError(f"remote {name!r} is defined outside this workspace (user or system config)")
+    out.print(f"Removed remote {name}; its data was not touched.")
+
+
+@cli.command("ls")
+def list_datasets() -> None:
+    """List local datasets with file counts and bytes."""
+    ws = Workspace.find()
+    datasets = ws.list_datasets()
+    if not datasets:
+        out.print(f"No datasets under {ws.data_root}.")
+        return
+    table = Table(box=None, header_style="bold")
+    table.add_column("dataset")
+    table.add_column("files", justify="right")
+    table.add_column("bytes", justify="right")
+    for ds in datasets:
+        files = size = 0
+        for folder, _dirs, names in os.walk(ds.path):
+            if "/.tether" in folder or folder.endswith(".tether"):
+                continue
+            for n in names:
+                files += 1
+                size += os.lstat(os.path.join(folder, n)).st_size
+        table.add_row(ds.id, str(files), human_bytes(size))
+    out.print(table)
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--id", "dataset_id", help="Dataset id when TARGET is a folder outside the data root.")(
+        f
+    )
+    f = click.option("--checksum", is_flag=True, help="Rehash every file on both sides (ignore caches).")(f)
+    f = click.option(
+        "--skip-symlinks", is_flag=True, help="Leave symlinks out with a warning instead of failing."
+    )(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object (no bars).")(f)
+    f = click.option("--all", "show_all", is_flag=True, help="List every changed file.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("target")
+@click.argument("remote_name", metavar="REMOTE")
+@click.option("--mode", type=click.Choice(["new", "update", "mirror"]), default="update", show_default=True)
+@_common
+@click.pass_obj
+def diff(
+    state: State,
+    target: str,
+    remote_name: str,
+    mode: str,
+    dataset_id: str | None,
+    checksum: bool,
+    skip_symlinks: bool,
+    as_json: bool,
+    show_all: bool,
+) -> None:
+    """Show what differs between TARGET and REMOTE, in both directions. Changes nothing.
+
+    Exit 0 when in sync, 1 when something differs.
+    """
+    progress = _progress(state, as_json)
+    try:
+        result = sync.diff(
+            target,
+            remote_name,
+            dataset_id=dataset_id,
+            progress=progress,
+            checksum=checksum,
+            skip_symlinks=skip_symlinks,
+            mode=sync.Mode(mode),
+        )
+    finally:
+        progress.close()
+    if as_json:
+        _emit_json(diff_json(result))
+    elif result.in_sync:
+        out.print(
+            f"In sync: {result.dataset.id} ({result.push.unchanged_files} files) with {result.remote_name}."
+        )
+    else:
+        pull_by = {c.path: c for c in result.pull.changes}
+        push_counts = ", ".join(f"{n} {a}" for a, n in result.push.action_counts().items() if a != "none")
+        pull_counts = ", ".join(f"{n} {a}" for a, n in result.pull.action_counts().items() if a != "none")
+        out.print(f"[bold]{result.dataset.id}[/] vs [bold]{result.remote_name}[/] ({result.remote_url})")
+        out.print(
+            f"push would: {push_counts or 'nothing'}; "
+            f"{human_bytes(sum(result.push.action_bytes().get(a, 0) for a in ('upload',)))} up"
+        )
+        out.print(
+            f"pull would: {pull_counts or 'nothing'}; "
+            f"{human_bytes(sum(result.pull.action_bytes().get(a, 0) for a in ('download',)))} down"
+        )
+        _render_changes(
+            result.push.changes,
+            lambda c: f"push:{c.action.value} pull:{pull_by[c.path].action.value}",
+            show_all,
+        )
+    raise SystemExit(int(ExitCode.OK if result.in_sync else ExitCode.DIFFERENCES))
+
+
+def _sync_command(direction: str) -> Callable[..., None]:
+    @click.argument("target")
+    @click.argument("remote_name", metavar="REMOTE")
+    @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+    @click.option("--dry-run", is_flag=True, help="Show the plan and stop.")
+    @click.option(
+        "--mode",
+        type=click.Choice(["new", "update", "mirror"]),
+        default="update",
+        show_default=True,
+        help="new: only create missing files; update: also replace changed ones; "
+        "mirror: also delete what the source lacks.",
+    )
+    @click.option(
+        "--max-delete", default="50%", show_default=True, help="Refuse plans deleting more (N or N%)."
+    )
+    @click.option(
+        "--prefer", type=click.Choice(["local", "remote"]), help="Resolve conflicts and unseen changes."
+    )
+    @click.option("--jobs", type=click.IntRange(1, 256), help="Parallel transfers.")
+    @click.option(
+        "--audit-json-out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Also write the audit record to this file.",
+    )
+    @_common
+    @click.pass_obj
+    def command(
+        state: State,
+        target: str,
+        remote_name: str,
+        yes: bool,
+        dry_run: bool,
+        mode: str,
+        max_delete: str,
+        prefer: str | None,
+        jobs: int | None,
+        audit_json_out: Path | None,
+        dataset_id: str | None,
+        checksum: bool,
+        skip_symlinks: bool,
+        as_json: bool,
+        show_all: bool,
+    ) -> None:
+        progress = _progress(state, as_json)
+        shown: list[bool] = []
+        ask = _confirmer(yes, state, as_json, show_all)
+
+        def confirm(plan: Plan) -> bool:
+            progress.close()
+            if not as_json and not shown:
+                _render_plan(plan, f"{direction} plan", show_all)
+                shown.append(True)
+            return ask(plan)
+
+        run = sync.push if direction == "push" else sync.pull
+        try:
+            result = run(
+                target,
+                remote_name,
+                dataset_id=dataset_id,
+                mode=mode,
+                prefer=prefer,
+                max_delete=max_delete,
+                jobs=jobs,
+                dry_run=dry_run,
+                confirm=confirm,
+                progress=progress,
+                checksum=checksum,
+                skip_symlinks=skip_symlinks,
+                audit_out=audit_json_out,
+            )
+        except Interrupted:
+            raise
+        finally:
+            progress.close()
+        if as_json:
+            _emit_json(sync_json(result))
+            return
+        if result.state == "dry-run":
+            _render_plan(result.plan, f"{direction} plan", show_all)
+        for line in sync_summary_lines(result):
+            out.print(line, highlight=False)
+
+    command.__doc__ = (
+        "Upload local changes of TARGET to REMOTE."
+        if direction == "push"
+        else "Download REMOTE's changes of TARGET, staged and verified before promotion."
+    )
+    return command
+
+
+cli.command("push")(_sync_command("push"))
+cli.command("pull")(_sync_command("pull"))
+
+
+@cli.group()
+def lock() -> None:
+    """Inspect or break the remote lock of a dataset."""
+
+
+@lock.command("status")
+@click.argument("target")
+@click.argument("remote_name", metavar="REMOTE")
+def lock_status(target: str, remote_name: str) -> None:
+    """Show who holds the lock on TARGET at REMOTE."""
+    record = sync.lock_status(target, remote_name)
+    if record is None:
+        out.print("unlocked")
+    else:
+        out.print(f"locked by {record.describe()}", highlight=False)
+
+
+@lock.command("break")
+@click.argument("target")
+@click.argument("remote_name", metavar="REMOTE")
+@click.option("--force", is_flag=True, help="Break even a lock that has not expired.")
+def lock_break(target: str, remote_name: str, force: bool) -> None:
+    """Break a stale (expired or dead) lock on TARGET at REMOTE."""
+    record = sync.lock_break(target, remote_name, force=force)
+    out.print(
+        "no lock to break" if record is None else f"broke the lock of {record.describe()}", highlight=False
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="tether", standalone_mode=False)
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 0
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show(file=sys.stderr)
+        return int(ExitCode.USAGE)
+    except BaseException as exc:  # the one place errors become messages and exit codes
+        return _report_error(exc, debug)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Layered configuration: system < user < workspace ``tether.toml`` < ``.tether/config.local.toml``.
+
+Later layers win key by key (tables merge, values replace). The workspace file is committed and
+shared by the team; the local file is for personal overrides and secrets and is never committed.
+Writes go through tomlkit so a user's comments and layout in ``tether.toml`` survive
+``tether remote add``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomlkit
+
+from tether.errors import ConfigError
+
+WORKSPACE_FILE = "tether.toml"
+LOCAL_FILE = "config.local.toml"
+SYSTEM_FILE = Path("/etc/tether/config.toml")
+CONFIG_VERSION = 1
+
+
+def user_config_file() -> Path:
+    override = os.environ.get("TETHER_CONFIG_DIR")
+    base = Path(override) if override else Path(platformdirs.user_config_dir("tether"))
+    return base / "config.toml"
+
+
+def system_config_file() -> Path:
+    override = os.environ.get("TETHER_SYSTEM_CONFIG")
+    return Path(override) if override else SYSTEM_FILE
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse one layer; a missing file is an empty layer, a malformed one a clear error."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", hint=f"Fix the syntax in {path}.") from None
+    except PermissionError:
+        raise ConfigError(f"cannot read {path}: permission denied") from None
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Layers:
+    """The merged view plus where each layer came from (for `remote show` and errors)."""
+
+    merged: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+
+
+def load_layers(workspace_root: Path | None) -> Layers:
+    files = [system_config_file(), user_config_file()]
+    if workspace_root is not None:
+        files += [workspace_root / WORKSPACE_FILE, workspace_root / ".tether" / LOCAL_FILE]
+    merged: dict[str, Any] = {}
+    for path in files:
+        merged = deep_merge(merged, read_toml(path))
+    return Layers(merged, files)
+
+
+@dataclass(frozen=True)
+class SyncRules:
+    include: tuple[str, ...] = ("**",)
+    exclude: tuple[str, ...] = ()
+    exclude_git_tracked: bool = True
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    name: str
+    url: str
+    options: dict[str, Any]
+    layer: str  # which file defined it (for `remote show`)
+
+
+SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential")
+
+
+def is_secret(option: str) -> bool:
+    lowered = option.lower()
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+@dataclass
+class Settings:
+    """Typed view of the merged configuration that the rest of tether reads."""
+
+    data_root: str
+    sync: SyncRules
+    remotes: dict[str, RemoteConfig]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_layers(cls, layers: Layers) -> Settings:
+        raw = layers.merged
+        core = raw.get("tether", {})
+        if not isinstance(core, Mapping):
+            raise ConfigError("[tether] must be a table")
+        data_root = core.get("data_root", "data")
+        if not isinstance(data_root, str) or not data_root:
+            raise ConfigError("[tether] data_root must be a non-empty string")
+        sync_raw = raw.get("sync", {})
+        try:
+            sync = SyncRules(
+                include=tuple(sync_raw.get("include", ["**"])),
+                exclude=tuple(sync_raw.get("exclude", [])),
+                exclude_git_tracked=bool(sync_raw.get("exclude_git_tracked", True)),
+            )
+        except (TypeError, AttributeError):
+            raise ConfigError("[sync] include/exclude must be lists of glob strings") from None
+        remotes: dict[str, RemoteConfig] = {}
+        for name, spec in raw.get("remotes", {}).items():
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
+                raise ConfigError(
+                    f"remote {name!r} has no url",
+                    hint=f'Give it one: [remotes.{name}] url = "/path/or/ssh://host/path"',
+                )
+            options = {k: v for k, v in spec.items() if k != "url"}
+            layer = _defining_layer(layers.files, name)
+            remotes[name] = RemoteConfig(name, spec["url"], options, layer)
+        return cls(data_root, sync, remotes, raw)
+
+
+def _defining_layer(files: list[Path], remote: str) -> str:
+    found = "?"
+    for path in files:
+        if remote in read_toml(path).get("remotes", {}):
+            found = str(path)
+    return found
+
+
+def default_workspace_toml(data_root: str) -> str:
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment("tether workspace: git owns code, tether owns data."))
+    core = tomlkit.table()
+    core["version"] = CONFIG_VERSION
+    core["data_root"] = data_root
+    doc["tether"] = core
+    sync = tomlkit.table()
+    sync["include"] = ["**"]
+    sync["exclude"] = []
+    sync["exclude_git_tracked"] = True
+    doc["sync"] = sync
+    doc["remotes"] = tomlkit.table()
+    return tomlkit.dumps(doc)
+
+
+def edit_toml(path: Path) -> tomlkit.TOMLDocument:
+    try:
+        return tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
+    except tomlkit.exceptions.ParseError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def write_toml_atomic(path: Path, doc: tomlkit.TOMLDocument) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tomlkit.dumps(doc))
+    os.replace(tmp, path)

@@ -1,0 +1,30 @@
+"""Deterministic crash points for fault tests (invariant 7: re-running converges).
+
+Setting ``TETHER_FAULT_KILL_AT=NAME:N`` makes the process SIGKILL itself the N-th time it passes
+checkpoint NAME, so a test can kill a run at an exact step instead of racing it with sleeps.
+Unset (always, outside tests), a checkpoint costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_ENV = "TETHER_FAULT_KILL_AT"
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def checkpoint(name: str) -> None:
+    spec = os.environ.get(_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        hit = _counts[name] == int(nth or 1)
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,150 @@
+"""Content digests and the sqlite cache that makes a no-op diff cheap.
+
+The cache is keyed by (path, inode, size, mtime_ns): an unchanged file is never re-read. A file
+whose mtime lies within ``RACY_WINDOW_NS`` of the moment it was hashed may have been written
+again within the same clock tick, so such an entry is not trusted and is hashed once more later
+(git's "racy clean" rule).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+from tether.manifest import DEFAULT_ALGORITHM, Entry
+from tether.scan import StatEntry
+
+CHUNK = 1024 * 1024
+RACY_WINDOW_NS = 50_000_000  # 50 ms: well above the mtime granularity of common filesystems
+
+
+def new_hasher(algorithm: str = DEFAULT_ALGORITHM) -> hashlib._Hash:
+    if algorithm != "sha256":
+        raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+    return hashlib.sha256()
+
+
+def digest_stream(stream: BinaryIO, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    return hashlib.file_digest(stream, lambda: new_hasher(algorithm)).hexdigest()
+
+
+def digest_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    with open(path, "rb", buffering=0) as f:
+        return digest_stream(f, algorithm)
+
+
+def digest_bytes(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
+    h = new_hasher(algorithm)
+    h.update(data)
+    return h.hexdigest()
+
+
+class HashCache:
+    """sqlite-backed digest cache; safe to use from several hashing threads."""
+
+    def __init__(self, db_path: Path | None) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, int, int, int, str, int]] = []
+        if db_path is None:
+            self._db = sqlite3.connect(":memory:", check_same_thread=False)
+        else:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(db_path, check_same_thread=False, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, inode INTEGER, "
+            "size INTEGER, mtime_ns INTEGER, digest TEXT, hashed_at_ns INTEGER)"
+        )
+        self._db.commit()
+
+    def get_many(self, keys: Sequence[tuple[str, int, int, int]]) -> dict[str, str]:
+        """Digests for the (path, inode, size, mtime_ns) keys that hit and are not racy."""
+        found: dict[str, str] = {}
+        with self._lock:
+            rows = {}
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                    "SELECT path, inode, size, mtime_ns, digest, hashed_at_ns FROM digests "
+                    f"WHERE path IN ({marks})",
+                    [k[0] for k in chunk],
+                ):
+                    rows[row[0]] = row
+        for path, inode, size, mtime_ns in keys:
+            row = rows.get(path)
+            if row is None or (row[1], row[2], row[3]) != (inode, size, mtime_ns):
+                continue
+            if mtime_ns >= row[5] - RACY_WINDOW_NS:
+                continue  # racy: written too close to when it was hashed
+            found[path] = row[4]
+        return found
+
+    def put(
+        self, path: str, inode: int, size: int, mtime_ns: int, digest: str, hashed_at_ns: int | None = None
+    ) -> None:
+        with self._lock:
+            self._pending.append((path, inode, size, mtime_ns, digest, hashed_at_ns or time.time_ns()))
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?)", self._pending)
+                self._db.commit()
+                self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+
+ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
+
+
+def hash_entries(
+    root: Path,
+    entries: Iterable[StatEntry],
+    cache: HashCache,
+    *,
+    cache_prefix: str = "",
+    jobs: int = 4,
+    on_hashed: ProgressFn | None = None,
+    force: bool = False,
+) -> list[Entry]:
+    """Turn stat entries into manifest entries, reading only files the cache cannot vouch for.
+
+    ``cache_prefix`` makes cache keys unique per workspace (dataset path under the workspace).
+    ``force`` ignores the cache (``--checksum``). Order is preserved.
+    """
+    entries = list(entries)
+    keys = [(cache_prefix + e.path, e.inode, e.size, e.mtime_ns) for e in entries]
+    known = {} if force else cache.get_many(keys)
+    digests: list[str | None] = [known.get(k[0]) for k in keys]
+    todo = [i for i, d in enumerate(digests) if d is None]
+
+    def work(i: int) -> tuple[int, str]:
+        e = entries[i]
+        started = time.time_ns()
+        digest = digest_file(root / e.path)
+        # A file changed while we read it: hash it again from its new state on the next run.
+        st = os.stat(root / e.path)
+        if (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
+            cache.put(cache_prefix + e.path, e.inode, e.size, e.mtime_ns, digest, started)
+        return i, digest
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for i, digest in pool.map(work, todo):
+                digests[i] = digest
+                if on_hashed:
+                    on_hashed(1, entries[i].size)
+        cache.flush()
+    return [Entry(e.path, e.size, e.mtime_ns, d) for e, d in zip(entries, digests, strict=True)]  # type: ignore[arg-type]

@@ -1,0 +1,203 @@
+"""The lease lock: one writer at a time per remote dataset (invariant 6).
+
+The record at ``<dataset>/.tether/lock`` names its owner, host, pid and an expiry. The holder
+renews it while it works. A record is *stale* once it has expired, or when it was left by a
+process on this same host that no longer runs (so a killed run never needs manual clean-up,
+invariant 7). A live lock held by someone else is broken only by ``tether lock break --force``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from types import TracebackType
+
+from tether.errors import LockHeld, TetherError
+from tether.remotes.base import Remote
+
+LOCK_FORMAT = "tether-lock"
+LOCK_VERSION = 1
+DEFAULT_TTL_S = 120.0
+
+
+def lock_path(dataset_id: str) -> str:
+    return f"{dataset_id}/.tether/lock"
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    owner: str
+    host: str
+    pid: int
+    acquired: float
+    expires: float
+    token: str
+    operation: str
+    format: str = LOCK_FORMAT
+    version: int = LOCK_VERSION
+
+    def dumps(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> LockRecord | None:
+        """None for an unreadable record (e.g. torn by a crash mid-create): treated as stale."""
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != LOCK_FORMAT:
+                return None
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
+
+    def stale(self, now: float, this_host: str) -> bool:
+        if self.expired(now):
+            return True
+        return self.host == this_host and not _pid_alive(self.pid)
+
+    def describe(self) -> str:
+        left = self.expires - time.time()
+        when = f"expires in {left:.0f}s" if left > 0 else f"expired {-left:.0f}s ago"
+        return f"{self.owner}@{self.host} pid {self.pid} ({self.operation}, {when})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_lock(remote: Remote, dataset_id: str) -> LockRecord | None:
+    try:
+        return LockRecord.loads(remote.read_bytes(lock_path(dataset_id)))
+    except FileNotFoundError:
+        return None
+
+
+class Lease:
+    """Context manager: acquire, renew in the background, release."""
+
+    def __init__(
+        self,
+        remote: Remote,
+        dataset_id: str,
+        *,
+        operation: str,
+        host: str,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
+        self.remote = remote
+        self.dataset_id = dataset_id
+        self.operation = operation
+        self.host = host
+        self.ttl_s = ttl_s
+        self.record: LockRecord | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self.renew_error: BaseException | None = None
+
+    def _new_record(self, token: str, acquired: float) -> LockRecord:
+        now = time.time()
+        return LockRecord(
+            owner=getpass.getuser(),
+            host=self.host,
+            pid=os.getpid(),
+            acquired=acquired,
+            expires=now + self.ttl_s,
+            token=token,
+            operation=self.operation,
+        )
+
+    def acquire(self) -> LockRecord:
+        path = lock_path(self.dataset_id)
+        token = secrets.token_hex(16)
+        for _attempt in range(3):
+            record = self._new_record(token, time.time())
+            if self.remote.create_exclusive(path, record.dumps()):
+                if read_lock(self.remote, self.dataset_id) == record:  # read-back check
+                    self.record = record
+                    self._start_renewing()
+                    return record
+                raise LockHeld(f"lost the race for the lock on {self.dataset_id}")
+            current = read_lock(self.remote, self.dataset_id)
+            if current is None or current.stale(time.time(), self.host):
+                # Stale: a killed run or an expired lease. Remove it and try to create again;
+                # create-exclusive decides between two takers.
+                self.remote.delete(path)
+                continue
+            raise LockHeld(
+                f"{self.dataset_id} on {self.remote.url} is locked by {current.describe()}",
+                holder=asdict(current),
+                hint="Wait for that run to finish. If it died on another machine, the lock "
+                "expires by itself; `tether lock break TARGET REMOTE --force` breaks it now.",
+            )
+        raise LockHeld(f"could not take the lock on {self.dataset_id}: it keeps changing")
+
+    def _start_renewing(self) -> None:
+        def renew() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                assert self.record is not None
+                fresh = self._new_record(self.record.token, self.record.acquired)
+                try:
+                    current = read_lock(self.remote, self.dataset_id)
+                    if current is None or current.token != self.record.token:
+                        self.renew_error = LockHeld("the lock was broken by someone else")
+                        return
+                    self.remote.write_bytes_atomic(lock_path(self.dataset_id), fresh.dumps())
+                    self.record = fresh
+                except (OSError, TetherError) as exc:  # keep working; expiry covers a dead link
+                    self.renew_error = exc
+
+        self._renewer = threading.Thread(target=renew, name="tether-lease", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+        if self.record is None:
+            return
+        current = read_lock(self.remote, self.dataset_id)
+        if current is not None and current.token == self.record.token:
+            self.remote.delete(lock_path(self.dataset_id))
+        self.record = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def break_lock(remote: Remote, dataset_id: str, *, host: str, force: bool) -> LockRecord | None:
+    """Remove the lock record if stale (or always with ``force``); return what was removed."""
+    current = read_lock(remote, dataset_id)
+    exists = remote.exists(lock_path(dataset_id))
+    if current is None and not exists:
+        return None
+    if current is not None and not force and not current.stale(time.time(), host):
+        raise LockHeld(
+            f"the lock on {dataset_id} is live: {current.describe()}",
+            holder=asdict(current),
+            hint="Only break a live lock if you know its holder is dead: add --force.",
+        )
+    remote.delete(lock_path(dataset_id))
+    return current

@@ -1,0 +1,81 @@
+"""Remote URLs and the one place that turns a configured remote into a backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from tether.config import RemoteConfig
+from tether.errors import ConfigError, UsageError
+from tether.remotes.base import Capabilities, ErrorKind, Remote, RemoteStat
+from tether.remotes.local import LocalRemote
+
+__all__ = [
+    "Capabilities",
+    "ErrorKind",
+    "LocalRemote",
+    "ParsedURL",
+    "Remote",
+    "RemoteStat",
+    "open_remote",
+    "parse_url",
+]
+
+KNOWN_SCHEMES = {"file", "ssh", "s3", "gs", "az"}
+AVAILABLE_SCHEMES = {"file"}
+
+
+@dataclass(frozen=True)
+class ParsedURL:
+    scheme: str
+    host: str | None
+    path: str
+    user: str | None = None
+    port: int | None = None
+
+
+def parse_url(url: str, *, base_dir: Path | None = None) -> ParsedURL:
+    """Parse a remote URL; plain paths (absolute, relative, ``~``) are local remotes."""
+    if not url or not url.strip():
+        raise UsageError("remote URL is empty", hint="Give a path, file://, ssh:// or s3:// URL.")
+    if "://" not in url:
+        if ":" in url.split("/", 1)[0] and not url.startswith(("/", ".", "~")):
+            # scp-like host:path shorthand
+            host, _, path = url.partition(":")
+            user, _, hostname = host.rpartition("@")
+            return ParsedURL("ssh", hostname, path, user or None)
+        path = Path(url).expanduser()
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        return ParsedURL("file", None, str(path))
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in KNOWN_SCHEMES:
+        raise UsageError(
+            f"unknown URL scheme {scheme!r} in {url!r}",
+            hint="Use a path, file:///abs/path, ssh://user@host/path or s3://bucket/prefix.",
+        )
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise UsageError(f"file URL {url!r} names a host; use file:///absolute/path")
+        return ParsedURL("file", None, unquote(parts.path) or "/")
+    try:
+        port = parts.port
+    except ValueError:
+        raise UsageError(f"remote URL {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise UsageError(f"remote URL {url!r} has no host or bucket")
+    return ParsedURL(scheme, parts.hostname, unquote(parts.path), parts.username, port)
+
+
+def open_remote(config: RemoteConfig, *, workspace_root: Path | None = None) -> Remote:
+    parsed = parse_url(config.url, base_dir=workspace_root)
+    if parsed.scheme == "file":
+        return LocalRemote(config.url, Path(parsed.path))
+    if parsed.scheme in KNOWN_SCHEMES - AVAILABLE_SCHEMES:
+        raise ConfigError(
+            f"remote {config.name!r} uses {parsed.scheme}://, which this version of tether cannot open yet",
+            hint="Local and NFS paths work today; SSH and object-store remotes are on the way.",
+        )
+    raise ConfigError(f"remote {config.name!r}: unsupported URL {config.url!r}")  # pragma: no cover

@@ -1,0 +1,91 @@
+"""The Remote protocol: the few primitives every backend (local, SSH, object store) offers.
+
+Paths passed to a Remote are relative POSIX paths below the remote's base URL, already checked
+by :mod:`tether.paths`. Planning, locking and verification are written once on top of these
+primitives; a backend never imports the planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from tether.paths import TEMP_MARKER, is_temp_name
+
+__all__ = ["TEMP_MARKER", "Capabilities", "ErrorKind", "Remote", "RemoteStat", "is_temp_name"]
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    path: str  # relative to the listed prefix
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do natively; wrappers and the sync layer adapt to the rest."""
+
+    parallel_connections: int = 8
+    atomic_replace: bool = True  # rename over an existing file is atomic
+    conditional_create: bool = True  # create-if-absent is enforced by the server
+    server_side_hashing: bool = True  # digests can be computed where the data lives
+    preserves_mtime: bool = True  # set-mtime sticks, so the index can vouch by (size, mtime)
+
+
+class ErrorKind(StrEnum):
+    PERMANENT = "permanent"
+    RETRYABLE = "retryable"
+
+
+@runtime_checkable
+class Remote(Protocol):
+    url: str
+    capabilities: Capabilities
+
+    def check(self) -> None:
+        """Raise RemoteUnavailable/RemotePermissionError if the base location is not usable."""
+
+    def list_files(self, prefix: str) -> Iterator[RemoteStat]:
+        """Every data file below ``prefix`` (empty if the prefix does not exist), excluding
+        tether's state folder and temporary names, with paths relative to ``prefix``."""
+
+    def exists(self, path: str) -> bool: ...
+
+    def read_bytes(self, path: str) -> bytes:
+        """Whole content of a small file (index, lock); FileNotFoundError if missing."""
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` so readers see the old or the new bytes, never a mix."""
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` only if absent; False if it already exists."""
+
+    def put_file(self, source: Path, path: str, *, digest: str, mtime_ns: int) -> None:
+        """Upload ``source`` to ``path`` through a temporary name, promoting it only if the bytes
+        written hash to ``digest``; raise VerificationError otherwise."""
+
+    def get_file(self, path: str, dest: Path, *, digest: str, mtime_ns: int) -> None:
+        """Download ``path`` into ``dest`` (a staging path), raising VerificationError if the
+        bytes read do not hash to ``digest``."""
+
+    def open_read(self, path: str) -> BinaryIO: ...
+
+    def delete(self, path: str) -> None:
+        """Remove a file; a missing file is not an error."""
+
+    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
+        """Digests computed where the data lives (for files the index cannot vouch for)."""
+
+    def cleanup_temp(self, prefix: str) -> int:
+        """Remove temporary files a killed writer left below ``prefix`` (call under the lock)."""
+
+    def flush(self) -> None:
+        """Make everything written so far durable before a record that lists it is written."""
+
+    def classify_error(self, exc: BaseException) -> ErrorKind: ...
+
+    def close(self) -> None: ...

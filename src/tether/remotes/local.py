@@ -1,0 +1,132 @@
+"""Local and NFS paths as a remote.
+
+The base folder must already exist: a missing base usually means an unmounted network share,
+and creating folders on the mount point would silently sync to the wrong disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from tether.errors import RemotePermissionError, RemoteUnavailable, ScanError
+from tether.fileio import copy_verified, os_error_to_tether, syncfs, write_bytes_atomic
+from tether.hashing import digest_file
+from tether.paths import STATE_DIR, check_relpath, is_temp_name
+from tether.remotes.base import Capabilities, ErrorKind, RemoteStat
+from tether.scan import scan_tree
+
+RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
+
+
+class LocalRemote:
+    capabilities = Capabilities(parallel_connections=8)
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+
+    def _abs(self, path: str) -> Path:
+        return self.root / check_relpath(path) if path else self.root
+
+    def check(self) -> None:
+        if not self.root.exists():
+            raise RemoteUnavailable(
+                f"remote folder {self.root} does not exist",
+                hint=f"Create it (mkdir -p {self.root}) or mount the share, then rerun.",
+            )
+        if not self.root.is_dir():
+            raise RemoteUnavailable(f"remote path {self.root} is a file, not a folder")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise RemotePermissionError(f"cannot read remote folder {self.root}: permission denied")
+
+    def list_files(self, prefix: str) -> Iterator[RemoteStat]:
+        base = self._abs(prefix)
+        if not base.is_dir():
+            return iter(())
+        try:
+            entries = scan_tree(base, keep=lambda rel: not is_temp_name(rel))
+        except ScanError as exc:
+            exc.message = f"remote {self.url}: {exc.message}"
+            raise
+        except PermissionError:
+            raise RemotePermissionError(f"cannot list {base}: permission denied") from None
+        return (RemoteStat(e.path, e.size, e.mtime_ns) for e in entries)
+
+    def exists(self, path: str) -> bool:
+        return self._abs(path).exists()
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._abs(path).read_bytes()
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        write_bytes_atomic(self._abs(path), data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        final = self._abs(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise os_error_to_tether(exc, final) from exc
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def put_file(self, source: Path, path: str, *, digest: str, mtime_ns: int) -> None:
+        copy_verified(source, self._abs(path), digest=digest, mtime_ns=mtime_ns, label=path)
+
+    def get_file(self, path: str, dest: Path, *, digest: str, mtime_ns: int) -> None:
+        copy_verified(self._abs(path), dest, digest=digest, mtime_ns=mtime_ns, label=path)
+
+    def open_read(self, path: str) -> BinaryIO:
+        return open(self._abs(path), "rb")
+
+    def delete(self, path: str) -> None:
+        target = self._abs(path)
+        try:
+            target.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error_to_tether(exc, target) from exc
+        # Remove folders the delete left empty, up to (not including) the dataset root.
+        parent = target.parent
+        while parent != self.root and parent.name != STATE_DIR:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
+        return {p: digest_file(self._abs(p)) for p in paths}
+
+    def cleanup_temp(self, prefix: str) -> int:
+        removed = 0
+        base = self._abs(prefix)
+        for folder, _dirs, files in os.walk(base):
+            for name in files:
+                if is_temp_name(name):
+                    Path(folder, name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def flush(self) -> None:
+        syncfs(self.root)
+
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, OSError) and exc.errno in RETRYABLE_ERRNOS:
+            return ErrorKind.RETRYABLE
+        return ErrorKind.PERMANENT
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"LocalRemote({self.url!r})"

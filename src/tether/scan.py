@@ -1,0 +1,96 @@
+"""Walk a local tree into stat entries, in manifest order.
+
+Symlinks and special files (FIFOs, sockets, devices) are refused by rule: following a link can
+sync data from outside the dataset or loop forever, and reading a FIFO can hang. The user either
+removes them or passes ``--skip-symlinks`` to leave links out with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether.errors import ScanError
+from tether.paths import STATE_DIR
+
+NEVER_SYNCED = frozenset({STATE_DIR, ".git"})
+
+
+@dataclass(frozen=True)
+class StatEntry:
+    path: str  # relative POSIX path
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass
+class ScanReport:
+    """What a scan passed over, for warnings and the audit record."""
+
+    skipped_symlinks: list[str] = field(default_factory=list)
+
+
+def scan_tree(
+    root: Path,
+    *,
+    keep: Callable[[str], bool] = lambda _p: True,
+    skip_symlinks: bool = False,
+    report: ScanReport | None = None,
+) -> list[StatEntry]:
+    """Return every regular file below ``root`` that ``keep`` accepts, sorted in manifest order.
+
+    All refused paths are collected before raising, so the user fixes them in one go.
+    """
+    report = report if report is not None else ScanReport()
+    refused: list[str] = []
+    out = list(_walk(root, "", keep, skip_symlinks, report, refused))
+    if refused:
+        sample = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise ScanError(
+            f"{root} contains {len(refused)} symlink(s) or special file(s) tether will not sync: {sample}",
+            paths=refused,
+            hint="Replace links with the files they point to, or pass --skip-symlinks to leave "
+            "symlinks out (FIFOs, sockets and devices are never synced).",
+        )
+    return out
+
+
+def _walk(
+    root: Path,
+    prefix: str,
+    keep: Callable[[str], bool],
+    skip_symlinks: bool,
+    report: ScanReport,
+    refused: list[str],
+) -> Iterator[StatEntry]:
+    try:
+        with os.scandir(root / prefix if prefix else root) as it:
+            items = sorted(it, key=lambda d: d.name)
+    except FileNotFoundError:
+        return
+    for item in items:
+        rel = f"{prefix}/{item.name}" if prefix else item.name
+        if not prefix and item.name in NEVER_SYNCED:
+            continue
+        if item.name == STATE_DIR:
+            continue
+        st = item.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            yield from _walk(root, rel, keep, skip_symlinks, report, refused)
+            continue
+        if not keep(rel):
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            if skip_symlinks:
+                report.skipped_symlinks.append(rel)
+            else:
+                refused.append(rel)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            refused.append(rel)
+            continue
+        yield StatEntry(rel, st.st_size, st.st_mtime_ns, st.st_ino)

@@ -1,0 +1,282 @@
+"""Execute a plan's transfers and deletes through a Remote.
+
+Parallelism, retries of retryable errors, staging of pulls and progress live here, so backends
+stay small. Batch operations return results (done, failed with reasons) and stop early only on
+whole-run failures: a full disk or a permission problem will not fix itself for the next file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether import faults
+from tether.errors import (
+    DiskFullError,
+    RemotePermissionError,
+    RemoteUnavailable,
+    StalePlanError,
+    TetherError,
+    VerificationError,
+)
+from tether.fileio import syncfs
+from tether.hashing import digest_file
+from tether.manifest import Entry
+from tether.plan import Action, Change
+from tether.progress import NO_PROGRESS, Progress
+from tether.remotes.base import ErrorKind, Remote
+
+WHOLE_RUN_FAILURES = (DiskFullError, RemotePermissionError, RemoteUnavailable)
+RETRIES = 3
+
+
+@dataclass
+class Failure:
+    path: str
+    error: BaseException
+
+    @property
+    def reason(self) -> str:
+        return str(self.error)
+
+
+@dataclass
+class BatchResult:
+    done: list[Change] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    bytes_done: int = 0
+    reused: int = 0  # staged files from an interrupted run that were verified and kept
+
+    def raise_first(self) -> None:
+        """Raise the most telling failure: verification first, then a stale source."""
+        if not self.failed:
+            return
+        for kind in (VerificationError, StalePlanError):
+            hits = [f for f in self.failed if isinstance(f.error, kind)]
+            if hits:
+                err = hits[0].error
+                assert isinstance(err, TetherError)
+                if len(hits) > 1 and isinstance(err, VerificationError):
+                    raise VerificationError(
+                        f"{len(hits)} file(s) failed verification, first: {err.message}",
+                        paths=[h.path for h in hits],
+                    )
+                raise err
+        first = self.failed[0].error
+        if isinstance(first, TetherError):
+            raise first
+        raise TetherError(f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {first}")
+
+
+def _with_retries(remote: Remote, fn: Callable[[], None]) -> None:
+    delay = 0.2
+    for attempt in range(RETRIES + 1):
+        try:
+            fn()
+            return
+        except WHOLE_RUN_FAILURES:
+            raise
+        except (VerificationError, StalePlanError):
+            raise
+        except Exception as exc:
+            if attempt == RETRIES or remote.classify_error(exc) != ErrorKind.RETRYABLE:
+                raise
+            time.sleep(delay)  # backoff between retries of a flaky link, not synchronisation
+            delay *= 2
+
+
+def _run_parallel(
+    items: list[Change],
+    work: Callable[[Change], None],
+    *,
+    jobs: int,
+    progress: Progress,
+    result: BatchResult,
+) -> None:
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(items)))) as pool:
+        futures: dict[Future[None], Change] = {pool.submit(work, c): c for c in items}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                change = futures[fut]
+                exc = fut.exception()
+                if exc is None:
+                    result.done.append(change)
+                    result.bytes_done += change.bytes
+                    progress.advance(files=1, bytes=change.bytes)
+                    continue
+                result.failed.append(Failure(change.path, exc))
+                if isinstance(exc, (*WHOLE_RUN_FAILURES, KeyboardInterrupt)):
+                    for other in pending:
+                        other.cancel()
+                    wait(pending)
+                    raise exc
+
+
+def _source_changed(path: Path, entry: Entry) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True
+    return (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns)
+
+
+def push_changes(
+    remote: Remote,
+    dataset_id: str,
+    local_root: Path,
+    changes: Iterable[Change],
+    *,
+    jobs: int,
+    progress: Progress = NO_PROGRESS,
+) -> BatchResult:
+    """Upload and delete on the remote; each upload is verified before its rename."""
+    changes = list(changes)
+    result = BatchResult()
+    uploads = [c for c in changes if c.action == Action.UPLOAD]
+    deletes = [c for c in changes if c.action == Action.DELETE_REMOTE]
+
+    def upload(change: Change) -> None:
+        assert change.local is not None
+        source = local_root / change.path
+        if _source_changed(source, change.local):
+            raise StalePlanError(f"{change.path} changed locally after it was scanned")
+        try:
+            _with_retries(
+                remote,
+                lambda: remote.put_file(
+                    source,
+                    f"{dataset_id}/{change.path}",
+                    digest=change.local.digest,  # type: ignore[union-attr]
+                    mtime_ns=change.local.mtime_ns,  # type: ignore[union-attr]
+                ),
+            )
+        except VerificationError:
+            if _source_changed(source, change.local):
+                raise StalePlanError(f"{change.path} changed locally while it was uploaded") from None
+            raise
+        faults.checkpoint("uploaded")
+
+    progress.stage("uploading", files=len(uploads), bytes=sum(c.bytes for c in uploads))
+    _run_parallel(uploads, upload, jobs=jobs, progress=progress, result=result)
+    if deletes:
+        progress.stage("deleting on remote", files=len(deletes))
+        for change in deletes:
+            try:
+                _with_retries(remote, lambda c=change: remote.delete(f"{dataset_id}/{c.path}"))
+                faults.checkpoint("deleted_remote")
+                result.done.append(change)
+                progress.advance(files=1)
+            except WHOLE_RUN_FAILURES:
+                raise
+            except Exception as exc:
+                result.failed.append(Failure(change.path, exc))
+    return result
+
+
+def pull_changes(
+    remote: Remote,
+    dataset_id: str,
+    local_root: Path,
+    staging: Path,
+    changes: Iterable[Change],
+    *,
+    jobs: int,
+    progress: Progress = NO_PROGRESS,
+) -> BatchResult:
+    """Download into ``staging``, verify, and only if every file arrived promote them all.
+
+    Verified staged files survive a failed or killed run, so the next run reuses them instead
+    of fetching them again over a flaky link.
+    """
+    changes = list(changes)
+    result = BatchResult()
+    downloads = [c for c in changes if c.action == Action.DOWNLOAD]
+    deletes = [c for c in changes if c.action == Action.DELETE_LOCAL]
+
+    def staged_path(change: Change) -> Path:
+        return staging / change.path
+
+    def download(change: Change) -> None:
+        assert change.remote is not None
+        target = staged_path(change)
+        if _staged_ok(target, change.remote):
+            result.reused += 1
+            return
+        _with_retries(
+            remote,
+            lambda: remote.get_file(
+                f"{dataset_id}/{change.path}",
+                target,
+                digest=change.remote.digest,  # type: ignore[union-attr]
+                mtime_ns=change.remote.mtime_ns,  # type: ignore[union-attr]
+            ),
+        )
+        faults.checkpoint("downloaded")
+
+    progress.stage("downloading", files=len(downloads), bytes=sum(c.bytes for c in downloads))
+    _run_parallel(downloads, download, jobs=jobs, progress=progress, result=result)
+    if result.failed:
+        return result  # promote nothing: the local dataset stays exactly as it was
+
+    # Re-check: a local file edited since the scan is never overwritten or deleted.
+    stale = [c.path for c in downloads + deletes if _local_changed(local_root / c.path, c.local)]
+    if stale:
+        raise StalePlanError(
+            f"{len(stale)} local file(s) changed during the pull: {', '.join(stale[:5])}",
+            paths=stale,
+        )
+    syncfs(staging)  # staged bytes are durable before they take their final names
+    progress.stage("promoting", files=len(downloads) + len(deletes))
+    for change in downloads:
+        final = local_root / change.path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged_path(change), final)
+        faults.checkpoint("promoted")
+        progress.advance(files=1)
+    for change in deletes:
+        final = local_root / change.path
+        final.unlink(missing_ok=True)
+        faults.checkpoint("deleted_local")
+        _prune_empty_dirs(final.parent, local_root)
+        progress.advance(files=1)
+    result.done = downloads + deletes
+    result.bytes_done = sum(c.bytes for c in downloads)
+    syncfs(local_root)
+    shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _staged_ok(path: Path, entry: Entry) -> bool:
+    try:
+        if path.stat().st_size != entry.size:
+            return False
+    except FileNotFoundError:
+        return False
+    if digest_file(path) == entry.digest:
+        return True
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _local_changed(path: Path, planned: Entry | None) -> bool:
+    if planned is None:
+        return path.exists() or path.is_symlink()
+    return _source_changed(path, planned)
+
+
+def _prune_empty_dirs(folder: Path, stop: Path) -> None:
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent

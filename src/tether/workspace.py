@@ -1,0 +1,183 @@
+"""Workspace discovery, dataset resolution and ownership rules.
+
+A workspace is found like git finds a repository: walk up from the current folder to the first
+one holding ``tether.toml``. Ownership: git owns code, tether owns data, so a file that git
+tracks is never synced by tether unless the user says ``exclude_git_tracked = false``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pathspec
+
+from tether.config import (
+    WORKSPACE_FILE,
+    Settings,
+    default_workspace_toml,
+    load_layers,
+)
+from tether.errors import InvalidPath, UsageError, WorkspaceNotFound
+from tether.paths import STATE_DIR, check_dataset_id
+
+_REMOTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_remote_name(name: str) -> str:
+    if not _REMOTE_NAME.match(name or ""):
+        raise UsageError(
+            f"remote name {name!r} is not allowed",
+            hint="Use letters, digits, '.', '_' or '-', e.g. `hpc` or `r2`.",
+        )
+    return name
+
+
+def find_root(start: Path | None = None) -> Path:
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / WORKSPACE_FILE).is_file():
+            return folder
+    raise WorkspaceNotFound(f"no tether workspace (tether.toml) in {start} or any parent folder")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A directory synced as one unit, addressed remotely as ``<remote>/<id>/``."""
+
+    id: str
+    path: Path
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.settings = Settings.from_layers(load_layers(self.root))
+
+    @classmethod
+    def find(cls, start: Path | None = None) -> Workspace:
+        return cls(find_root(start))
+
+    @classmethod
+    def init(cls, root: Path, data_root: str = "data") -> tuple[Workspace, bool]:
+        """Create the workspace files; idempotent. Returns (workspace, created)."""
+        root = root.resolve()
+        toml = root / WORKSPACE_FILE
+        created = not toml.exists()
+        if created:
+            toml.write_text(default_workspace_toml(data_root))
+        state = root / STATE_DIR
+        state.mkdir(exist_ok=True)
+        # Everything in .tether/ is machine-local state (bases, caches, secrets).
+        (state / ".gitignore").write_text("# tether's local state: never commit it.\n*\n")
+        gitignore = root / ".gitignore"
+        existing = gitignore.read_text() if gitignore.exists() else ""
+        if "/.tether/" not in existing.splitlines():
+            sep = "" if not existing or existing.endswith("\n") else "\n"
+            gitignore.write_text(f"{existing}{sep}# tether local state\n/.tether/\n")
+        ws = cls(root)
+        ws.data_root.mkdir(parents=True, exist_ok=True)
+        return ws, created
+
+    # -- locations -------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def data_root(self) -> Path:
+        return (self.root / self.settings.data_root).resolve()
+
+    def base_path(self, remote: str, dataset_id: str) -> Path:
+        return self.state_dir / "bases" / check_remote_name(remote) / f"{dataset_id}.manifest"
+
+    @property
+    def hash_cache_path(self) -> Path:
+        return self.state_dir / "hashcache.sqlite"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.state_dir / "staging"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit.jsonl"
+
+    # -- datasets --------------------------------------------------------------------------
+    def resolve(self, target: str, *, dataset_id: str | None = None, cwd: Path | None = None) -> Dataset:
+        """A dataset id (``ns/name`` under the data root) or a path to a dataset directory."""
+        cwd = cwd or Path.cwd()
+        as_path = Path(target).expanduser()
+        as_path = as_path if as_path.is_absolute() else cwd / as_path
+        if target not in ("", ".") and as_path.is_dir() and (os.sep in target or not self._is_id_dir(target)):
+            return self._dataset_from_dir(as_path.resolve(), dataset_id)
+        if target == ".":
+            return self._dataset_from_dir(cwd.resolve(), dataset_id)
+        ds_id = check_dataset_id(dataset_id or target)
+        return Dataset(ds_id, self.data_root / ds_id)
+
+    def _is_id_dir(self, target: str) -> bool:
+        return (self.data_root / target).is_dir()
+
+    def _dataset_from_dir(self, path: Path, dataset_id: str | None) -> Dataset:
+        if path == self.root or path in self.root.parents:
+            raise UsageError(f"{path} is the workspace itself, not a dataset folder")
+        if self.state_dir in (path, *path.parents):
+            raise InvalidPath(f"{path} is inside tether's state folder")
+        if dataset_id is None:
+            try:
+                dataset_id = path.relative_to(self.data_root).as_posix()
+            except ValueError:
+                dataset_id = path.name
+        return Dataset(check_dataset_id(dataset_id), path)
+
+    def list_datasets(self) -> list[Dataset]:
+        """Leaf-most folders under the data root that hold files directly or are `ns/name`."""
+        found: list[Dataset] = []
+        root = self.data_root
+        if not root.is_dir():
+            return found
+        for ns in sorted(p for p in root.iterdir() if p.is_dir() and p.name != STATE_DIR):
+            children = [c for c in ns.iterdir() if not c.name.startswith(".")]
+            has_files = any(c.is_file() for c in children)
+            subdirs = sorted(c for c in children if c.is_dir())
+            if has_files or not subdirs:
+                found.append(Dataset(ns.name, ns))
+            else:
+                found += [Dataset(f"{ns.name}/{d.name}", d) for d in subdirs]
+        return found
+
+    # -- ownership -------------------------------------------------------------------------
+    def ownership(self, dataset: Dataset) -> Callable[[str], bool]:
+        """Predicate over dataset-relative paths: does tether own (sync) this file?"""
+        rules = self.settings.sync
+        include = pathspec.GitIgnoreSpec.from_lines(rules.include or ["**"])
+        exclude = pathspec.GitIgnoreSpec.from_lines(rules.exclude)
+        tracked = self._git_tracked(dataset.path) if rules.exclude_git_tracked else frozenset()
+
+        def keep(rel: str) -> bool:
+            return include.match_file(rel) and not exclude.match_file(rel) and rel not in tracked
+
+        return keep
+
+    def _git_tracked(self, folder: Path) -> frozenset[str]:
+        if not folder.is_dir():
+            return frozenset()
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(folder), "ls-files", "-z", "--", "."],
+                capture_output=True,
+                check=True,
+            ).stdout
+        except (FileNotFoundError, subprocess.CalledProcessError):
+            return frozenset()  # not a git repository, or no git: nothing is tracked
+        return frozenset(p for p in out.decode("utf-8", "surrogateescape").split("\0") if p)
+
+    @cached_property
+    def hostname(self) -> str:
+        return os.uname().nodename
