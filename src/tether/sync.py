@@ -497,9 +497,11 @@ def _execute_push(
     finally:
         # Whatever landed is durable before the index that lists it (invariants 1 and 2).
         ctx.remote.flush()
+    faults.checkpoint("before_index")
     fresh = {c.path: c.local for c in result.done if c.action == Action.UPLOAD and c.local}
     remote_after, _ = scan_remote(ctx, fresh=fresh)
     ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), remote_after.dumps(dataset=ctx.dataset.id))
+    faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)
     return result, verify_transfers(result.done, local, remote_after)
 
