@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
@@ -65,35 +64,50 @@ class BarsProgress(Progress):
 
     def __init__(self) -> None:
         self.bars = RichBars(
-            TextColumn("{task.description:<20}"),
+            TextColumn("{task.description:<18}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[files]}"),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=err,
             transient=True,
         )
-        self.bars.start()
         self.task: TaskID | None = None
-        self.files = 0
+        self.running = False
+        self.files_done, self.files_total = 0, None
 
     def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+        """Show one bar per stage; (re)start the display after a prompt stopped it."""
+        if not self.running:
+            self.bars.start()
+            self.running = True
         if self.task is not None:
             self.bars.remove_task(self.task)
-        self.task = self.bars.add_task(name, total=bytes or None)
-        self.files = 0
-        self.total_files = files
+        self.files_done, self.files_total = 0, files
+        self.task = self.bars.add_task(name, total=bytes or None, files=self._files_text())
+
+    def _files_text(self) -> str:
+        if self.files_total is None:
+            return f"{self.files_done} files" if self.files_done else ""
+        return f"{self.files_done}/{self.files_total} files"
 
     def advance(self, *, files: int = 0, bytes: int = 0) -> None:
-        if self.task is not None:
+        if self.task is None:
+            return
+        if files:
+            self.files_done += files
+            self.bars.update(self.task, advance=bytes, files=self._files_text())
+        else:
             self.bars.advance(self.task, bytes)
 
     def message(self, text: str) -> None:
         self.bars.console.print(f"[yellow]warning:[/] {text}")
 
     def close(self) -> None:
-        self.bars.stop()
+        if self.running:
+            self.bars.stop()
+            self.running = False
 
 
 class QuietProgress(Progress):
@@ -130,11 +144,14 @@ def _render_changes(changes: Sequence[Change], action_of: Callable[[Change], str
     table.add_column("action")
     table.add_column("size", justify="right")
     table.add_column("path", overflow="fold")
+    table.add_column("why", style="dim", overflow="fold")
     shown = changes if show_all else changes[:MAX_LISTED]
     for c in shown:
-        size = (c.local or c.remote).size if (c.local or c.remote) else 0  # type: ignore[union-attr]
+        side = c.source or c.local or c.remote
+        size = side.size if side else 0
         style = STATUS_STYLE.get(c.status.value, "")
-        table.add_row(f"[{style}]{c.status.value}[/]", action_of(c), human_bytes(size), c.path)
+        why = c.reason if c.action.value in ("skip", "refuse") else ""
+        table.add_row(f"[{style}]{c.status.value}[/]", action_of(c), human_bytes(size), c.path, why)
     out.print(table)
     if len(changes) > len(shown):
         out.print(f"… and {len(changes) - len(shown)} more (--all lists every file, --json for scripts)")

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from tether import faults
@@ -48,7 +49,15 @@ def os_error_to_tether(exc: OSError, where: Path) -> Exception:
     return exc
 
 
-def copy_verified(source: Path, final: Path, *, digest: str, mtime_ns: int | None, label: str) -> None:
+def copy_verified(
+    source: Path,
+    final: Path,
+    *,
+    digest: str,
+    mtime_ns: int | None,
+    label: str,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     """Copy ``source`` to ``final`` through a temporary sibling, hashing on the way.
 
     The final name appears only if the bytes written hash to ``digest``; on any failure the
@@ -64,6 +73,8 @@ def copy_verified(source: Path, final: Path, *, digest: str, mtime_ns: int | Non
                 if not chunk:
                     break
                 hasher.update(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
                 view = memoryview(chunk)
                 while view:
                     view = view[dst.write(view) :]

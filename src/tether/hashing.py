@@ -129,6 +129,9 @@ def hash_entries(
     known = {} if force else cache.get_many(keys)
     digests: list[str | None] = [known.get(k[0]) for k in keys]
     todo = [i for i, d in enumerate(digests) if d is None]
+    if on_hashed and len(todo) < len(entries):
+        cached = [e for e, d in zip(entries, digests, strict=True) if d is not None]
+        on_hashed(len(cached), sum(e.size for e in cached))
 
     def work(i: int) -> tuple[int, str]:
         e = entries[i]

@@ -91,6 +91,11 @@ def sync_json(result: SyncResult) -> dict[str, Any]:
 
 def sync_summary_lines(result: SyncResult) -> list[str]:
     rec = result.record
+    if rec.state == "no-op" and rec.skipped:
+        return [
+            f"Nothing to {rec.operation}: {rec.unchanged} file(s) already equal, {rec.skipped} left alone "
+            f"by --mode {rec.mode} or the sync rules (`tether diff {rec.dataset} {rec.remote}` says why)."
+        ]
     if rec.state == "no-op":
         return [f"Already up to date: {rec.dataset} ({rec.unchanged} files) with {rec.remote}."]
     verb = {"push": "Pushed", "pull": "Pulled"}[rec.operation]

@@ -111,7 +111,7 @@ def _run_parallel(
                 if exc is None:
                     result.done.append(change)
                     result.bytes_done += change.bytes
-                    progress.advance(files=1, bytes=change.bytes)
+                    progress.advance(files=1)
                     continue
                 result.failed.append(Failure(change.path, exc))
                 if isinstance(exc, (*WHOLE_RUN_FAILURES, KeyboardInterrupt)):
@@ -144,6 +144,9 @@ def push_changes(
     uploads = [c for c in changes if c.action == Action.UPLOAD]
     deletes = [c for c in changes if c.action == Action.DELETE_REMOTE]
 
+    def on_bytes(n: int) -> None:
+        progress.advance(bytes=n)
+
     def upload(change: Change) -> None:
         assert change.local is not None
         source = local_root / change.path
@@ -157,6 +160,7 @@ def push_changes(
                     f"{dataset_id}/{change.path}",
                     digest=change.local.digest,  # type: ignore[union-attr]
                     mtime_ns=change.local.mtime_ns,  # type: ignore[union-attr]
+                    on_bytes=on_bytes,
                 ),
             )
         except VerificationError:
@@ -202,6 +206,9 @@ def pull_changes(
     downloads = [c for c in changes if c.action == Action.DOWNLOAD]
     deletes = [c for c in changes if c.action == Action.DELETE_LOCAL]
 
+    def on_bytes(n: int) -> None:
+        progress.advance(bytes=n)
+
     def staged_path(change: Change) -> Path:
         return staging / change.path
 
@@ -210,6 +217,7 @@ def pull_changes(
         target = staged_path(change)
         if _staged_ok(target, change.remote):
             result.reused += 1
+            on_bytes(change.remote.size)
             return
         _with_retries(
             remote,
@@ -218,6 +226,7 @@ def pull_changes(
                 target,
                 digest=change.remote.digest,  # type: ignore[union-attr]
                 mtime_ns=change.remote.mtime_ns,  # type: ignore[union-attr]
+                on_bytes=on_bytes,
             ),
         )
         faults.checkpoint("downloaded")

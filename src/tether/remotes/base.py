@@ -7,7 +7,7 @@ primitives; a backend never imports the planner.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,7 +15,10 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from tether.paths import TEMP_MARKER, is_temp_name
 
-__all__ = ["TEMP_MARKER", "Capabilities", "ErrorKind", "Remote", "RemoteStat", "is_temp_name"]
+__all__ = ["TEMP_MARKER", "Capabilities", "ErrorKind", "OnBytes", "Remote", "RemoteStat", "is_temp_name"]
+
+
+OnBytes = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,16 @@ class Remote(Protocol):
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create ``path`` only if absent; False if it already exists."""
 
-    def put_file(self, source: Path, path: str, *, digest: str, mtime_ns: int) -> None:
+    def put_file(
+        self, source: Path, path: str, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
         """Upload ``source`` to ``path`` through a temporary name, promoting it only if the bytes
-        written hash to ``digest``; raise VerificationError otherwise."""
+        written hash to ``digest``; raise VerificationError otherwise. ``on_bytes`` is called
+        with each chunk's size as it goes (progress)."""
 
-    def get_file(self, path: str, dest: Path, *, digest: str, mtime_ns: int) -> None:
+    def get_file(
+        self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
         """Download ``path`` into ``dest`` (a staging path), raising VerificationError if the
         bytes read do not hash to ``digest``."""
 

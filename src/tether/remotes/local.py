@@ -16,7 +16,7 @@ from tether.errors import RemotePermissionError, RemoteUnavailable, ScanError
 from tether.fileio import copy_verified, os_error_to_tether, syncfs, write_bytes_atomic
 from tether.hashing import digest_file
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
-from tether.remotes.base import Capabilities, ErrorKind, RemoteStat
+from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
 from tether.scan import scan_tree
 
 RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
@@ -80,11 +80,17 @@ class LocalRemote:
             os.fsync(f.fileno())
         return True
 
-    def put_file(self, source: Path, path: str, *, digest: str, mtime_ns: int) -> None:
-        copy_verified(source, self._abs(path), digest=digest, mtime_ns=mtime_ns, label=path)
+    def put_file(
+        self, source: Path, path: str, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
+        copy_verified(
+            source, self._abs(path), digest=digest, mtime_ns=mtime_ns, label=path, on_bytes=on_bytes
+        )
 
-    def get_file(self, path: str, dest: Path, *, digest: str, mtime_ns: int) -> None:
-        copy_verified(self._abs(path), dest, digest=digest, mtime_ns=mtime_ns, label=path)
+    def get_file(
+        self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
+        copy_verified(self._abs(path), dest, digest=digest, mtime_ns=mtime_ns, label=path, on_bytes=on_bytes)
 
     def open_read(self, path: str) -> BinaryIO:
         return open(self._abs(path), "rb")

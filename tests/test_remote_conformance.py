@@ -1,0 +1,149 @@
+"""One behaviour suite for every Remote backend (the fsspec/restic shape).
+
+Each backend gets a factory below; SSH and object-store backends add theirs (with the real
+servers their fixtures start) and must pass the same tests unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tether.errors import InvalidPath, VerificationError
+from tether.remotes import LocalRemote, Remote
+from tether.remotes.base import ErrorKind
+
+RemoteFactory = Callable[[Path], Remote]
+
+
+def _local(tmp: Path) -> Remote:
+    root = tmp / "remote-root"
+    root.mkdir()
+    return LocalRemote(str(root), root)
+
+
+BACKENDS: dict[str, RemoteFactory] = {"local": _local}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
+    backend = BACKENDS[request.param](tmp_path)
+    backend.check()
+    yield backend
+    backend.close()
+
+
+def _file(tmp_path: Path, name: str, data: bytes) -> tuple[Path, str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def test_is_a_remote(remote: Remote) -> None:
+    assert isinstance(remote, Remote)
+
+
+def test_put_then_list_stat_and_read(remote: Remote, tmp_path: Path) -> None:
+    src, digest = _file(tmp_path, "a", b"hello")
+    remote.put_file(src, "ds/sub dir/a b.txt", digest=digest, mtime_ns=1_700_000_000_000_000_000)
+    listed = {s.path: s for s in remote.list_files("ds")}
+    assert set(listed) == {"sub dir/a b.txt"}
+    assert listed["sub dir/a b.txt"].size == 5
+    assert remote.read_bytes("ds/sub dir/a b.txt") == b"hello"
+    assert remote.exists("ds/sub dir/a b.txt")
+    if remote.capabilities.preserves_mtime:
+        assert listed["sub dir/a b.txt"].mtime_ns == 1_700_000_000_000_000_000
+
+
+def test_listing_a_missing_prefix_is_empty(remote: Remote) -> None:
+    assert list(remote.list_files("nothing/here")) == []
+
+
+def test_listing_hides_state_folder_and_temp_names(remote: Remote, tmp_path: Path) -> None:
+    src, digest = _file(tmp_path, "a", b"x")
+    remote.put_file(src, "ds/a", digest=digest, mtime_ns=0)
+    remote.write_bytes_atomic("ds/.tether/index", b"idx")
+    remote.write_bytes_atomic("ds/.b.tether-tmp-abc123", b"partial")
+    assert [s.path for s in remote.list_files("ds")] == ["a"]
+
+
+def test_wrong_digest_never_reaches_the_final_name(remote: Remote, tmp_path: Path) -> None:
+    good, good_digest = _file(tmp_path, "good", b"old content")
+    remote.put_file(good, "ds/f", digest=good_digest, mtime_ns=0)
+    bad, _ = _file(tmp_path, "bad", b"new content")
+    with pytest.raises(VerificationError):
+        remote.put_file(bad, "ds/f", digest="0" * 64, mtime_ns=0)
+    assert remote.read_bytes("ds/f") == b"old content"
+    assert [s.path for s in remote.list_files("ds")] == ["f"]
+    assert remote.cleanup_temp("ds") == 0  # nothing was left behind
+
+
+def test_get_file_verifies(remote: Remote, tmp_path: Path) -> None:
+    src, digest = _file(tmp_path, "a", b"payload")
+    remote.put_file(src, "ds/a", digest=digest, mtime_ns=1_600_000_000_000_000_000)
+    dest = tmp_path / "staging" / "a"
+    remote.get_file("ds/a", dest, digest=digest, mtime_ns=1_600_000_000_000_000_000)
+    assert dest.read_bytes() == b"payload"
+    assert dest.stat().st_mtime_ns == 1_600_000_000_000_000_000
+    other = tmp_path / "staging" / "b"
+    with pytest.raises(VerificationError):
+        remote.get_file("ds/a", other, digest="f" * 64, mtime_ns=0)
+    assert not other.exists()
+    assert os.listdir(other.parent) == ["a"]
+
+
+def test_create_exclusive_is_exclusive(remote: Remote) -> None:
+    assert remote.create_exclusive("ds/.tether/lock", b"one") is True
+    assert remote.create_exclusive("ds/.tether/lock", b"two") is False
+    assert remote.read_bytes("ds/.tether/lock") == b"one"
+
+
+def test_write_bytes_atomic_replaces(remote: Remote) -> None:
+    remote.write_bytes_atomic("ds/.tether/index", b"v1")
+    remote.write_bytes_atomic("ds/.tether/index", b"v2")
+    assert remote.read_bytes("ds/.tether/index") == b"v2"
+
+
+def test_read_missing_raises_file_not_found(remote: Remote) -> None:
+    with pytest.raises(FileNotFoundError):
+        remote.read_bytes("ds/.tether/none")
+
+
+def test_delete_is_idempotent(remote: Remote, tmp_path: Path) -> None:
+    src, digest = _file(tmp_path, "a", b"x")
+    remote.put_file(src, "ds/deep/a", digest=digest, mtime_ns=0)
+    remote.delete("ds/deep/a")
+    remote.delete("ds/deep/a")
+    assert not remote.exists("ds/deep/a")
+    assert list(remote.list_files("ds")) == []
+
+
+def test_hash_files_where_the_data_lives(remote: Remote, tmp_path: Path) -> None:
+    src, digest = _file(tmp_path, "a", b"abc" * 1000)
+    remote.put_file(src, "ds/a", digest=digest, mtime_ns=0)
+    assert remote.hash_files(["ds/a"]) == {"ds/a": digest}
+
+
+def test_open_read_streams(remote: Remote, tmp_path: Path) -> None:
+    src, digest = _file(tmp_path, "a", b"stream me")
+    remote.put_file(src, "ds/a", digest=digest, mtime_ns=0)
+    with remote.open_read("ds/a") as f:
+        assert f.read() == b"stream me"
+
+
+@pytest.mark.parametrize("bad", ["../escape", "/etc/passwd", "ds/../../x", "ds/.tether/../../x", "a\\b"])
+def test_paths_that_escape_are_refused_before_io(remote: Remote, tmp_path: Path, bad: str) -> None:
+    src, digest = _file(tmp_path, "a", b"x")
+    with pytest.raises(InvalidPath):
+        remote.put_file(src, bad, digest=digest, mtime_ns=0)
+    with pytest.raises(InvalidPath):
+        remote.read_bytes(bad)
+
+
+def test_flush_and_classify(remote: Remote) -> None:
+    remote.flush()
+    assert remote.classify_error(ValueError("x")) == ErrorKind.PERMANENT
