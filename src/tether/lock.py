@@ -163,6 +163,20 @@ class Lease:
         self._renewer = threading.Thread(target=renew, name="tether-lease", daemon=True)
         self._renewer.start()
 
+    def ensure_held(self) -> None:
+        """Check, just before a commit point (writing the index), that the lock is still ours.
+
+        Two runs that both judged an old lock stale could otherwise each believe they hold it.
+        """
+        current = read_lock(self.remote, self.dataset_id)
+        if self.record is None or current is None or current.token != self.record.token:
+            holder = current.describe() if current else "nobody"
+            raise LockHeld(
+                f"lost the lock on {self.dataset_id} while working (now held by {holder}); "
+                "the index was not updated",
+                hint="Rerun the command: files already written are verified and kept.",
+            )
+
     def release(self) -> None:
         self._stop.set()
         if self._renewer is not None:

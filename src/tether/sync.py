@@ -445,7 +445,9 @@ def _run(
         # -- lock + re-check
         with (
             _local_lock(ctx),
-            Lease(ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname),
+            Lease(
+                ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname
+            ) as lease,
         ):
             remote_now, _ = scan_remote(ctx)
             if make_plan(local, remote_now, base, options).fingerprint() != plan.fingerprint():
@@ -455,7 +457,7 @@ def _run(
             # -- execute, verify, record
             try:
                 if direction == Direction.PUSH:
-                    result, verification = _execute_push(ctx, plan, local, base)
+                    result, verification = _execute_push(ctx, plan, local, base, lease)
                 else:
                     result, verification = _execute_pull(ctx, plan, remote_now, base)
             except TetherError as exc:
@@ -483,7 +485,7 @@ def _run(
 
 
 def _execute_push(
-    ctx: Context, plan: Plan, local: Manifest, base: Manifest
+    ctx: Context, plan: Plan, local: Manifest, base: Manifest, lease: Lease
 ) -> tuple[BatchResult, VerifyReport]:
     try:
         result = push_changes(
@@ -500,6 +502,7 @@ def _execute_push(
     faults.checkpoint("before_index")
     fresh = {c.path: c.local for c in result.done if c.action == Action.UPLOAD and c.local}
     remote_after, _ = scan_remote(ctx, fresh=fresh)
+    lease.ensure_held()
     ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), remote_after.dumps(dataset=ctx.dataset.id))
     faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)

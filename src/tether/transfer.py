@@ -29,7 +29,7 @@ from tether.hashing import digest_file
 from tether.manifest import Entry
 from tether.plan import Action, Change
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import ErrorKind, Remote
+from tether.remotes.base import BatchTransfers, ErrorKind, Remote, TransferItem
 
 WHOLE_RUN_FAILURES = (DiskFullError, RemotePermissionError, RemoteUnavailable)
 RETRIES = 3
@@ -121,6 +121,36 @@ def _run_parallel(
                     raise exc
 
 
+def _run_batch(
+    items: list[Change],
+    to_item: Callable[[Change], TransferItem],
+    send: Callable[..., None],
+    *,
+    on_bytes: Callable[[int], None],
+    after: Callable[[Change, BaseException | None], BaseException | None],
+    progress: Progress,
+    result: BatchResult,
+) -> None:
+    """Hand a whole list to a streaming backend; record each item's outcome as it completes."""
+    if not items:
+        return
+    by_item = {}
+    for change in items:
+        by_item[to_item(change)] = change
+
+    def on_done(item: TransferItem, error: BaseException | None) -> None:
+        change = by_item[item]
+        error = after(change, error)
+        if error is None:
+            result.done.append(change)
+            result.bytes_done += change.bytes
+            progress.advance(files=1)
+        else:
+            result.failed.append(Failure(change.path, error))
+
+    send(list(by_item), on_bytes=on_bytes, on_done=on_done)
+
+
 def _source_changed(path: Path, entry: Entry) -> bool:
     try:
         st = os.stat(path)
@@ -170,7 +200,40 @@ def push_changes(
         faults.checkpoint("uploaded")
 
     progress.stage("uploading", files=len(uploads), bytes=sum(c.bytes for c in uploads))
-    _run_parallel(uploads, upload, jobs=jobs, progress=progress, result=result)
+    if isinstance(remote, BatchTransfers):
+        stale = [c for c in uploads if _source_changed(local_root / c.path, c.local)]  # type: ignore[arg-type]
+        for change in stale:
+            result.failed.append(
+                Failure(change.path, StalePlanError(f"{change.path} changed locally after it was scanned"))
+            )
+
+        def after_upload(change: Change, error: BaseException | None) -> BaseException | None:
+            assert change.local is not None
+            if isinstance(error, VerificationError) and _source_changed(
+                local_root / change.path, change.local
+            ):
+                return StalePlanError(f"{change.path} changed locally while it was uploaded")
+            if error is None:
+                faults.checkpoint("uploaded")
+            return error
+
+        _run_batch(
+            [c for c in uploads if c not in stale],
+            lambda c: TransferItem(
+                f"{dataset_id}/{c.path}",
+                local_root / c.path,
+                c.local.size,
+                c.local.digest,
+                c.local.mtime_ns,  # type: ignore[union-attr]
+            ),
+            remote.put_many,
+            on_bytes=on_bytes,
+            after=after_upload,
+            progress=progress,
+            result=result,
+        )
+    else:
+        _run_parallel(uploads, upload, jobs=jobs, progress=progress, result=result)
     if deletes:
         progress.stage("deleting on remote", files=len(deletes))
         for change in deletes:
@@ -232,7 +295,40 @@ def pull_changes(
         faults.checkpoint("downloaded")
 
     progress.stage("downloading", files=len(downloads), bytes=sum(c.bytes for c in downloads))
-    _run_parallel(downloads, download, jobs=jobs, progress=progress, result=result)
+    if isinstance(remote, BatchTransfers):
+        todo = []
+        for change in downloads:
+            assert change.remote is not None
+            if _staged_ok(staged_path(change), change.remote):
+                result.reused += 1
+                result.done.append(change)
+                on_bytes(change.remote.size)
+                progress.advance(files=1)
+            else:
+                todo.append(change)
+
+        def after_download(change: Change, error: BaseException | None) -> BaseException | None:
+            if error is None:
+                faults.checkpoint("downloaded")
+            return error
+
+        _run_batch(
+            todo,
+            lambda c: TransferItem(
+                f"{dataset_id}/{c.path}",
+                staged_path(c),
+                c.remote.size,
+                c.remote.digest,
+                c.remote.mtime_ns,  # type: ignore[union-attr]
+            ),
+            remote.get_many,
+            on_bytes=on_bytes,
+            after=after_download,
+            progress=progress,
+            result=result,
+        )
+    else:
+        _run_parallel(downloads, download, jobs=jobs, progress=progress, result=result)
     if result.failed:
         return result  # promote nothing: the local dataset stays exactly as it was
 

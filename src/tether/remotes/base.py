@@ -7,7 +7,7 @@ primitives; a backend never imports the planner.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,10 +15,36 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 from tether.paths import TEMP_MARKER, is_temp_name
 
-__all__ = ["TEMP_MARKER", "Capabilities", "ErrorKind", "OnBytes", "Remote", "RemoteStat", "is_temp_name"]
+__all__ = [
+    "TEMP_MARKER",
+    "BatchTransfers",
+    "Capabilities",
+    "ErrorKind",
+    "OnBytes",
+    "OnDone",
+    "Remote",
+    "RemoteStat",
+    "TransferItem",
+    "is_temp_name",
+]
 
 
 OnBytes = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TransferItem:
+    """One file of a batch: ``path`` on the remote, ``local`` the source (put) or the staging
+    destination (get), and the size, digest and mtime the bytes must have."""
+
+    path: str
+    local: Path
+    size: int
+    digest: str
+    mtime_ns: int
+
+
+OnDone = Callable[[TransferItem, BaseException | None], None]
 
 
 @dataclass(frozen=True)
@@ -97,3 +123,18 @@ class Remote(Protocol):
     def classify_error(self, exc: BaseException) -> ErrorKind: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchTransfers(Protocol):
+    """Optional capability: stream many files per round trip.
+
+    Backends where each request costs a network round trip (SSH) implement these so that
+    20,000 small files do not cost 20,000 round trips. Each item is verified and promoted exactly
+    as ``put_file``/``get_file`` would; ``on_done`` is called once per item with None or the
+    item's error. Only whole-run failures (connection lost, disk full, auth) are raised.
+    """
+
+    def put_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...
+
+    def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...

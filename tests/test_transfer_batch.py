@@ -1,0 +1,135 @@
+"""The streaming-batch path of transfer.py (used by SSH), driven by a local backend that
+implements BatchTransfers item by item."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tether.errors import StalePlanError, VerificationError
+from tether.manifest import Entry
+from tether.plan import Action, Change, Status
+from tether.remotes import LocalRemote
+from tether.remotes.base import BatchTransfers, OnBytes, OnDone, TransferItem
+from tether.transfer import pull_changes, push_changes
+
+
+class BatchLocal(LocalRemote):
+    def __init__(self, root: Path) -> None:
+        super().__init__(str(root), root)
+        self.batches: list[int] = []
+
+    def put_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
+        self.batches.append(len(items))
+        for item in items:
+            try:
+                self.put_file(
+                    item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+                )
+            except VerificationError as exc:
+                on_done(item, exc)
+            else:
+                on_done(item, None)
+
+    def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
+        self.batches.append(len(items))
+        for item in items:
+            try:
+                self.get_file(
+                    item.path, item.local, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+                )
+            except VerificationError as exc:
+                on_done(item, exc)
+            else:
+                on_done(item, None)
+
+
+def _entry(root: Path, rel: str) -> Entry:
+    path = root / rel
+    st = path.stat()
+    return Entry(rel, st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _upload(entry: Entry) -> Change:
+    return Change(entry.path, Status.LOCAL_ONLY, Action.UPLOAD, entry, None, None, "new")
+
+
+def _download(entry: Entry) -> Change:
+    return Change(entry.path, Status.REMOTE_ONLY, Action.DOWNLOAD, None, entry, None, "new")
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> BatchLocal:
+    root = tmp_path / "remote"
+    root.mkdir()
+    return BatchLocal(root)
+
+
+def test_backend_is_recognised_as_batch(remote: BatchLocal) -> None:
+    assert isinstance(remote, BatchTransfers)
+    assert not isinstance(LocalRemote("x", Path("/")), BatchTransfers)
+
+
+def test_push_sends_one_batch_and_records_each_file(remote: BatchLocal, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    for i in range(5):
+        (local / f"f{i}").write_bytes(b"x" * i)
+    changes = [_upload(_entry(local, f"f{i}")) for i in range(5)]
+    result = push_changes(remote, "ds", local, changes, jobs=4)
+    assert remote.batches == [5]
+    assert sorted(c.path for c in result.done) == [f"f{i}" for i in range(5)]
+    assert not result.failed
+    assert (remote.root / "ds" / "f4").read_bytes() == b"xxxx"
+
+
+def test_push_reports_a_source_changed_since_scan_as_stale(remote: BatchLocal, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a").write_bytes(b"one")
+    (local / "b").write_bytes(b"two")
+    changes = [_upload(_entry(local, "a")), _upload(_entry(local, "b"))]
+    (local / "a").write_bytes(b"changed!")
+    result = push_changes(remote, "ds", local, changes, jobs=2)
+    assert [c.path for c in result.done] == ["b"]
+    assert [f.path for f in result.failed] == ["a"]
+    assert isinstance(result.failed[0].error, StalePlanError)
+    assert not (remote.root / "ds" / "a").exists()
+
+
+def test_pull_reuses_verified_staged_files_and_promotes_all(remote: BatchLocal, tmp_path: Path) -> None:
+    src = remote.root / "ds"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / name).write_bytes(name.encode() * 100)
+    entries = [_entry(src, n) for n in ("a", "b", "c")]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "a").write_bytes(b"a" * 100)  # verified leftover of an interrupted run
+    local = tmp_path / "local"
+    local.mkdir()
+    result = pull_changes(remote, "ds", local, staging, [_download(e) for e in entries], jobs=2)
+    assert result.reused == 1
+    assert remote.batches == [2]
+    assert not result.failed
+    assert {p.name: p.read_bytes() for p in local.iterdir()} == {n: n.encode() * 100 for n in ("a", "b", "c")}
+
+
+def test_pull_with_a_corrupt_file_promotes_nothing(remote: BatchLocal, tmp_path: Path) -> None:
+    src = remote.root / "ds"
+    src.mkdir()
+    (src / "good").write_bytes(b"good")
+    (src / "bad").write_bytes(b"bad")
+    good, bad = _entry(src, "good"), _entry(src, "bad")
+    bad = bad._replace(digest="0" * 64)
+    local = tmp_path / "local"
+    local.mkdir()
+    result = pull_changes(
+        remote, "ds", local, tmp_path / "staging", [_download(good), _download(bad)], jobs=2
+    )
+    assert [f.path for f in result.failed] == ["bad"]
+    assert isinstance(result.failed[0].error, VerificationError)
+    assert list(local.iterdir()) == []
