@@ -147,8 +147,8 @@ def _render_changes(changes: Sequence[Change], action_of: Callable[[Change], str
     table.add_column("why", style="dim", overflow="fold")
     shown = changes if show_all else changes[:MAX_LISTED]
     for c in shown:
-        side = c.source or c.local or c.remote
-        size = side.size if side else 0
+        side = c.local or c.remote
+        size = c.bytes or (side.size if side else 0)
         style = STATUS_STYLE.get(c.status.value, "")
         why = c.reason if c.action.value in ("skip", "refuse") else ""
         table.add_row(f"[{style}]{c.status.value}[/]", action_of(c), human_bytes(size), c.path, why)
@@ -563,8 +563,19 @@ def lock_break(target: str, remote_name: str, force: bool) -> None:
     )
 
 
+GLOBAL_FLAGS = ("--debug", "-q", "--quiet")
+
+
+def _hoist_global_flags(args: list[str]) -> list[str]:
+    """Accept `--debug` and `-q` after the subcommand too (`tether push ds r -q`)."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    rest = [a for a in args[:end] if a not in GLOBAL_FLAGS]
+    return flags + rest + args[end:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     try:
         cli.main(args=args, prog_name="tether", standalone_mode=False)

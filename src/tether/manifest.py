@@ -13,6 +13,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import NamedTuple
 
 from tether.errors import TetherError
@@ -54,7 +55,12 @@ class Manifest:
 
     @classmethod
     def from_entries(cls, entries: Iterable[Entry], algorithm: str = DEFAULT_ALGORITHM) -> Manifest:
-        return cls(sorted(entries, key=lambda e: sort_key(e.path)), algorithm)
+        """Sort into manifest order; a path listed twice is damage, never a second file."""
+        ordered = sorted(entries, key=lambda e: sort_key(e.path))
+        for before, after in pairwise(ordered):
+            if before.path == after.path:
+                raise ManifestFormatError(f"path {after.path!r} is listed twice")
+        return cls(ordered, algorithm)
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.entries)

@@ -118,10 +118,6 @@ class Change:
     reason: str
 
     @property
-    def source(self) -> Entry | None:
-        return self.local if self.action in (Action.UPLOAD, Action.DELETE_REMOTE) else self.remote
-
-    @property
     def overwrites(self) -> bool:
         """A transfer that replaces an existing destination file."""
         if self.action == Action.UPLOAD:
@@ -200,6 +196,8 @@ def decide(
     if status == Status.DIFFERS:
         if mode == Mode.NEW:
             return Action.SKIP, "differs; --mode new only creates missing files"
+        if options.prefer == dst_side:
+            return Action.SKIP, f"differs and never synced; --prefer {dst_side} keeps the {dst_side} copy"
         return send, f"differs and no earlier sync to judge by; {src_side} copy replaces {dst_side}"
     if status == dst_only:
         if mirror:
@@ -239,18 +237,34 @@ def decide(
 def merge3(
     local: Iterable[Entry], remote: Iterable[Entry], base: Iterable[Entry]
 ) -> Iterator[tuple[str, Entry | None, Entry | None, Entry | None]]:
-    """Merge three sorted entry streams by path in one pass (bounded memory)."""
+    """Merge three sorted entry streams by path in one pass (bounded memory).
+
+    Each stream must be strictly increasing in manifest order; a repeated or out-of-order path
+    (a damaged index) raises instead of turning into a phantom file that mirror would delete.
+    """
     iters = [iter(local), iter(remote), iter(base)]
-    heads: list[Entry | None] = [next(it, None) for it in iters]
-    while any(h is not None for h in heads):
-        key = min(sort_key(h.path) for h in heads if h is not None)
-        row: list[Entry | None] = []
-        for i, h in enumerate(heads):
-            if h is not None and sort_key(h.path) == key:
-                row.append(h)
-                heads[i] = next(iters[i], None)
-            else:
-                row.append(None)
+    heads: list[Entry | None] = [None, None, None]
+    keys: list[tuple[str, ...] | None] = [None, None, None]
+
+    def advance(i: int) -> None:
+        entry = next(iters[i], None)
+        key = sort_key(entry.path) if entry is not None else None
+        if key is not None and keys[i] is not None and key <= keys[i]:  # type: ignore[operator]
+            raise ValueError(f"manifest not strictly sorted at {entry.path!r}")  # type: ignore[union-attr]
+        heads[i], keys[i] = entry, key
+
+    for i in range(3):
+        advance(i)
+    while True:
+        live = [k for k in keys if k is not None]
+        if not live:
+            return
+        key = min(live)
+        row: list[Entry | None] = [None, None, None]
+        for i in range(3):
+            if keys[i] == key:
+                row[i] = heads[i]
+                advance(i)
         path = next(e for e in row if e is not None).path
         yield path, row[0], row[1], row[2]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,27 +98,51 @@ def _run_parallel(
     progress: Progress,
     result: BatchResult,
 ) -> None:
+    """Workers pull from one shared iterator: O(n) bookkeeping for 20,000 files (a future per
+    file waited on as a set costs O(n) per wakeup), and a whole-run failure stops them all."""
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(items)))) as pool:
-        futures: dict[Future[None], Change] = {pool.submit(work, c): c for c in items}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in finished:
-                change = futures[fut]
-                exc = fut.exception()
-                if exc is None:
-                    result.done.append(change)
-                    result.bytes_done += change.bytes
-                    progress.advance(files=1)
-                    continue
-                result.failed.append(Failure(change.path, exc))
-                if isinstance(exc, (*WHOLE_RUN_FAILURES, KeyboardInterrupt)):
-                    for other in pending:
-                        other.cancel()
-                    wait(pending)
-                    raise exc
+    queue = iter(items)
+    lock = threading.Lock()
+    stop = threading.Event()
+    fatal: list[BaseException] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                change = next(queue, None)
+            if change is None:
+                return
+            try:
+                work(change)
+            except BaseException as exc:
+                with lock:
+                    result.failed.append(Failure(change.path, exc))
+                if isinstance(exc, WHOLE_RUN_FAILURES):
+                    fatal.append(exc)
+                    stop.set()
+                continue
+            with lock:
+                result.done.append(change)
+                result.bytes_done += change.bytes
+            progress.advance(files=1)
+
+    threads = [
+        threading.Thread(target=worker, name=f"tether-transfer-{i}", daemon=True)
+        for i in range(max(1, min(jobs, len(items))))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        stop.set()  # Ctrl-C: let each worker finish (or drop) its current file, then leave
+        for thread in threads:
+            thread.join()
+        raise
+    if fatal:
+        raise fatal[0]
 
 
 def _run_batch(
