@@ -157,13 +157,14 @@ def _render_changes(changes: Sequence[Change], action_of: Callable[[Change], str
         out.print(f"… and {len(changes) - len(shown)} more (--all lists every file, --json for scripts)")
 
 
-def _render_plan(plan: Plan, title: str, show_all: bool) -> None:
+def _render_plan(plan: Plan, title: str, show_all: bool, table: bool = True) -> None:
     counts = ", ".join(f"{n} {a}" for a, n in plan.action_counts().items() if a != "none")
     size = human_bytes(sum(plan.action_bytes().get(a, 0) for a in ("upload", "download")))
     out.print(
         f"[bold]{title}[/]: {counts or 'nothing to do'}; {size} to transfer; {plan.unchanged_files} unchanged"
     )
-    _render_changes(plan.changes, lambda c: c.action.value, show_all)
+    if table:
+        _render_changes(plan.changes, lambda c: c.action.value, show_all)
 
 
 def _emit_json(data: dict[str, Any]) -> None:
@@ -488,8 +489,10 @@ def _sync_command(direction: str) -> Callable[..., None]:
 
         def confirm(plan: Plan) -> bool:
             progress.close()
-            if not as_json and not shown:
-                _render_plan(plan, f"{direction} plan", show_all)
+            will_ask = not yes and sys.stdin.isatty()
+            if not as_json and not state.quiet and not shown:
+                # The full table when a person decides; one line when -y or a script already did.
+                _render_plan(plan, f"{direction} plan", show_all, table=will_ask or show_all)
                 shown.append(True)
             return ask(plan)
 

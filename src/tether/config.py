@@ -19,6 +19,7 @@ import platformdirs
 import tomlkit
 
 from tether.errors import ConfigError
+from tether.fileio import write_bytes_atomic
 
 WORKSPACE_FILE = "tether.toml"
 LOCAL_FILE = "config.local.toml"
@@ -48,6 +49,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}", hint=f"Fix the syntax in {path}.") from None
     except PermissionError:
         raise ConfigError(f"cannot read {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text", hint=f"Save {path} as UTF-8.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a config file") from None
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +98,17 @@ class RemoteConfig:
     layer: str  # which file defined it (for `remote show`)
 
 
-SECRET_WORDS = ("secret", "password", "token", "key_id", "access_key", "credential")
+SECRET_WORDS = (
+    "secret",
+    "password",
+    "passphrase",
+    "token",
+    "key_id",
+    "access_key",
+    "api_key",
+    "private_key",
+    "credential",
+)
 
 
 def is_secret(option: str) -> bool:
@@ -119,17 +134,31 @@ class Settings:
         data_root = core.get("data_root", "data")
         if not isinstance(data_root, str) or not data_root:
             raise ConfigError("[tether] data_root must be a non-empty string")
-        sync_raw = raw.get("sync", {})
-        try:
-            sync = SyncRules(
-                include=tuple(sync_raw.get("include", ["**"])),
-                exclude=tuple(sync_raw.get("exclude", [])),
-                exclude_git_tracked=bool(sync_raw.get("exclude_git_tracked", True)),
+        version = core.get("version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ConfigError(
+                f"tether.toml has config version {version!r}; this tether understands {CONFIG_VERSION}",
+                hint="Upgrade tether (pip install -U tether-data).",
             )
-        except (TypeError, AttributeError):
-            raise ConfigError("[sync] include/exclude must be lists of glob strings") from None
+        sync_raw = raw.get("sync", {})
+        if not isinstance(sync_raw, Mapping):
+            raise ConfigError("[sync] must be a table")
+        git_tracked = sync_raw.get("exclude_git_tracked", True)
+        if not isinstance(git_tracked, bool):
+            raise ConfigError(
+                f"[sync] exclude_git_tracked must be true or false, not {git_tracked!r}",
+                hint="Write it without quotes: exclude_git_tracked = false",
+            )
+        sync = SyncRules(
+            include=_glob_list(sync_raw, "include", ["**"]),
+            exclude=_glob_list(sync_raw, "exclude", []),
+            exclude_git_tracked=git_tracked,
+        )
+        remotes_raw = raw.get("remotes", {})
+        if not isinstance(remotes_raw, Mapping):
+            raise ConfigError("[remotes] must be a table of [remotes.NAME] tables")
         remotes: dict[str, RemoteConfig] = {}
-        for name, spec in raw.get("remotes", {}).items():
+        for name, spec in remotes_raw.items():
             if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
                 raise ConfigError(
                     f"remote {name!r} has no url",
@@ -139,6 +168,16 @@ class Settings:
             layer = _defining_layer(layers.files, name)
             remotes[name] = RemoteConfig(name, spec["url"], options, layer)
         return cls(data_root, sync, remotes, raw)
+
+
+def _glob_list(table: Mapping[str, Any], key: str, default: list[str]) -> tuple[str, ...]:
+    value = table.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"[sync] {key} must be a list of glob strings, not {value!r}",
+            hint=f'Write it as a list: {key} = ["*.csv"]',
+        )
+    return tuple(value)
 
 
 def _defining_layer(files: list[Path], remote: str) -> str:
@@ -173,7 +212,4 @@ def edit_toml(path: Path) -> tomlkit.TOMLDocument:
 
 
 def write_toml_atomic(path: Path, doc: tomlkit.TOMLDocument) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tomlkit.dumps(doc))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, tomlkit.dumps(doc).encode())

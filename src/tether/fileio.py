@@ -90,7 +90,10 @@ def copy_verified(
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise os_error_to_tether(exc, final) from exc
+        mapped = os_error_to_tether(exc, final)
+        if mapped is exc:
+            raise
+        raise mapped from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -109,7 +112,10 @@ def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> Non
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise os_error_to_tether(exc, final) from exc
+        mapped = os_error_to_tether(exc, final)
+        if mapped is exc:
+            raise
+        raise mapped from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

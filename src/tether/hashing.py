@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from tether.errors import StalePlanError
 from tether.manifest import DEFAULT_ALGORITHM, Entry
 from tether.scan import StatEntry
 
@@ -136,7 +137,10 @@ def hash_entries(
     def work(i: int) -> tuple[int, str]:
         e = entries[i]
         started = time.time_ns()
-        digest = digest_file(root / e.path)
+        try:
+            digest = digest_file(root / e.path)
+        except FileNotFoundError:
+            raise StalePlanError(f"{e.path} disappeared while it was being scanned") from None
         # A file changed while we read it: hash it again from its new state on the next run.
         st = os.stat(root / e.path)
         if (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
@@ -144,10 +148,12 @@ def hash_entries(
         return i, digest
 
     if todo:
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for i, digest in pool.map(work, todo):
-                digests[i] = digest
-                if on_hashed:
-                    on_hashed(1, entries[i].size)
-        cache.flush()
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                for i, digest in pool.map(work, todo):
+                    digests[i] = digest
+                    if on_hashed:
+                        on_hashed(1, entries[i].size)
+        finally:
+            cache.flush()  # keep what was hashed even if one file vanished
     return [Entry(e.path, e.size, e.mtime_ns, d) for e, d in zip(entries, digests, strict=True)]  # type: ignore[arg-type]

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple
 
-from tether.errors import TetherError
+from tether.errors import InvalidPath, TetherError
 from tether.paths import check_relpath, sort_key
 
 MANIFEST_FORMAT = "tether-manifest"
 MANIFEST_VERSION = 1
 DEFAULT_ALGORITHM = "sha256"
+DIGEST_LENGTHS = {"sha256": 64}
+_HEX = frozenset("0123456789abcdef")
 
 
 class Entry(NamedTuple):
@@ -90,7 +92,14 @@ class Manifest:
             gz.write(json.dumps(header, sort_keys=True).encode() + b"\n")
             for e in self.entries:
                 line = {"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "digest": e.digest}
-                gz.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+                try:
+                    gz.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+                except UnicodeEncodeError:
+                    raise InvalidPath(
+                        f"file name {e.path.encode('utf-8', 'backslashreplace').decode()!r} is not "
+                        "valid UTF-8 and cannot be stored in a manifest",
+                        hint="Rename the file.",
+                    ) from None
         return buf.getvalue()
 
     @classmethod
@@ -107,6 +116,8 @@ class Manifest:
             header = json.loads(lines[0])
         except json.JSONDecodeError:
             raise ManifestFormatError(f"{source} has no valid header line") from None
+        if not isinstance(header, dict):
+            raise ManifestFormatError(f"{source} has no valid header line")
         if header.get("format") != MANIFEST_FORMAT:
             raise ManifestFormatError(f"{source} is not a tether manifest")
         if header.get("version") != MANIFEST_VERSION:
@@ -114,17 +125,14 @@ class Manifest:
                 f"{source} has format version {header.get('version')}; this tether reads "
                 f"version {MANIFEST_VERSION}"
             )
+        algorithm = header.get("algorithm", DEFAULT_ALGORITHM)
+        if algorithm not in DIGEST_LENGTHS:
+            raise ManifestFormatError(f"{source} uses digest algorithm {algorithm!r}, unknown to this tether")
         entries = []
         for n, line in enumerate(lines[1:], start=2):
             try:
-                raw = json.loads(line)
-                entry = Entry(
-                    check_relpath(raw["path"]),
-                    int(raw["size"]),
-                    int(raw["mtime_ns"]),
-                    str(raw["digest"]),
-                )
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                entry = _parse_entry(json.loads(line), DIGEST_LENGTHS[algorithm])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 if isinstance(exc, TetherError):
                     raise
                 raise ManifestFormatError(f"{source} line {n} is malformed ({exc})") from None
@@ -133,4 +141,20 @@ class Manifest:
             raise ManifestFormatError(
                 f"{source} is truncated: header says {header.get('count')} entries, found {len(entries)}"
             )
-        return cls.from_entries(entries, header.get("algorithm", DEFAULT_ALGORITHM))
+        return cls.from_entries(entries, algorithm)
+
+
+def _parse_entry(raw: object, digest_length: int) -> Entry:
+    """One untrusted entry line: every field type-checked, the path checked (invariant 5)."""
+    if not isinstance(raw, dict):
+        raise ValueError("entry is not an object")
+    path, size, mtime_ns, digest = raw["path"], raw["size"], raw["mtime_ns"], raw["digest"]
+    if not isinstance(path, str):
+        raise ValueError("path is not a string")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"size {size!r} is not a non-negative integer")
+    if not isinstance(mtime_ns, int) or isinstance(mtime_ns, bool):
+        raise ValueError(f"mtime_ns {mtime_ns!r} is not an integer")
+    if not isinstance(digest, str) or len(digest) != digest_length or not set(digest) <= _HEX:
+        raise ValueError(f"digest {digest!r} is not a {digest_length}-character hex string")
+    return Entry(check_relpath(path), size, mtime_ns, digest)

@@ -13,7 +13,7 @@ from tether.errors import InvalidPath
 
 STATE_DIR = ".tether"
 TEMP_MARKER = ".tether-tmp-"
-_ID_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 def check_relpath(path: str, *, what: str = "path") -> str:
@@ -24,7 +24,7 @@ def check_relpath(path: str, *, what: str = "path") -> str:
         raise InvalidPath(f"{what} {path!r} contains a NUL byte; refused")
     if "\\" in path:
         raise InvalidPath(f"{what} {path!r} contains a backslash; refused")
-    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+    if path.startswith("/"):
         raise InvalidPath(f"{what} {path!r} is absolute; refused")
     parts = path.split("/")
     for part in parts:
@@ -48,7 +48,7 @@ def check_dataset_id(dataset_id: str) -> str:
     except InvalidPath as exc:
         raise InvalidPath(exc.message, hint=hint) from None
     for part in dataset_id.split("/"):
-        if not _ID_PART.match(part):
+        if not _ID_PART.fullmatch(part):
             raise InvalidPath(f"dataset id {dataset_id!r}: part {part!r} is not allowed", hint=hint)
     return dataset_id
 
@@ -65,3 +65,14 @@ def sort_key(path: str) -> tuple[str, ...]:
 def is_temp_name(name: str) -> bool:
     """Temporary names tether writes before a rename; never listed as data."""
     return TEMP_MARKER in name.rsplit("/", 1)[-1]
+
+
+def unsyncable_name_reason(path: str) -> str | None:
+    """Why a local file name cannot travel in a manifest (checked at scan time, before upload)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if "\\" in path:
+        return "its name contains a backslash"
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tether.errors import ScanError
-from tether.paths import STATE_DIR
+from tether.paths import STATE_DIR, unsyncable_name_reason
 
 NEVER_SYNCED = frozenset({STATE_DIR, ".git"})
 
@@ -51,10 +51,12 @@ def scan_tree(
     if refused:
         sample = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
         raise ScanError(
-            f"{root} contains {len(refused)} symlink(s) or special file(s) tether will not sync: {sample}",
+            f"{root} contains {len(refused)} symlink(s), special file(s) or unportable name(s) "
+            f"tether will not sync: {sample}",
             paths=refused,
             hint="Replace links with the files they point to, or pass --skip-symlinks to leave "
-            "symlinks out (FIFOs, sockets and devices are never synced).",
+            "symlinks out; rename files whose names are not UTF-8 or contain a backslash "
+            "(FIFOs, sockets and devices are never synced).",
         )
     return out
 
@@ -67,18 +69,26 @@ def _walk(
     report: ScanReport,
     refused: list[str],
 ) -> Iterator[StatEntry]:
+    folder = root / prefix if prefix else root
     try:
-        with os.scandir(root / prefix if prefix else root) as it:
+        with os.scandir(folder) as it:
             items = sorted(it, key=lambda d: d.name)
     except FileNotFoundError:
         return
+    except NotADirectoryError:
+        raise ScanError(f"{folder} is a file, not a dataset folder") from None
+    except PermissionError:
+        raise ScanError(f"cannot read folder {folder}: permission denied") from None
     for item in items:
         rel = f"{prefix}/{item.name}" if prefix else item.name
         if not prefix and item.name in NEVER_SYNCED:
             continue
         if item.name == STATE_DIR:
             continue
-        st = item.stat(follow_symlinks=False)
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # deleted while we walked: it is simply not there
         if stat.S_ISDIR(st.st_mode):
             yield from _walk(root, rel, keep, skip_symlinks, report, refused)
             continue
@@ -92,5 +102,9 @@ def _walk(
             continue
         if not stat.S_ISREG(st.st_mode):
             refused.append(rel)
+            continue
+        reason = unsyncable_name_reason(rel)
+        if reason is not None:
+            refused.append(f"{rel.encode('utf-8', 'backslashreplace').decode()} ({reason})")
             continue
         yield StatEntry(rel, st.st_size, st.st_mtime_ns, st.st_ino)

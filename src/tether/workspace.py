@@ -23,14 +23,14 @@ from tether.config import (
     default_workspace_toml,
     load_layers,
 )
-from tether.errors import InvalidPath, UsageError, WorkspaceNotFound
+from tether.errors import ConfigError, InvalidPath, UsageError, WorkspaceNotFound
 from tether.paths import STATE_DIR, check_dataset_id
 
-_REMOTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_remote_name(name: str) -> str:
-    if not _REMOTE_NAME.match(name or ""):
+    if not _REMOTE_NAME.fullmatch(name or ""):
         raise UsageError(
             f"remote name {name!r} is not allowed",
             hint="Use letters, digits, '.', '_' or '-', e.g. `hpc` or `r2`.",
@@ -112,6 +112,8 @@ class Workspace:
     def resolve(self, target: str, *, dataset_id: str | None = None, cwd: Path | None = None) -> Dataset:
         """A dataset id (``ns/name`` under the data root) or a path to a dataset directory."""
         cwd = cwd or Path.cwd()
+        if len(target) > 1:
+            target = target.rstrip("/")  # a tab-completed `ns/ds/` means `ns/ds`
         as_path = Path(target).expanduser()
         as_path = as_path if as_path.is_absolute() else cwd / as_path
         if target not in ("", ".") and as_path.is_dir() and (os.sep in target or not self._is_id_dir(target)):
@@ -127,6 +129,11 @@ class Workspace:
     def _dataset_from_dir(self, path: Path, dataset_id: str | None) -> Dataset:
         if path == self.root or path in self.root.parents:
             raise UsageError(f"{path} is the workspace itself, not a dataset folder")
+        if path == self.data_root:
+            raise UsageError(
+                f"{path} is the data root, not a dataset folder",
+                hint="Name a dataset inside it, e.g. `namespace/name` (see `tether ls`).",
+            )
         if self.state_dir in (path, *path.parents):
             raise InvalidPath(f"{path} is inside tether's state folder")
         if dataset_id is None:
@@ -142,7 +149,7 @@ class Workspace:
         root = self.data_root
         if not root.is_dir():
             return found
-        for ns in sorted(p for p in root.iterdir() if p.is_dir() and p.name != STATE_DIR):
+        for ns in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             children = [c for c in ns.iterdir() if not c.name.startswith(".")]
             has_files = any(c.is_file() for c in children)
             subdirs = sorted(c for c in children if c.is_dir())
@@ -169,14 +176,24 @@ class Workspace:
         if not folder.is_dir():
             return frozenset()
         try:
-            out = subprocess.run(
+            proc = subprocess.run(
                 ["git", "-C", str(folder), "ls-files", "-z", "--", "."],
                 capture_output=True,
-                check=True,
-            ).stdout
-        except (FileNotFoundError, subprocess.CalledProcessError):
-            return frozenset()  # not a git repository, or no git: nothing is tracked
-        return frozenset(p for p in out.decode("utf-8", "surrogateescape").split("\0") if p)
+            )
+        except FileNotFoundError:
+            return frozenset()  # no git installed: nothing can be tracked
+        if proc.returncode != 0:
+            message = proc.stderr.decode(errors="replace").strip()
+            first_line = message.splitlines()[0] if message else "?"
+            if "not a git repository" in message:
+                return frozenset()
+            # Guessing "nothing is tracked" here would sync files git owns.
+            raise ConfigError(
+                f"git could not list tracked files in {folder}: {first_line}",
+                hint="Fix the git error (e.g. `git config --global --add safe.directory PATH`), or set "
+                "`exclude_git_tracked = false` under [sync] if git should not decide ownership.",
+            )
+        return frozenset(p for p in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if p)
 
     @cached_property
     def hostname(self) -> str:

@@ -44,6 +44,8 @@ def parse_url(url: str, *, base_dir: Path | None = None) -> ParsedURL:
             # scp-like host:path shorthand
             host, _, path = url.partition(":")
             user, _, hostname = host.rpartition("@")
+            if not hostname or not path:
+                raise UsageError(f"remote URL {url!r} needs a host and a path (host:path)")
             return ParsedURL("ssh", hostname, path, user or None)
         path = Path(url).expanduser()
         if not path.is_absolute():
@@ -66,6 +68,14 @@ def parse_url(url: str, *, base_dir: Path | None = None) -> ParsedURL:
         raise UsageError(f"remote URL {url!r} has an invalid port") from None
     if not parts.hostname:
         raise UsageError(f"remote URL {url!r} has no host or bucket")
+    if parts.password is not None:
+        raise UsageError(
+            f"remote URL for {parts.hostname!r} contains a password",
+            hint="Never put secrets in URLs (they end up in tether.toml and shell history); "
+            "use keys, an agent, or .tether/config.local.toml.",
+        )
+    if scheme == "ssh" and parts.path in ("", "/"):
+        raise UsageError(f"ssh URL {url!r} needs an absolute base path, e.g. ssh://host/scratch/data")
     return ParsedURL(scheme, parts.hostname, unquote(parts.path), parts.username, port)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tether.errors import RemotePermissionError, RemoteUnavailable, ScanError
-from tether.fileio import copy_verified, os_error_to_tether, syncfs, write_bytes_atomic
+from tether.fileio import copy_verified, os_error_to_tether, syncfs, temp_sibling, write_bytes_atomic
 from tether.hashing import digest_file
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
 from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
@@ -68,16 +68,18 @@ class LocalRemote:
     def create_exclusive(self, path: str, data: bytes) -> bool:
         final = self._abs(path)
         final.parent.mkdir(parents=True, exist_ok=True)
+        # Write the whole record under a temporary name, then hard-link it into place: link()
+        # fails if the name exists, so the record appears complete or not at all.
+        tmp = temp_sibling(final)
         try:
-            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            write_bytes_atomic(tmp, data)
+            os.link(tmp, final)
         except FileExistsError:
             return False
         except OSError as exc:
             raise os_error_to_tether(exc, final) from exc
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def put_file(
@@ -101,9 +103,10 @@ class LocalRemote:
             target.unlink(missing_ok=True)
         except OSError as exc:
             raise os_error_to_tether(exc, target) from exc
-        # Remove folders the delete left empty, up to (not including) the dataset root.
+        # Remove folders the delete left empty, up to (not including) the dataset root, which is
+        # the first folder holding tether's state folder.
         parent = target.parent
-        while parent != self.root and parent.name != STATE_DIR:
+        while parent != self.root and parent.name != STATE_DIR and not (parent / STATE_DIR).exists():
             try:
                 parent.rmdir()
             except OSError:

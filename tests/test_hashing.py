@@ -1,0 +1,318 @@
+"""Unit tests for tether.hashing: digests and the sqlite hash cache (incl. git's racy-clean rule)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tether import hashing
+from tether.hashing import (
+    RACY_WINDOW_NS,
+    HashCache,
+    digest_bytes,
+    digest_file,
+    digest_stream,
+    hash_entries,
+    new_hasher,
+)
+from tether.manifest import Entry
+from tether.scan import StatEntry, scan_tree
+
+OLD_NS = 1_600_000_000_000_000_000  # 2020: far outside any racy window
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(path: Path, data: bytes, mtime_ns: int | None = OLD_NS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count digest_file calls per file name (proof of whether a file was reread)."""
+    counts: Counter[str] = Counter()
+    real = hashing.digest_file
+
+    def counting(path: Path, *args: object, **kwargs: object) -> str:
+        counts[Path(path).name] += 1
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hashing, "digest_file", counting)
+    return counts
+
+
+def run(root: Path, cache: HashCache, **kwargs: object) -> list[Entry]:
+    return hash_entries(root, scan_tree(root), cache, **kwargs)  # type: ignore[arg-type]
+
+
+# -- digests -------------------------------------------------------------------------------------
+
+
+def test_digest_file_empty(tmp_path: Path) -> None:
+    assert digest_file(write(tmp_path / "e", b"")) == EMPTY_SHA256 == sha(b"")
+
+
+def test_digest_file_three_mib_crosses_chunks(tmp_path: Path) -> None:
+    data = random.Random(3).randbytes(3 * 1024 * 1024 + 17)
+    assert digest_file(write(tmp_path / "big", data)) == sha(data)
+
+
+def test_digest_bytes_and_stream_agree() -> None:
+    data = b"hello tether\n" * 1000
+    assert digest_bytes(data) == sha(data)
+    assert digest_stream(io.BytesIO(data)) == sha(data)
+
+
+def test_unsupported_algorithm_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="md5"):
+        new_hasher("md5")
+    with pytest.raises(ValueError):
+        digest_file(write(tmp_path / "f", b"x"), "md5")
+
+
+# -- hash_entries and the cache ----------------------------------------------------------------
+
+
+def test_hash_entries_digests_match_content(tmp_path: Path) -> None:
+    write(tmp_path / "a", b"A")
+    write(tmp_path / "sub" / "b", b"")
+    entries = run(tmp_path, HashCache(None))
+    assert entries == [Entry("a", 1, OLD_NS, sha(b"A")), Entry("sub/b", 0, OLD_NS, EMPTY_SHA256)]
+
+
+def test_cache_hit_avoids_rereading(tmp_path: Path, reads: Counter[str]) -> None:
+    for i in range(5):
+        write(tmp_path / f"f{i}", f"content {i}".encode())
+    cache = HashCache(tmp_path.parent / f"{tmp_path.name}-cache.sqlite")
+    first = run(tmp_path, cache)
+    assert sum(reads.values()) == 5
+    reads.clear()
+    second = run(tmp_path, cache)
+    assert reads == Counter()
+    assert second == first
+    cache.close()
+
+
+def test_only_new_files_are_read(tmp_path: Path, reads: Counter[str]) -> None:
+    write(tmp_path / "old", b"o")
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    reads.clear()
+    write(tmp_path / "new", b"n")
+    run(tmp_path, cache)
+    assert reads == Counter({"new": 1})
+
+
+def test_changed_size_misses(tmp_path: Path, reads: Counter[str]) -> None:
+    f = write(tmp_path / "f", b"one")
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    reads.clear()
+    write(f, b"longer", mtime_ns=OLD_NS)  # same mtime, different size
+    (entry,) = run(tmp_path, cache)
+    assert reads == Counter({"f": 1})
+    assert entry.digest == sha(b"longer")
+
+
+def test_changed_mtime_misses(tmp_path: Path, reads: Counter[str]) -> None:
+    f = write(tmp_path / "f", b"one")
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    reads.clear()
+    write(f, b"two", mtime_ns=OLD_NS + 1)  # same size, different mtime
+    (entry,) = run(tmp_path, cache)
+    assert reads == Counter({"f": 1})
+    assert entry.digest == sha(b"two")
+
+
+def test_changed_inode_misses(tmp_path: Path, reads: Counter[str]) -> None:
+    f = write(tmp_path / "f", b"one")
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    reads.clear()
+    # Same size and mtime but a different file (replaced by rename): must not be trusted.
+    replacement = write(tmp_path.parent / f"{tmp_path.name}-r", b"two", mtime_ns=OLD_NS)
+    old_inode = f.stat().st_ino
+    os.replace(replacement, f)
+    assert f.stat().st_ino != old_inode
+    (entry,) = run(tmp_path, cache)
+    assert reads == Counter({"f": 1})
+    assert entry.digest == sha(b"two")
+
+
+def test_force_ignores_cache(tmp_path: Path, reads: Counter[str]) -> None:
+    write(tmp_path / "f", b"x")
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    reads.clear()
+    run(tmp_path, cache, force=True)
+    assert reads == Counter({"f": 1})
+
+
+def test_cache_persists_across_instances(tmp_path: Path, reads: Counter[str]) -> None:
+    data = tmp_path / "data"
+    write(data / "f", b"x")
+    db = tmp_path / "state" / "deeper" / "hashcache.sqlite"  # parent folders are created
+    c1 = HashCache(db)
+    first = run(data, c1)
+    c1.close()
+    assert db.is_file()
+    reads.clear()
+    c2 = HashCache(db)
+    assert run(data, c2) == first
+    assert reads == Counter()
+    c2.close()
+
+
+def test_in_memory_caches_are_independent(tmp_path: Path, reads: Counter[str]) -> None:
+    write(tmp_path / "f", b"x")
+    run(tmp_path, HashCache(None))
+    run(tmp_path, HashCache(None))
+    assert reads == Counter({"f": 2})
+
+
+def test_results_keep_input_order(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    stats = []
+    for i in range(40):
+        write(tmp_path / f"f{i:02}", rng.randbytes(rng.randrange(0, 50_000)))
+    stats = scan_tree(tmp_path)
+    rng.shuffle(stats)
+    out = hash_entries(tmp_path, stats, HashCache(None), jobs=8)
+    assert [e.path for e in out] == [s.path for s in stats]
+    for e in out:
+        assert e.digest == sha((tmp_path / e.path).read_bytes())
+    # Mixed hits and misses keep order too.
+    write(tmp_path / "f07", b"changed", mtime_ns=OLD_NS + 7)
+    stats = [s if s.path != "f07" else scan_tree(tmp_path, keep=lambda p: p == "f07")[0] for s in stats]
+    out2 = hash_entries(tmp_path, stats, HashCache(None), jobs=8)
+    assert [e.path for e in out2] == [s.path for s in stats]
+
+
+def test_on_hashed_accounts_for_every_file(tmp_path: Path, reads: Counter[str]) -> None:
+    write(tmp_path / "a", b"12345")
+    write(tmp_path / "b", b"12")
+    cache = HashCache(None)
+    calls: list[tuple[int, int]] = []
+    run(tmp_path, cache, on_hashed=lambda f, b: calls.append((f, b)))
+    assert sorted(calls) == [(1, 2), (1, 5)]  # one call per file read
+    calls.clear()
+    write(tmp_path / "c", b"1")
+    run(tmp_path, cache, on_hashed=lambda f, b: calls.append((f, b)))
+    # Cache hits are reported in one lump so progress still reaches the total.
+    assert sorted(calls) == [(1, 1), (2, 7)]
+    assert reads == Counter({"a": 1, "b": 1, "c": 1})
+
+
+def test_cache_prefix_keys_are_per_prefix(tmp_path: Path, reads: Counter[str]) -> None:
+    write(tmp_path / "f", b"x")
+    cache = HashCache(None)
+    run(tmp_path, cache, cache_prefix="/ws/data/ns/ds/")
+    reads.clear()
+    run(tmp_path, cache, cache_prefix="/ws/data/ns/other/")
+    assert reads == Counter({"f": 1})
+    st = (tmp_path / "f").stat()
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert cache.get_many([("/ws/data/ns/ds/f", *key)]) == {"/ws/data/ns/ds/f": sha(b"x")}
+    assert cache.get_many([("f", *key)]) == {}
+
+
+def test_file_changed_during_hashing_is_not_cached(tmp_path: Path, reads: Counter[str]) -> None:
+    f = write(tmp_path / "f", b"x")
+    st = f.stat()
+    # The scan saw an older state than the one read: the digest is not cached under that key.
+    stale = StatEntry("f", st.st_size, st.st_mtime_ns - 10**9, st.st_ino)
+    cache = HashCache(None)
+    hash_entries(tmp_path, [stale], cache)
+    hash_entries(tmp_path, [stale], cache)
+    assert reads == Counter({"f": 2})
+
+
+# -- racy clean rule -----------------------------------------------------------------------------
+
+
+def test_racy_boundary_in_get_many() -> None:
+    cache = HashCache(None)
+    mtime = OLD_NS
+    cache.put("racy", 1, 1, mtime, "d1", hashed_at_ns=mtime + RACY_WINDOW_NS)
+    cache.put("clean", 2, 1, mtime, "d2", hashed_at_ns=mtime + RACY_WINDOW_NS + 1)
+    cache.put("future", 3, 1, mtime, "d3", hashed_at_ns=mtime - 1)  # mtime after hashing
+    cache.flush()
+    got = cache.get_many([("racy", 1, 1, mtime), ("clean", 2, 1, mtime), ("future", 3, 1, mtime)])
+    assert got == {"clean": "d2"}
+
+
+def test_racy_entry_is_rehashed(tmp_path: Path, reads: Counter[str]) -> None:
+    f = write(tmp_path / "f", b"x")
+    st = f.stat()
+    cache = HashCache(None)
+    # Hashed 10 ms after its mtime: a write in the same tick could have gone unnoticed.
+    cache.put("f", st.st_ino, st.st_size, st.st_mtime_ns, "stale-digest", OLD_NS + RACY_WINDOW_NS // 5)
+    cache.flush()
+    (entry,) = run(tmp_path, cache)
+    assert reads == Counter({"f": 1})
+    assert entry.digest == sha(b"x")
+    # The rehash happened long after the (old) mtime, so it is now trusted.
+    reads.clear()
+    run(tmp_path, cache)
+    assert reads == Counter()
+
+
+def test_entry_hashed_well_after_mtime_is_trusted(tmp_path: Path, reads: Counter[str]) -> None:
+    f = write(tmp_path / "f", b"x")
+    st = f.stat()
+    cache = HashCache(None)
+    cache.put("f", st.st_ino, st.st_size, st.st_mtime_ns, "cached-digest", OLD_NS + 10**9)
+    cache.flush()
+    (entry,) = run(tmp_path, cache)
+    assert reads == Counter()
+    assert entry.digest == "cached-digest"  # the cache is trusted, not re-verified
+
+
+def test_file_with_future_mtime_is_always_rehashed(tmp_path: Path, reads: Counter[str]) -> None:
+    write(tmp_path / "f", b"x", mtime_ns=time.time_ns() + 3600 * 10**9)
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    run(tmp_path, cache)
+    assert reads == Counter({"f": 2})
+
+
+# -- HashCache mechanics -------------------------------------------------------------------------
+
+
+def test_put_is_invisible_until_flush_and_replaces(tmp_path: Path) -> None:
+    db = tmp_path / "c.sqlite"
+    writer = HashCache(db)
+    writer.put("p", 1, 2, OLD_NS, "d1", OLD_NS + 10**9)
+    assert HashCache(db).get_many([("p", 1, 2, OLD_NS)]) == {}
+    writer.flush()
+    assert HashCache(db).get_many([("p", 1, 2, OLD_NS)]) == {"p": "d1"}
+    writer.put("p", 1, 2, OLD_NS, "d2", OLD_NS + 10**9)
+    writer.close()  # close flushes
+    assert HashCache(db).get_many([("p", 1, 2, OLD_NS)]) == {"p": "d2"}
+
+
+def test_get_many_handles_more_keys_than_one_query() -> None:
+    cache = HashCache(None)
+    keys = [(f"p{i}", i, i, OLD_NS) for i in range(1234)]
+    for path, inode, size, mtime in keys:
+        cache.put(path, inode, size, mtime, f"d{inode}", OLD_NS + 10**9)
+    cache.flush()
+    got = cache.get_many(keys)
+    assert len(got) == 1234
+    assert got["p1233"] == "d1233"
+    assert cache.get_many([]) == {}
