@@ -37,6 +37,7 @@ class AuditRecord:
     skipped: int = 0
     unchanged: int = 0
     reused_staged: int = 0
+    skipped_symlinks: list[str] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -71,6 +72,7 @@ class AuditRecord:
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "reused_staged": self.reused_staged,
+            "skipped_symlinks": self.skipped_symlinks,
             "failed": self.failed,
             "verification": self.verification,
             "error": self.error,

@@ -7,9 +7,11 @@ table from error type to message and hint is :func:`_report_error` (tracebacks o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tomllib
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape as esc
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -39,17 +42,27 @@ from tether.config import (
     is_secret,
     write_toml_atomic,
 )
-from tether.errors import ExitCode, Interrupted, RefusedError, TetherError, UsageError
+from tether.errors import ExitCode, Interrupted, RefusedError, ScanError, TetherError, UsageError
 from tether.plan import Change, Plan
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import parse_url
 from tether.report import diff_json, human_bytes, sync_json, sync_summary_lines
+from tether.scan import scan_tree
 from tether.workspace import Workspace, check_remote_name
 
 MAX_LISTED = 40
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+
+def _console(*, stderr: bool) -> Console:
+    """Off a terminal (logs, pipes) tables get room instead of folding paths at 80 columns."""
+    console = Console(stderr=stderr, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 200
+    return console
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 
 class State:
@@ -151,7 +164,9 @@ def _render_changes(changes: Sequence[Change], action_of: Callable[[Change], str
         size = c.bytes or (side.size if side else 0)
         style = STATUS_STYLE.get(c.status.value, "")
         why = c.reason if c.action.value in ("skip", "refuse") else ""
-        table.add_row(f"[{style}]{c.status.value}[/]", action_of(c), human_bytes(size), c.path, why)
+        table.add_row(
+            f"[{style}]{c.status.value}[/]", esc(action_of(c)), human_bytes(size), esc(c.path), esc(why)
+        )
     out.print(table)
     if len(changes) > len(shown):
         out.print(f"… and {len(changes) - len(shown)} more (--all lists every file, --json for scripts)")
@@ -196,17 +211,23 @@ def _confirmer(yes: bool, state: State, as_json: bool, show_all: bool) -> sync.C
 def _report_error(exc: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, Interrupted):
+        err.print(exc.message, markup=False, highlight=False)  # the user's choice, not an error
+        return int(exc.exit_code)
+    if isinstance(exc, click.Abort):
+        err.print("No answer at the prompt; nothing was changed.")
+        return int(ExitCode.INTERRUPTED)
     if isinstance(exc, TetherError):
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {esc(exc.message)}", highlight=False)
         paths = getattr(exc, "paths", None) or []
         for p in paths[:10]:
             err.print(f"  {p}", markup=False, highlight=False)
         if len(paths) > 10:
             err.print(f"  … and {len(paths) - 10} more", highlight=False)
         if exc.hint:
-            err.print(f"[bold]hint:[/] {exc.hint}", highlight=False)
+            err.print(f"[bold]hint:[/] {esc(exc.hint)}", highlight=False)
         return int(exc.exit_code)
-    if isinstance(exc, KeyboardInterrupt | click.Abort):
+    if isinstance(exc, KeyboardInterrupt):
         err.print("interrupted; nothing half-written was left under a real name. Rerun to finish.")
         return int(ExitCode.INTERRUPTED)
     if isinstance(exc, click.ClickException):
@@ -214,10 +235,10 @@ def _report_error(exc: BaseException, debug: bool) -> int:
         return int(ExitCode.USAGE)
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
-        err.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", highlight=False)
+        err.print(f"[bold red]error:[/] {esc(str(exc.strerror or exc))}{esc(where)}", highlight=False)
         err.print("[bold]hint:[/] rerun with --debug for details; completed files are kept.")
         return int(ExitCode.REFUSED)
-    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {esc(str(exc))}", highlight=False)
     err.print("[bold]hint:[/] rerun with --debug and report the traceback.")
     return 70
 
@@ -239,7 +260,7 @@ def init(data_root: str) -> None:
     """Create a workspace (tether.toml, .tether/) in the current folder."""
     ws, created = Workspace.init(Path.cwd(), data_root)
     what = "Created" if created else "Already a workspace:"
-    out.print(f"{what} {ws.root / WORKSPACE_FILE} (data root {ws.settings.data_root}/)")
+    out.print(f"{what} {ws.root / WORKSPACE_FILE} (data root {ws.settings.data_root}/)", markup=False)
     out.print("Next: `tether remote add NAME URL`, then `tether diff DATASET NAME`.")
 
 
@@ -249,19 +270,30 @@ def remote() -> None:
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE`: VALUE is read as a TOML value (true, 22, 3.5, ["-o", "X=y"]) when it
+    is one, else kept as a string, so `--set port=2222` and `--set user=alice` both do the obvious."""
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {pair!r} is not KEY=VALUE")
-        lowered = raw.lower()
         value: Any = raw
-        if lowered in ("true", "false"):
-            value = lowered == "true"
-        elif raw.isdigit():
-            value = int(raw)
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            with contextlib.suppress(tomllib.TOMLDecodeError):  # not a TOML value: keep the string
+                value = tomllib.loads(f"v = {raw}")["v"]
         values[key.strip()] = value
     return values
+
+
+def _portable_url(url: str, ws: Workspace) -> str:
+    """A relative path means relative to where the user stands; store it relative to the
+    workspace root, so the committed tether.toml works from any folder and any clone."""
+    parsed = parse_url(url, base_dir=Path.cwd())
+    if parsed.scheme == "file" and "://" not in url and not Path(url).expanduser().is_absolute():
+        return os.path.relpath(parsed.path, ws.root)
+    return url
 
 
 @remote.command("add")
@@ -275,18 +307,23 @@ def remote_add(name: str, url: str, sets: tuple[str, ...], local_only: bool) -> 
     """Add remote NAME at URL (a path, file://, ssh:// or s3://)."""
     ws = Workspace.find()
     check_remote_name(name)
-    parse_url(url, base_dir=ws.root)
-    if name in ws.settings.remotes:
-        raise UsageError(
-            f"remote {name!r} already exists ({ws.settings.remotes[name].url})",
-            hint=f"Remove it first with `tether remote remove {name}`.",
-        )
+    url = _portable_url(url, ws)
     target = ws.state_dir / LOCAL_FILE if local_only else ws.root / WORKSPACE_FILE
+    existing = ws.settings.remotes.get(name)
+    # --local may override a definition from a lower layer (user, system, tether.toml);
+    # anything else with the same name is a duplicate.
+    if existing is not None and (not local_only or existing.layer == str(target)):
+        raise UsageError(
+            f"remote {name!r} already exists ({existing.url}, in {existing.layer})",
+            hint=f"Remove it first with `tether remote remove {name}`, or override it for this "
+            "machine only with --local.",
+        )
     doc = edit_toml(target)
     remotes = doc.setdefault("remotes", {})
     remotes[name] = {"url": url, **_parse_sets(sets)}
     write_toml_atomic(target, doc)
-    out.print(f"Added remote {name} -> {url} (in {target.relative_to(ws.root)})")
+    note = f"; overrides the one in {existing.layer}" if existing is not None else ""
+    out.print(f"Added remote {name} -> {url} (in {target.relative_to(ws.root)}){note}", markup=False)
 
 
 @remote.command("list")
@@ -308,7 +345,7 @@ def remote_show(name: str) -> None:
     cfg = _remote_config(ws, name)
     out.print(f"name: {cfg.name}\nurl: {cfg.url}\ndefined in: {cfg.layer}", markup=False, highlight=False)
     for key, value in sorted(cfg.options.items()):
-        shown = "****" if is_secret(key) else value
+        shown = "****" if is_secret(key) else json.dumps(value) if not isinstance(value, str) else value
         out.print(f"{key}: {shown}", markup=False, highlight=False)
 
 
@@ -337,8 +374,14 @@ def remote_remove(name: str) -> None:
             write_toml_atomic(path, doc)
             removed = True
     if not removed:
-        raise UsageError(f"remote {name!r} is defined outside this workspace (user or system config)")
-    out.print(f"Removed remote {name}; its data was not touched.")
+        raise UsageError(
+            f"remote {name!r} is defined outside this workspace, in {ws.settings.remotes[name].layer}",
+            hint="Edit that file to remove it.",
+        )
+    out.print(f"Removed remote {name}; its data was not touched.", markup=False)
+    still = Workspace(ws.root).settings.remotes.get(name)
+    if still is not None:
+        out.print(f"Note: {name} is still defined in {still.layer} -> {still.url}", markup=False)
 
 
 @cli.command("ls")
@@ -347,21 +390,20 @@ def list_datasets() -> None:
     ws = Workspace.find()
     datasets = ws.list_datasets()
     if not datasets:
-        out.print(f"No datasets under {ws.data_root}.")
+        out.print(f"No datasets under {ws.data_root}.", markup=False)
         return
     table = Table(box=None, header_style="bold")
     table.add_column("dataset")
     table.add_column("files", justify="right")
     table.add_column("bytes", justify="right")
     for ds in datasets:
-        files = size = 0
-        for folder, _dirs, names in os.walk(ds.path):
-            if "/.tether" in folder or folder.endswith(".tether"):
-                continue
-            for n in names:
-                files += 1
-                size += os.lstat(os.path.join(folder, n)).st_size
-        table.add_row(ds.id, str(files), human_bytes(size))
+        # Count what a push would sync: ownership rules applied, links left out.
+        try:
+            entries = scan_tree(ds.path, keep=ws.ownership(ds), skip_symlinks=True)
+        except ScanError as exc:
+            table.add_row(esc(ds.id), "?", f"refused: {len(exc.paths)} special file(s)")
+            continue
+        table.add_row(esc(ds.id), str(len(entries)), human_bytes(sum(e.size for e in entries)))
     out.print(table)
 
 
@@ -422,7 +464,7 @@ def diff(
         pull_by = {c.path: c for c in result.pull.changes}
         push_counts = ", ".join(f"{n} {a}" for a, n in result.push.action_counts().items() if a != "none")
         pull_counts = ", ".join(f"{n} {a}" for a, n in result.pull.action_counts().items() if a != "none")
-        out.print(f"[bold]{result.dataset.id}[/] vs [bold]{result.remote_name}[/] ({result.remote_url})")
+        out.print(f"[bold]{result.dataset.id}[/] vs [bold]{result.remote_name}[/] ({esc(result.remote_url)})")
         out.print(
             f"push would: {push_counts or 'nothing'}; "
             f"{human_bytes(sum(result.push.action_bytes().get(a, 0) for a in ('upload',)))} up"
@@ -519,11 +561,15 @@ def _sync_command(direction: str) -> Callable[..., None]:
             progress.close()
         if as_json:
             _emit_json(sync_json(result))
+            if result.refusal is not None:
+                raise result.refusal
             return
         if result.state == "dry-run":
             _render_plan(result.plan, f"{direction} plan", show_all)
+        if result.refusal is not None:
+            raise result.refusal  # the plan above, then why a real run would stop (exit 3)
         for line in sync_summary_lines(result):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, markup=False)
 
     command.__doc__ = (
         "Upload local changes of TARGET to REMOTE."
@@ -551,7 +597,7 @@ def lock_status(target: str, remote_name: str) -> None:
     if record is None:
         out.print("unlocked")
     else:
-        out.print(f"locked by {record.describe()}", highlight=False)
+        out.print(f"locked by {record.describe()}", highlight=False, markup=False)
 
 
 @lock.command("break")

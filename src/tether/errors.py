@@ -127,5 +127,7 @@ class DiskFullError(TetherError, OSError):
 
 
 class Interrupted(TetherError):
+    """The user said no (or stopped the run): not an error, so the CLI prints it plainly."""
+
     exit_code = ExitCode.INTERRUPTED
-    default_hint = "Nothing was changed. Rerun with -y to skip the question."
+    default_hint = "Rerun when you are ready; -y skips the question."

@@ -348,7 +348,13 @@ class Plan:
                 f"{len(refused)} file(s) changed on the destination since the last sync "
                 f"(or on both sides): {sample}{more}",
                 paths=[c.path for c in refused],
-                hint="Inspect with `tether diff`, then rerun with --prefer local or --prefer remote.",
+                hint=(
+                    "Pull first to bring their changes in, or decide for this run: --prefer remote keeps "
+                    "the remote copy, --prefer local overwrites it (`tether diff` shows each file)."
+                    if self.direction == Direction.PUSH
+                    else "Push first if your edits should win, or decide for this run: --prefer local "
+                    "keeps your copy, --prefer remote overwrites it (`tether diff` shows each file)."
+                ),
             )
         deletes = self.deletes
         if deletes and self.source_files == 0 and self.options.mode == Mode.MIRROR:

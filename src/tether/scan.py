@@ -81,10 +81,8 @@ def _walk(
         raise ScanError(f"cannot read folder {folder}: permission denied") from None
     for item in items:
         rel = f"{prefix}/{item.name}" if prefix else item.name
-        if not prefix and item.name in NEVER_SYNCED:
-            continue
-        if item.name == STATE_DIR:
-            continue
+        if item.name in NEVER_SYNCED:
+            continue  # at any depth: a vendored repository's .git/ is git's, not tether's
         try:
             st = item.stat(follow_symlinks=False)
         except FileNotFoundError:

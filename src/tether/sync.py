@@ -14,6 +14,7 @@ import fcntl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from tether import audit, faults
@@ -21,6 +22,7 @@ from tether.errors import (
     DatasetNotFound,
     Interrupted,
     LockHeld,
+    RefusedError,
     StalePlanError,
     TetherError,
     UnknownRemote,
@@ -72,6 +74,12 @@ class Context:
     skip_symlinks: bool = False
     scan_report: ScanReport = field(default_factory=ScanReport)
 
+    @cached_property
+    def keep(self) -> Callable[[str], bool]:
+        """Ownership rules, applied to both sides: a file tether does not own locally (excluded,
+        git-tracked) is not tether's to download, overwrite or delete remotely either."""
+        return self.workspace.ownership(self.dataset)
+
     def close(self) -> None:
         self.remote.close()
 
@@ -89,7 +97,9 @@ def open_context(
     skip_symlinks: bool = False,
 ) -> Iterator[Context]:
     ws = workspace if isinstance(workspace, Workspace) else Workspace.find(workspace)
-    dataset = ws.resolve(target, dataset_id=dataset_id)
+    # A caller that names the workspace (the Python API) means ids and relative paths in it,
+    # not in whatever folder the process happens to run in.
+    dataset = ws.resolve(target, dataset_id=dataset_id, cwd=None if workspace is None else ws.root)
     check_remote_name(remote_name)
     config = ws.settings.remotes.get(remote_name)
     if config is None:
@@ -119,7 +129,7 @@ def scan_local(ctx: Context) -> Manifest:
     ctx.progress.stage("scanning local")
     stats = scan_tree(
         ds.path,
-        keep=ctx.workspace.ownership(ds),
+        keep=ctx.keep,
         skip_symlinks=ctx.skip_symlinks,
         report=ctx.scan_report,
     )
@@ -173,6 +183,8 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> tuple
     unknown = []
     for st in listing:
         check_relpath(st.path, what="remote path")  # invariant 5, before any I/O with it
+        if not ctx.keep(st.path):
+            continue
         new = fresh.get(st.path)
         if new is not None and new.size == st.size:
             entries.append(Entry(st.path, st.size, st.mtime_ns, new.digest))
@@ -232,6 +244,7 @@ class SyncResult:
     plan: Plan
     record: audit.AuditRecord
     verification: VerifyReport | None = None
+    refusal: RefusedError | None = None  # a dry run shows the plan, then why a real run would stop
 
     @property
     def state(self) -> str:
@@ -432,7 +445,17 @@ def _run(
         plan = make_plan(local, remote_m, base, options)
         record.unchanged = plan.unchanged_files
         record.skipped = len(plan.with_action(Action.SKIP))
-        plan.check_safe()
+        record.skipped_symlinks = list(ctx.scan_report.skipped_symlinks)
+        try:
+            plan.check_safe()
+        except RefusedError as exc:
+            if not dry_run:
+                raise
+            record.state = "dry-run"
+            record.error = exc.message
+            result = _finish(ctx, plan, record, None, audit_out)
+            result.refusal = exc
+            return result
         if not plan.has_work:
             save_base(ctx, local, remote_m, base)  # local bookkeeping only; no lock, no remote write
             return _finish(ctx, plan, record, None, audit_out)
@@ -440,7 +463,7 @@ def _run(
             record.state = "dry-run"
             return _finish(ctx, plan, record, None, audit_out)
         if confirm is not None and not confirm(plan):
-            raise Interrupted("declined: nothing was changed")
+            raise Interrupted("Declined; nothing was changed.")
 
         # -- lock + re-check
         with (

@@ -67,6 +67,8 @@ class Workspace:
     def init(cls, root: Path, data_root: str = "data") -> tuple[Workspace, bool]:
         """Create the workspace files; idempotent. Returns (workspace, created)."""
         root = root.resolve()
+        if not data_root.strip():
+            raise UsageError("--data-root must name a folder", hint="e.g. `tether init --data-root data`")
         toml = root / WORKSPACE_FILE
         created = not toml.exists()
         if created:
