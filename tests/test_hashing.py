@@ -226,7 +226,7 @@ def test_cache_prefix_keys_are_per_prefix(tmp_path: Path, reads: Counter[str]) -
     run(tmp_path, cache, cache_prefix="/ws/data/ns/other/")
     assert reads == Counter({"f": 1})
     st = (tmp_path / "f").stat()
-    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     assert cache.get_many([("/ws/data/ns/ds/f", *key)]) == {"/ws/data/ns/ds/f": sha(b"x")}
     assert cache.get_many([("f", *key)]) == {}
 
@@ -276,7 +276,9 @@ def test_entry_hashed_well_after_mtime_is_trusted(tmp_path: Path, reads: Counter
     f = write(tmp_path / "f", b"x")
     st = f.stat()
     cache = HashCache(None)
-    cache.put("f", st.st_ino, st.st_size, st.st_mtime_ns, "cached-digest", OLD_NS + 10**9)
+    cache.put(
+        "f", st.st_ino, st.st_size, st.st_mtime_ns, "cached-digest", OLD_NS + 10**9, ctime_ns=st.st_ctime_ns
+    )
     cache.flush()
     (entry,) = run(tmp_path, cache)
     assert reads == Counter()
@@ -316,3 +318,18 @@ def test_get_many_handles_more_keys_than_one_query() -> None:
     assert len(got) == 1234
     assert got["p1233"] == "d1233"
     assert cache.get_many([]) == {}
+
+
+def test_rewrite_with_restored_mtime_is_rehashed(tmp_path: Path, reads: Counter[str]) -> None:
+    """`cp -p`, `touch -r` and `rsync -t` restore the mtime; the ctime still moves."""
+    f = write(tmp_path / "f", b"old!", mtime_ns=OLD_NS)
+    cache = HashCache(None)
+    run(tmp_path, cache)
+    before = f.stat()
+    f.write_bytes(b"new!")
+    os.utime(f, ns=(OLD_NS, OLD_NS))
+    assert f.stat().st_mtime_ns == before.st_mtime_ns
+    reads.clear()
+    (entry,) = run(tmp_path, cache)
+    assert reads == Counter({"f": 1})
+    assert entry.digest == sha(b"new!")

@@ -40,7 +40,7 @@ def test_scan_records_size_mtime_inode(tmp_path: Path) -> None:
     os.utime(f, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
     (entry,) = scan_tree(tmp_path)
     st = f.stat()
-    assert entry == StatEntry("d/f.bin", 5, 1_600_000_000_123_456_789, st.st_ino)
+    assert entry == StatEntry("d/f.bin", 5, 1_600_000_000_123_456_789, st.st_ino, st.st_ctime_ns)
 
 
 def test_scan_includes_empty_and_hidden_files_but_not_empty_dirs(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_scan_includes_empty_and_hidden_files_but_not_empty_dirs(tmp_path: Path)
 
     def entry(name: str) -> StatEntry:
         st = (tmp_path / name).stat()
-        return StatEntry(name, st.st_size, st.st_mtime_ns, st.st_ino)
+        return StatEntry(name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     assert scan_tree(tmp_path) == [entry(".hidden"), entry("empty")]
     assert entry("empty").size == 0

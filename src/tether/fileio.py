@@ -75,6 +75,7 @@ def copy_verified(
                 hasher.update(chunk)
                 if on_bytes is not None:
                     on_bytes(len(chunk))
+                faults.checkpoint("mid_file")
                 view = memoryview(chunk)
                 while view:
                     view = view[dst.write(view) :]
@@ -109,6 +110,7 @@ def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> Non
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        faults.checkpoint("record_rename")
         os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

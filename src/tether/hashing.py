@@ -1,6 +1,7 @@
 """Content digests and the sqlite cache that makes a no-op diff cheap.
 
-The cache is keyed by (path, inode, size, mtime_ns): an unchanged file is never re-read. A file
+The cache is keyed by (path, inode, size, mtime_ns, ctime_ns): an unchanged file is never re-read;
+ctime catches a rewrite whose mtime was restored (``cp -p``, ``touch -r``, ``rsync -t``). A file
 whose mtime lies within ``RACY_WINDOW_NS`` of the moment it was hashed may have been written
 again within the same clock tick, so such an entry is not trusted and is hashed once more later
 (git's "racy clean" rule).
@@ -52,7 +53,7 @@ class HashCache:
 
     def __init__(self, db_path: Path | None) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, int, int, int, str, int]] = []
+        self._pending: list[tuple[str, int, int, int, int, str, int]] = []
         if db_path is None:
             self._db = sqlite3.connect(":memory:", check_same_thread=False)
         else:
@@ -61,13 +62,13 @@ class HashCache:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, inode INTEGER, "
-            "size INTEGER, mtime_ns INTEGER, digest TEXT, hashed_at_ns INTEGER)"
+            "CREATE TABLE IF NOT EXISTS digests_v2 (path TEXT PRIMARY KEY, inode INTEGER, "
+            "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT, hashed_at_ns INTEGER)"
         )
         self._db.commit()
 
-    def get_many(self, keys: Sequence[tuple[str, int, int, int]]) -> dict[str, str]:
-        """Digests for the (path, inode, size, mtime_ns) keys that hit and are not racy."""
+    def get_many(self, keys: Sequence[tuple[int | str, ...]]) -> dict[str, str]:
+        """Digests for the (path, inode, size, mtime_ns[, ctime_ns]) keys that hit and are not racy."""
         found: dict[str, str] = {}
         with self._lock:
             rows = {}
@@ -75,30 +76,43 @@ class HashCache:
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 for row in self._db.execute(
-                    "SELECT path, inode, size, mtime_ns, digest, hashed_at_ns FROM digests "
+                    "SELECT path, inode, size, mtime_ns, ctime_ns, digest, hashed_at_ns FROM digests_v2 "
                     f"WHERE path IN ({marks})",
                     [k[0] for k in chunk],
                 ):
                     rows[row[0]] = row
-        for path, inode, size, mtime_ns in keys:
+        for key in keys:
+            path, inode, size, mtime_ns = key[:4]
+            ctime_ns = key[4] if len(key) > 4 else 0
             row = rows.get(path)
-            if row is None or (row[1], row[2], row[3]) != (inode, size, mtime_ns):
+            if row is None or (row[1], row[2], row[3], row[4]) != (inode, size, mtime_ns, ctime_ns):
                 continue
-            if mtime_ns >= row[5] - RACY_WINDOW_NS:
+            if mtime_ns >= row[6] - RACY_WINDOW_NS:  # type: ignore[operator]
                 continue  # racy: written too close to when it was hashed
-            found[path] = row[4]
+            found[path] = row[5]  # type: ignore[index]
         return found
 
     def put(
-        self, path: str, inode: int, size: int, mtime_ns: int, digest: str, hashed_at_ns: int | None = None
+        self,
+        path: str,
+        inode: int,
+        size: int,
+        mtime_ns: int,
+        digest: str,
+        hashed_at_ns: int | None = None,
+        *,
+        ctime_ns: int = 0,
     ) -> None:
+        stamp = hashed_at_ns or time.time_ns()
         with self._lock:
-            self._pending.append((path, inode, size, mtime_ns, digest, hashed_at_ns or time.time_ns()))
+            self._pending.append((path, inode, size, mtime_ns, ctime_ns, digest, stamp))
 
     def flush(self) -> None:
         with self._lock:
             if self._pending:
-                self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?)", self._pending)
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO digests_v2 VALUES (?,?,?,?,?,?,?)", self._pending
+                )
                 self._db.commit()
                 self._pending.clear()
 
@@ -126,7 +140,7 @@ def hash_entries(
     ``force`` ignores the cache (``--checksum``). Order is preserved.
     """
     entries = list(entries)
-    keys = [(cache_prefix + e.path, e.inode, e.size, e.mtime_ns) for e in entries]
+    keys = [(cache_prefix + e.path, e.inode, e.size, e.mtime_ns, e.ctime_ns) for e in entries]
     known = {} if force else cache.get_many(keys)
     digests: list[str | None] = [known.get(k[0]) for k in keys]
     todo = [i for i, d in enumerate(digests) if d is None]
@@ -143,8 +157,10 @@ def hash_entries(
             raise StalePlanError(f"{e.path} disappeared while it was being scanned") from None
         # A file changed while we read it: hash it again from its new state on the next run.
         st = os.stat(root / e.path)
-        if (st.st_size, st.st_mtime_ns) == (e.size, e.mtime_ns):
-            cache.put(cache_prefix + e.path, e.inode, e.size, e.mtime_ns, digest, started)
+        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (e.size, e.mtime_ns, e.ctime_ns):
+            cache.put(
+                cache_prefix + e.path, e.inode, e.size, e.mtime_ns, digest, started, ctime_ns=e.ctime_ns
+            )
         return i, digest
 
     if todo:

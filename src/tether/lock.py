@@ -23,6 +23,7 @@ from tether.remotes.base import Remote
 LOCK_FORMAT = "tether-lock"
 LOCK_VERSION = 1
 DEFAULT_TTL_S = 120.0
+TAKEOVER_TTL_S = 30.0  # a takeover is a read and a delete: seconds, not minutes
 
 
 def lock_path(dataset_id: str) -> str:
@@ -49,11 +50,24 @@ class LockRecord:
         """None for an unreadable record (e.g. torn by a crash mid-create): treated as stale."""
         try:
             raw = json.loads(data)
-            if raw.get("format") != LOCK_FORMAT:
-                return None
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             return None
+        if not isinstance(raw, dict) or raw.get("format") != LOCK_FORMAT:
+            return None
+        types = {
+            "owner": str,
+            "host": str,
+            "pid": int,
+            "acquired": (int, float),
+            "expires": (int, float),
+            "token": str,
+            "operation": str,
+            "version": int,
+        }
+        for key, kind in types.items():
+            if not isinstance(raw.get(key), kind) or isinstance(raw.get(key), bool):
+                return None
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
 
     def expired(self, now: float) -> bool:
         return now >= self.expires
@@ -79,11 +93,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def read_lock(remote: Remote, dataset_id: str) -> LockRecord | None:
+def _read_record(remote: Remote, path: str) -> LockRecord | None:
     try:
-        return LockRecord.loads(remote.read_bytes(lock_path(dataset_id)))
+        return LockRecord.loads(remote.read_bytes(path))
     except FileNotFoundError:
         return None
+
+
+def read_lock(remote: Remote, dataset_id: str) -> LockRecord | None:
+    return _read_record(remote, lock_path(dataset_id))
 
 
 class Lease:
@@ -133,9 +151,7 @@ class Lease:
                 raise LockHeld(f"lost the race for the lock on {self.dataset_id}")
             current = read_lock(self.remote, self.dataset_id)
             if current is None or current.stale(time.time(), self.host):
-                # Stale: a killed run or an expired lease. Remove it and try to create again;
-                # create-exclusive decides between two takers.
-                self.remote.delete(path)
+                self._take_over(current)
                 continue
             raise LockHeld(
                 f"{self.dataset_id} on {self.remote.url} is locked by {current.describe()}",
@@ -144,6 +160,33 @@ class Lease:
                 "expires by itself; `tether lock break TARGET REMOTE --force` breaks it now.",
             )
         raise LockHeld(f"could not take the lock on {self.dataset_id}: it keeps changing")
+
+    def _take_over(self, stale: LockRecord | None) -> None:
+        """Remove a stale record so the next create-exclusive can succeed.
+
+        Deleting by path alone would let two takers each delete the record the other just
+        created. So takers first serialise on a short-lived guard record (create-exclusive too):
+        only the guard holder re-reads and deletes the stale lock. A guard left by a killed taker
+        is stale by the same rules (expired, or a dead pid on this host).
+        """
+        guard = f"{self.dataset_id}/.tether/lock.takeover"
+        mine = self._new_record(secrets.token_hex(16), time.time())
+        mine = LockRecord(**{**asdict(mine), "expires": time.time() + TAKEOVER_TTL_S})
+        if not self.remote.create_exclusive(guard, mine.dumps()):
+            other = _read_record(self.remote, guard)
+            if other is None or other.stale(time.time(), self.host):
+                self.remote.delete(guard)  # a killed taker's guard; the next attempt retries
+                return
+            raise LockHeld(
+                f"another run is taking over the stale lock on {self.dataset_id}",
+                holder=asdict(other),
+                hint="Rerun in a moment.",
+            )
+        try:
+            if read_lock(self.remote, self.dataset_id) == stale:
+                self.remote.delete(lock_path(self.dataset_id))
+        finally:
+            self.remote.delete(guard)
 
     def _start_renewing(self) -> None:
         def renew() -> None:
@@ -214,4 +257,18 @@ def break_lock(remote: Remote, dataset_id: str, *, host: str, force: bool) -> Lo
             hint="Only break a live lock if you know its holder is dead: add --force.",
         )
     remote.delete(lock_path(dataset_id))
+    return current
+
+
+def clear_dead_lock(remote: Remote, dataset_id: str, *, host: str) -> LockRecord | None:
+    """Remove a lock left by a killed run on this machine (its pid is gone).
+
+    A rerun that finds nothing left to do would otherwise leave that record behind, and other
+    machines would wait for it to expire. Locks of other hosts are left to expire.
+    """
+    current = read_lock(remote, dataset_id)
+    if current is None or current.host != host or _pid_alive(current.pid):
+        return None
+    if read_lock(remote, dataset_id) == current:
+        remote.delete(lock_path(dataset_id))
     return current

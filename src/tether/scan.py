@@ -25,6 +25,7 @@ class StatEntry:
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int = 0  # changes on every write, even when a tool restores the mtime
 
 
 @dataclass
@@ -105,4 +106,4 @@ def _walk(
         if reason is not None:
             refused.append(f"{rel.encode('utf-8', 'backslashreplace').decode()} ({reason})")
             continue
-        yield StatEntry(rel, st.st_size, st.st_mtime_ns, st.st_ino)
+        yield StatEntry(rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,10 +27,11 @@ from tether.errors import (
     StalePlanError,
     TetherError,
     UnknownRemote,
+    VerificationError,
 )
 from tether.fileio import write_bytes_atomic
 from tether.hashing import HashCache, hash_entries
-from tether.lock import Lease, break_lock, read_lock
+from tether.lock import Lease, break_lock, clear_dead_lock, read_lock
 from tether.lock import LockRecord as LockRecord
 from tether.manifest import Entry, Manifest, ManifestFormatError
 from tether.paths import check_relpath
@@ -167,12 +169,26 @@ def read_index(ctx: Context) -> Manifest | None:
         return None
 
 
-def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> tuple[Manifest, bool]:
+@dataclass
+class RemoteState:
+    """What the remote holds, as planning sees it, plus what the next index must carry."""
+
+    manifest: Manifest  # files tether owns here (ownership rules applied): the plan's input
+    exists: bool  # the remote has this dataset at all (files or an index)
+    index_current: bool  # the stored index already vouches for exactly this state
+    unowned: list[Entry]  # entries of files our rules leave alone, kept in the next index
+
+    def index(self) -> Manifest:
+        return Manifest.from_entries(self.manifest.entries + self.unowned)
+
+
+def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> RemoteState:
     """The remote's real state: its listing, with digests from the index where it vouches.
 
     The index is a cache, never the truth: a file listed with a size or mtime the index does not
     know (edited, replaced, lost) is hashed where it lives, so a remote that lost or changed
-    files is never trusted blindly. ``fresh`` holds entries this run just wrote and verified.
+    files is never trusted blindly. ``fresh`` holds entries this run just wrote and verified;
+    they vouch only for a file with exactly the size and mtime this run gave it.
     """
     ctx.progress.stage("listing remote")
     listing = list(ctx.remote.list_files(ctx.dataset.id))
@@ -180,27 +196,32 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> tuple
     known = index.by_path() if index else {}
     fresh = fresh or {}
     entries: list[Entry] = []
+    unowned: list[Entry] = []
     unknown = []
     for st in listing:
         check_relpath(st.path, what="remote path")  # invariant 5, before any I/O with it
+        old = known.get(st.path)
+        vouched = old is not None and (old.size, old.mtime_ns) == (st.size, st.mtime_ns)
         if not ctx.keep(st.path):
+            if vouched:
+                unowned.append(old)  # type: ignore[arg-type]
             continue
         new = fresh.get(st.path)
-        if new is not None and new.size == st.size:
+        if new is not None and (new.size, new.mtime_ns) == (st.size, st.mtime_ns):
             entries.append(Entry(st.path, st.size, st.mtime_ns, new.digest))
-            continue
-        old = known.get(st.path)
-        if not ctx.checksum and old is not None and (old.size, old.mtime_ns) == (st.size, st.mtime_ns):
-            entries.append(old)
-            continue
-        unknown.append(st)
+        elif vouched and not ctx.checksum:
+            entries.append(old)  # type: ignore[arg-type]
+        else:
+            unknown.append(st)
     if unknown:
         ctx.progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
         digests = ctx.remote.hash_files(f"{ctx.dataset.id}/{s.path}" for s in unknown)
         for st in unknown:
             entries.append(Entry(st.path, st.size, st.mtime_ns, digests[f"{ctx.dataset.id}/{st.path}"]))
             ctx.progress.advance(files=1, bytes=st.size)
-    return Manifest.from_entries(entries), bool(listing) or index is not None
+    manifest = Manifest.from_entries(entries)
+    current = index is not None and index.entries == Manifest.from_entries(entries + unowned).entries
+    return RemoteState(manifest, bool(listing) or index is not None, current, unowned)
 
 
 def load_base(ctx: Context) -> Manifest:
@@ -275,7 +296,8 @@ def diff(
     ) as ctx:
         local_exists = ctx.dataset.path.is_dir()
         local = scan_local(ctx)
-        remote_m, remote_exists = scan_remote(ctx)
+        remote_state = scan_remote(ctx)
+        remote_m, remote_exists = remote_state.manifest, remote_state.exists
         if not local_exists and not remote_exists:
             raise _missing_everywhere(ctx)
         base = load_base(ctx)
@@ -433,7 +455,8 @@ def _run(
         if direction == Direction.PUSH and not local_exists:
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
         local = scan_local(ctx)
-        remote_m, remote_exists = scan_remote(ctx)
+        remote_state = scan_remote(ctx)
+        remote_m, remote_exists = remote_state.manifest, remote_state.exists
         if direction == Direction.PULL and not remote_exists:
             if not local_exists:
                 raise _missing_everywhere(ctx)
@@ -457,7 +480,8 @@ def _run(
             result.refusal = exc
             return result
         if not plan.has_work:
-            save_base(ctx, local, remote_m, base)  # local bookkeeping only; no lock, no remote write
+            save_base(ctx, local, remote_m, base)  # local bookkeeping only
+            _finish_killed_run(ctx, direction, remote_state)
             return _finish(ctx, plan, record, None, audit_out)
         if dry_run:
             record.state = "dry-run"
@@ -472,7 +496,7 @@ def _run(
                 ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname
             ) as lease,
         ):
-            remote_now, _ = scan_remote(ctx)
+            remote_now = scan_remote(ctx).manifest
             if make_plan(local, remote_now, base, options).fingerprint() != plan.fingerprint():
                 raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
             ctx.remote.cleanup_temp(ctx.dataset.id)
@@ -494,6 +518,8 @@ def _run(
             record.done[change.action.value] += 1
             record.done_bytes[change.action.value] += change.bytes
         record.failed = [{"path": f.path, "reason": f.reason} for f in result.failed]
+        # Files whose bytes did not match on arrival are verification failures too.
+        verification.mismatches += [f.path for f in result.failed if isinstance(f.error, VerificationError)]
         record.verification = verification.as_json()
         if result.failed:
             record.state = "failed"
@@ -524,9 +550,10 @@ def _execute_push(
         ctx.remote.flush()
     faults.checkpoint("before_index")
     fresh = {c.path: c.local for c in result.done if c.action == Action.UPLOAD and c.local}
-    remote_after, _ = scan_remote(ctx, fresh=fresh)
+    after = scan_remote(ctx, fresh=fresh)
+    remote_after = after.manifest
     lease.ensure_held()
-    ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), remote_after.dumps(dataset=ctx.dataset.id))
+    ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), after.index().dumps(dataset=ctx.dataset.id))
     faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)
     return result, verify_transfers(result.done, local, remote_after)
@@ -535,7 +562,7 @@ def _execute_push(
 def _execute_pull(
     ctx: Context, plan: Plan, remote_m: Manifest, base: Manifest
 ) -> tuple[BatchResult, VerifyReport]:
-    staging = ctx.workspace.staging_dir / ctx.remote_name / ctx.dataset.id
+    staging = _staging_dir(ctx)
     ctx.dataset.path.mkdir(parents=True, exist_ok=True)
     result = pull_changes(
         ctx.remote,
@@ -571,9 +598,35 @@ def _remember_digests(ctx: Context, result: BatchResult) -> None:
                 st.st_size,
                 st.st_mtime_ns,
                 change.remote.digest,
+                ctime_ns=st.st_ctime_ns,
             )
     finally:
         cache.close()
+
+
+def _finish_killed_run(ctx: Context, direction: Direction, remote_state: RemoteState) -> None:
+    """Nothing to transfer, but a killed run may have left work behind (invariant 7).
+
+    A push killed after its data landed left the index behind the data: write it now (under
+    the lock, which also takes over the dead run's record). Otherwise drop a lock record of a
+    dead run on this machine, and staged files no plan needs any more. A fully clean no-op
+    takes no lock and writes nothing on the remote.
+    """
+    if direction == Direction.PUSH and remote_state.exists and not remote_state.index_current:
+        with Lease(ctx.remote, ctx.dataset.id, operation="push", host=ctx.workspace.hostname) as lease:
+            state = scan_remote(ctx)
+            lease.ensure_held()
+            ctx.remote.write_bytes_atomic(
+                index_path(ctx.dataset.id), state.index().dumps(dataset=ctx.dataset.id)
+            )
+        ctx.progress.message("the remote index was behind its files (an interrupted run); rewrote it")
+        return
+    clear_dead_lock(ctx.remote, ctx.dataset.id, host=ctx.workspace.hostname)
+    shutil.rmtree(_staging_dir(ctx), ignore_errors=True)
+
+
+def _staging_dir(ctx: Context) -> Path:
+    return ctx.workspace.staging_dir / ctx.remote_name / ctx.dataset.id
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ class BatchResult:
     failed: list[Failure] = field(default_factory=list)
     bytes_done: int = 0
     reused: int = 0  # staged files from an interrupted run that were verified and kept
+    staged: int = 0  # verified in staging but not promoted, because another file failed
 
     def raise_first(self) -> None:
         """Raise the most telling failure: verification first, then a stale source."""
@@ -296,6 +297,8 @@ def pull_changes(
     def on_bytes(n: int) -> None:
         progress.advance(bytes=n)
 
+    reuse_lock = threading.Lock()
+
     def staged_path(change: Change) -> Path:
         return staging / change.path
 
@@ -303,7 +306,8 @@ def pull_changes(
         assert change.remote is not None
         target = staged_path(change)
         if _staged_ok(target, change.remote):
-            result.reused += 1
+            with reuse_lock:
+                result.reused += 1
             on_bytes(change.remote.size)
             return
         _with_retries(
@@ -354,7 +358,12 @@ def pull_changes(
     else:
         _run_parallel(downloads, download, jobs=jobs, progress=progress, result=result)
     if result.failed:
-        return result  # promote nothing: the local dataset stays exactly as it was
+        # Promote nothing: the local dataset stays exactly as it was. What arrived stays staged
+        # (verified) for the next run, but none of it counts as done.
+        result.staged = len(result.done)
+        result.done = []
+        result.bytes_done = 0
+        return result
 
     # Re-check: a local file edited since the scan is never overwritten or deleted.
     stale = [c.path for c in downloads + deletes if _local_changed(local_root / c.path, c.local)]

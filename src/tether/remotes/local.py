@@ -121,7 +121,8 @@ class LocalRemote:
         base = self._abs(prefix)
         for folder, _dirs, files in os.walk(base):
             for name in files:
-                if is_temp_name(name):
+                # A would-be lock holder's record in flight is theirs, not a leftover.
+                if is_temp_name(name) and not name.startswith(".lock"):
                     Path(folder, name).unlink(missing_ok=True)
                     removed += 1
         return removed
