@@ -195,6 +195,9 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
     index = read_index(ctx)
     known = index.by_path() if index else {}
     fresh = fresh or {}
+    # Where the backend keeps the mtime we set (local, SSH), a fresh upload vouches only for a file
+    # with exactly that mtime; object stores stamp their own time, so there size must do.
+    exact_mtime = ctx.remote.capabilities.preserves_mtime
     entries: list[Entry] = []
     unowned: list[Entry] = []
     unknown = []
@@ -207,7 +210,7 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
                 unowned.append(old)  # type: ignore[arg-type]
             continue
         new = fresh.get(st.path)
-        if new is not None and (new.size, new.mtime_ns) == (st.size, st.mtime_ns):
+        if new is not None and new.size == st.size and (not exact_mtime or new.mtime_ns == st.mtime_ns):
             entries.append(Entry(st.path, st.size, st.mtime_ns, new.digest))
         elif vouched and not ctx.checksum:
             entries.append(old)  # type: ignore[arg-type]
