@@ -515,25 +515,27 @@ def _run(
                 record.error = exc.message
                 _finish(ctx, plan, record, None, audit_out)
                 raise
-        record.state = "transferred"
-        record.reused_staged = result.reused
-        for change in result.done:
-            record.done[change.action.value] += 1
-            record.done_bytes[change.action.value] += change.bytes
-        record.failed = [{"path": f.path, "reason": f.reason} for f in result.failed]
-        # Files whose bytes did not match on arrival are verification failures too.
-        verification.mismatches += [f.path for f in result.failed if isinstance(f.error, VerificationError)]
-        record.verification = verification.as_json()
-        if result.failed:
-            record.state = "failed"
-            record.error = str(result.failed[0].error)
-            _finish(ctx, plan, record, verification, audit_out)
-            result.raise_first()
-        if not verification.ok:
-            record.state = "failed"
-            _finish(ctx, plan, record, verification, audit_out)
-            raise_if_failed(verification)
-        return _finish(ctx, plan, record, verification, audit_out)
+        # -- audit (what was actually done, measured after the transfer)
+        _record_outcome(record, result, verification)
+        finished = _finish(ctx, plan, record, verification, audit_out)
+        result.raise_first()
+        raise_if_failed(verification)
+        return finished
+
+
+def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification: VerifyReport) -> None:
+    record.state = "transferred"
+    record.reused_staged = result.reused
+    for change in result.done:
+        record.done[change.action.value] += 1
+        record.done_bytes[change.action.value] += change.bytes
+    record.failed = [{"path": f.path, "reason": f.reason} for f in result.failed]
+    # Files whose bytes did not match on arrival are verification failures too.
+    verification.mismatches += [f.path for f in result.failed if isinstance(f.error, VerificationError)]
+    record.verification = verification.as_json()
+    if result.failed or not verification.ok:
+        record.state = "failed"
+        record.error = str(result.failed[0].error) if result.failed else "verification failed"
 
 
 def _execute_push(
