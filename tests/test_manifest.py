@@ -269,3 +269,15 @@ def test_windows_drive_like_names_are_ordinary_posix_names() -> None:
 
 def test_manifest_format_error_is_a_tether_error() -> None:
     assert issubclass(ManifestFormatError, TetherError)
+
+
+@pytest.mark.parametrize("name", ["a\u2028b", "x\x85y", "tab\there", "new\nline", "cr\rname"])
+def test_names_with_line_separators_round_trip(name: str) -> None:
+    m = Manifest([Entry(name, 1, 1, D1), Entry("z", 2, 2, D2)])
+    assert Manifest.loads(m.dumps()) == m
+
+
+def test_a_line_holding_two_records_is_malformed() -> None:
+    two = json.dumps(good_line("a")) + "," + json.dumps(good_line("b"))
+    with pytest.raises(ManifestFormatError, match="line 2"):
+        Manifest.loads(raw_manifest(two, good_line("c")))

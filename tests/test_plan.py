@@ -24,6 +24,7 @@ from tether.plan import (
     decide,
     make_plan,
     merge3,
+    replan,
 )
 
 PUSH, PULL = Direction.PUSH, Direction.PULL
@@ -680,3 +681,14 @@ def test_empty_plan_counters() -> None:
     assert plan.in_sync and not plan.has_work
     assert plan.status_counts() == {} == plan.action_counts() == plan.action_bytes()
     assert (plan.local_files, plan.remote_files, plan.unchanged_files) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mode", [Mode.NEW, Mode.UPDATE, Mode.MIRROR])
+@pytest.mark.parametrize("prefer", [None, Side.LOCAL, Side.REMOTE])
+def test_replan_equals_planning_again(mode: Mode, prefer: Side | None) -> None:
+    local = Manifest.from_entries([ent("a", "L"), ent("b", "X"), ent("c", "B")])
+    remote = Manifest.from_entries([ent("a", "R"), ent("c", "C"), ent("d", "D")])
+    base = Manifest.from_entries([ent("a", "R"), ent("c", "A")])
+    push = make_plan(local, remote, base, PlanOptions(direction=PUSH, mode=mode, prefer=prefer))
+    pull_options = PlanOptions(direction=PULL, mode=mode, prefer=prefer)
+    assert replan(push, pull_options) == make_plan(local, remote, base, pull_options)

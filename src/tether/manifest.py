@@ -109,7 +109,10 @@ class Manifest:
             text = gzip.decompress(data).decode("utf-8")
         except (OSError, EOFError, UnicodeDecodeError) as exc:
             raise ManifestFormatError(f"{source} is not a readable tether manifest ({exc})") from None
-        lines = text.splitlines()
+        # split("\n"), not splitlines(): names may hold U+2028 or \x85, which JSON leaves unescaped.
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
         if not lines:
             raise ManifestFormatError(f"{source} is empty")
         try:
@@ -128,10 +131,19 @@ class Manifest:
         algorithm = header.get("algorithm", DEFAULT_ALGORITHM)
         if algorithm not in DIGEST_LENGTHS:
             raise ManifestFormatError(f"{source} uses digest algorithm {algorithm!r}, unknown to this tether")
+        length = DIGEST_LENGTHS[algorithm]
+        try:
+            # One C-level parse of the whole body: a 20,000-entry index in milliseconds, not a
+            # json.loads call per line (the no-op diff reads two of these).
+            raws = json.loads("[" + ",".join(lines[1:]) + "]")
+        except json.JSONDecodeError:
+            raws = None  # find the bad line below, for a message that names it
+        if raws is not None and len(raws) != len(lines) - 1:
+            raws = None  # a line holding two records: the per-line parse reports it
         entries = []
         for n, line in enumerate(lines[1:], start=2):
             try:
-                entry = _parse_entry(json.loads(line), DIGEST_LENGTHS[algorithm])
+                entry = _parse_entry(raws[n - 2] if raws is not None else json.loads(line), length)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 if isinstance(exc, TetherError):
                     raise

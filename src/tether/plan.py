@@ -410,6 +410,24 @@ def make_plan(
     return plan
 
 
+def replan(plan: Plan, options: PlanOptions) -> Plan:
+    """The same comparison under other options (e.g. the pull side of a diff), without merging
+    the manifests again: statuses do not depend on the direction, only actions do."""
+    out = Plan(
+        options=options,
+        unchanged_files=plan.unchanged_files,
+        unchanged_bytes=plan.unchanged_bytes,
+        local_files=plan.local_files,
+        remote_files=plan.remote_files,
+    )
+    for c in plan.changes:
+        action, reason = decide(
+            c.status, options, local_exists=c.local is not None, remote_exists=c.remote is not None
+        )
+        out.changes.append(Change(c.path, c.status, action, c.local, c.remote, c.base, reason))
+    return out
+
+
 def agreed_base(
     local: Iterable[Entry], remote: Iterable[Entry], old_base: Iterable[Entry]
 ) -> Iterator[Entry]:

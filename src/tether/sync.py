@@ -45,6 +45,7 @@ from tether.plan import (
     Side,
     agreed_base,
     make_plan,
+    replan,
 )
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
@@ -304,16 +305,14 @@ def diff(
         if not local_exists and not remote_exists:
             raise _missing_everywhere(ctx)
         base = load_base(ctx)
-        plans = {
-            d: make_plan(local, remote_m, base, PlanOptions(direction=d, mode=mode))
-            for d in (Direction.PUSH, Direction.PULL)
-        }
+        push_plan = make_plan(local, remote_m, base, PlanOptions(direction=Direction.PUSH, mode=mode))
+        pull_plan = replan(push_plan, PlanOptions(direction=Direction.PULL, mode=mode))
         return DiffResult(
             ctx.dataset,
             ctx.remote_name,
             ctx.remote.url,
-            plans[Direction.PUSH],
-            plans[Direction.PULL],
+            push_plan,
+            pull_plan,
             local_exists,
             remote_exists,
         )

@@ -169,6 +169,9 @@ class Workspace:
         exclude = pathspec.GitIgnoreSpec.from_lines(rules.exclude)
         tracked = self._git_tracked(dataset.path) if rules.exclude_git_tracked else frozenset()
 
+        if tuple(rules.include) in ((), ("**",)) and not rules.exclude:
+            return lambda rel: rel not in tracked  # the default rules: no pattern matching per file
+
         def keep(rel: str) -> bool:
             return include.match_file(rel) and not exclude.match_file(rel) and rel not in tracked
 
