@@ -419,21 +419,6 @@ def test_remote_without_url_is_config_error(ws: WorkspaceFixture, tether) -> Non
 
 
 # -- unimplemented and unreachable remotes ---------------------------------------------------------
-@pytest.mark.parametrize(("url", "scheme"), [("s3://bucket/p", "s3")])
-@pytest.mark.parametrize("command", ["push", "pull", "diff"])
-def test_unimplemented_scheme_is_clear_error(
-    ws: WorkspaceFixture, tether, url: str, scheme: str, command: str
-) -> None:
-    assert tether("remote", "add", "far", url, cwd=ws.root).exit_code == 0
-    ws.write("a.txt", "A")
-    r = tether(command, "ns/ds", "far", cwd=ws.root)
-    assert r.exit_code == 2, r.output
-    assert f"{scheme}://" in r.stderr
-    assert "cannot open yet" in r.stderr
-    assert "hint:" in r.stderr
-    assert "Traceback" not in r.output
-
-
 @pytest.mark.parametrize("command", ["push", "pull", "diff"])
 def test_missing_local_remote_folder_exit_5(
     ws: WorkspaceFixture, tmp_path: Path, tether, command: str

@@ -16,7 +16,6 @@ import pytest
 
 from tether.config import RemoteConfig
 from tether.errors import (
-    ConfigError,
     DiskFullError,
     ExitCode,
     InvalidPath,
@@ -610,15 +609,6 @@ def test_open_remote_file_url(tmp_path: Path) -> None:
     r = open_remote(RemoteConfig("store", f"file://{tmp_path}", {}, "?"))
     assert isinstance(r, LocalRemote)
     assert r.root == tmp_path
-
-
-@pytest.mark.parametrize("url", ["s3://bucket/prefix", "gs://b/p", "az://c/p"])
-def test_open_remote_refuses_backends_not_available_yet(url: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        open_remote(RemoteConfig("later", url, {}, "?"))
-    assert "'later'" in info.value.message
-    assert "cannot open yet" in info.value.message
-    assert info.value.exit_code == ExitCode.USAGE
 
 
 def test_open_remote_unknown_scheme_is_usage_error() -> None:

@@ -6,6 +6,7 @@ servers their fixtures start) and must pass the same tests unchanged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from s3servers import s3_remote
+from sshd import ssh_remote
 from tether.errors import InvalidPath, VerificationError
 from tether.remotes import LocalRemote, Remote
 from tether.remotes.base import ErrorKind
@@ -26,7 +29,9 @@ def _local(tmp: Path) -> Remote:
     return LocalRemote(str(root), root)
 
 
-BACKENDS: dict[str, RemoteFactory] = {"local": _local}
+BACKENDS: dict[str, RemoteFactory] = {"local": _local, "ssh": ssh_remote}  # ssh: a real sshd (tests/sshd.py)
+BACKENDS["s3"] = s3_remote  # rclone serve s3 on 127.0.0.1 (tests/s3servers.py)
+BACKENDS["s3-moto"] = functools.partial(s3_remote, kind="moto")  # enforces If-None-Match
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -384,6 +384,50 @@ def remote_remove(name: str) -> None:
         out.print(f"Note: {name} is still defined in {still.layer} -> {still.url}", markup=False)
 
 
+@remote.command("test")
+@click.argument("name")
+def remote_test(name: str) -> None:
+    """Check remote NAME: reachability, host key, login, python3, write access, space, clock.
+
+    Prints PASS/FAIL/SKIP per check with the fix; exits 0 when all pass, else with the exit
+    code of the first failure (5 for connection, login or permission problems).
+    """
+    from tether import doctor  # imported on use: it loads the SSH backend
+
+    ws = Workspace.find()
+    checks = doctor.run_checks(_remote_config(ws, name), workspace_root=ws.root)
+    for line in doctor.render(checks):
+        out.print(line, markup=False, highlight=False)
+    raise SystemExit(doctor.exit_code(checks))
+
+
+@remote.command("import-rclone")
+@click.argument("name", metavar="NAME[:PATH]")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="rclone.conf to read (default: $RCLONE_CONFIG or ~/.config/rclone/rclone.conf).",
+)
+def remote_import_rclone(name: str, config_path: Path | None) -> None:
+    """Import rclone remote NAME (s3 or sftp) as a tether remote of the same name.
+
+    Give the bucket or folder the rclone way: `r2:my-bucket/datasets`, `hpc:/scratch/data`.
+    Keys go to .tether/config.local.toml (never committed), the rest to tether.toml.
+    """
+    from tether import rclone_import
+
+    ws = Workspace.find()
+    imported, shared, local = rclone_import.import_into(ws, name, config_path)
+    out.print(
+        f"Added remote {imported.name} -> {imported.url} (in {shared.relative_to(ws.root)})", markup=False
+    )
+    if local is not None:
+        out.print(f"Credentials written to {local.relative_to(ws.root)} (not committed)", markup=False)
+    for note in imported.notes:
+        out.print(f"Note: {note}", markup=False, highlight=False)
+
+
 @cli.command("ls")
 def list_datasets() -> None:
     """List local datasets with file counts and bytes."""

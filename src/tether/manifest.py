@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -23,7 +24,7 @@ MANIFEST_FORMAT = "tether-manifest"
 MANIFEST_VERSION = 1
 DEFAULT_ALGORITHM = "sha256"
 DIGEST_LENGTHS = {"sha256": 64}
-_HEX = frozenset("0123456789abcdef")
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 class Entry(NamedTuple):
@@ -167,6 +168,6 @@ def _parse_entry(raw: object, digest_length: int) -> Entry:
         raise ValueError(f"size {size!r} is not a non-negative integer")
     if not isinstance(mtime_ns, int) or isinstance(mtime_ns, bool):
         raise ValueError(f"mtime_ns {mtime_ns!r} is not an integer")
-    if not isinstance(digest, str) or len(digest) != digest_length or not set(digest) <= _HEX:
+    if not isinstance(digest, str) or len(digest) != digest_length or not _HEX.fullmatch(digest):
         raise ValueError(f"digest {digest!r} is not a {digest_length}-character hex string")
     return Entry(check_relpath(path), size, mtime_ns, digest)

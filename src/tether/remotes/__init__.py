@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 KNOWN_SCHEMES = {"file", "ssh", "s3", "gs", "az"}
-AVAILABLE_SCHEMES = {"file"}
+AVAILABLE_SCHEMES = {"file", "ssh", "s3", "gs", "az"}
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,17 @@ def open_remote(config: RemoteConfig, *, workspace_root: Path | None = None) -> 
     parsed = parse_url(config.url, base_dir=workspace_root)
     if parsed.scheme == "file":
         return LocalRemote(config.url, Path(parsed.path))
+    if parsed.scheme == "ssh":
+        from tether.remotes.ssh import open_ssh_remote  # imported on use: local runs never pay for it
+
+        return open_ssh_remote(config, parsed, base_dir=workspace_root)
+    if parsed.scheme in ("s3", "gs", "az"):
+        from tether.remotes.objectstore import open_objectstore_remote  # imported on use, like ssh
+
+        return open_objectstore_remote(config, parsed, workspace_root=workspace_root)
     if parsed.scheme in KNOWN_SCHEMES - AVAILABLE_SCHEMES:
         raise ConfigError(
             f"remote {config.name!r} uses {parsed.scheme}://, which this version of tether cannot open yet",
-            hint="Local and NFS paths work today; SSH and object-store remotes are on the way.",
+            hint="Local/NFS paths and SSH remotes work today; object-store remotes are on the way.",
         )
     raise ConfigError(f"remote {config.name!r}: unsupported URL {config.url!r}")  # pragma: no cover

@@ -52,6 +52,7 @@ class RemoteStat:
     path: str  # relative to the listed prefix
     size: int
     mtime_ns: int
+    etag: str | None = None  # object stores: the ETag (a plain MD5 for single-part uploads)
 
 
 @dataclass(frozen=True)
