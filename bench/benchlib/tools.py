@@ -1,0 +1,450 @@
+"""The tools under test, each written as the commands its user would type.
+
+A tool knows how to lay out its own corner of a case (a tether workspace, a DVC repository, a
+plain source folder), how to forget an earlier push between repeats, and which commands make
+up each operation. It never builds a remote address itself: it asks the slot's ``Location``,
+so the same tool runs unchanged against a local folder today and sshd or S3 later. A tool that
+cannot take part in an operation or a remote kind says why, and its row is marked n/a.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from benchlib.measure import Cmd, run_untimed
+from benchlib.remotes import Location
+
+BENCH_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = BENCH_DIR.parent
+
+
+class Op(StrEnum):
+    PUSH = "push"  # local copy -> empty remote
+    PULL = "pull"  # populated remote -> empty second workspace
+    NOOP = "noop"  # "is anything out of sync?" right after a push
+    CHANGE = "change"  # push after rewriting 1% of the files
+
+
+ALL_OPS = frozenset(Op)
+
+
+@dataclass
+class Slot:
+    """One tool's private corner of one case: scratch folder, remote, logs."""
+
+    scratch: Path
+    remote: Location
+    kind: str
+    dataset_id: str  # "bench/small": where the dataset sits below a data root or remote root
+    logs: Path
+    timeout: float
+
+    def untimed(self, cmds: list[Cmd]) -> None:
+        run_untimed(cmds, self.logs, self.timeout)
+
+
+def find_exe(name: str, explicit: str | None = None) -> str | None:
+    """The executable to benchmark: an explicit path, else this interpreter's venv, bench/.venv,
+    the project's .venv, then PATH, so ``python bench/run.py`` from any of them just works."""
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    for folder in (Path(sys.executable).parent, BENCH_DIR / ".venv/bin", REPO_DIR / ".venv/bin"):
+        candidate = folder / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which(name)
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Tool(ABC):
+    """One tool under test. Subclasses fill in the commands; the harness does the rest."""
+
+    name: str = ""
+    ops: frozenset[Op] = ALL_OPS
+    kinds: frozenset[str] | None = None  # remote kinds it can address; None = any
+
+    def missing(self) -> str | None:
+        """Why the tool cannot run on this machine (then its rows say "skipped"), or None."""
+        return None
+
+    def version(self) -> str:
+        return "unknown"
+
+    def not_applicable(self, op: Op, kind: str) -> str | None:
+        if op not in self.ops:
+            return f"{self.name} has no {op.value} operation"
+        if self.kinds is not None and kind not in self.kinds:
+            return f"{self.name} cannot reach a {kind} remote"
+        return None
+
+    @abstractmethod
+    def prepare(self, slot: Slot) -> None:
+        """Untimed: make the workspace the dataset is copied into."""
+
+    @abstractmethod
+    def data_dir(self, slot: Slot) -> Path:
+        """The tool's own copy of the dataset (its push source; the change case edits it)."""
+
+    @abstractmethod
+    def reset_push(self, slot: Slot) -> None:
+        """Untimed: empty the remote and forget any earlier push, so a push starts from nothing."""
+
+    @abstractmethod
+    def push(self, slot: Slot) -> list[Cmd]: ...
+
+    @abstractmethod
+    def reset_pull(self, slot: Slot) -> None:
+        """Untimed: a fresh, empty destination (a new clone or workspace) for the next pull."""
+
+    @abstractmethod
+    def pull(self, slot: Slot) -> list[Cmd]: ...
+
+    @abstractmethod
+    def pulled_dir(self, slot: Slot) -> Path: ...
+
+    def noop(self, slot: Slot) -> list[Cmd]:
+        raise NotImplementedError
+
+    def mirror(self, slot: Slot) -> Path | None:
+        """The pushed files as a plain tree to compare with the source, when the layout is a mirror."""
+        root = slot.remote.local_path()
+        return root / slot.dataset_id if root is not None else None
+
+    def check_remote(self, slot: Slot, files: int) -> str | None:
+        """For layouts that are not a mirror: a cheap sanity check after a push."""
+        return None
+
+
+# -- tether -------------------------------------------------------------------------------------
+class TetherTool(Tool):
+    """tether as documented: init, remote add, push/pull with -y, diff; --quiet so no bars."""
+
+    name = "tether"
+    STATE = (".tether", "tether.toml", ".gitignore")
+
+    def __init__(self, exe: str | None, jobs: int | None = None) -> None:
+        self.exe = find_exe("tether", exe)
+        self.jobs = jobs
+
+    def missing(self) -> str | None:
+        return None if self.exe else "tether not found (bash bench/setup.sh, or --tether PATH)"
+
+    def version(self) -> str:
+        return first_line([str(self.exe), "--version"])
+
+    def _env(self, slot: Slot) -> dict[str, str]:
+        # Keep the user's and the system's tether config out of the measurement.
+        return {
+            "TETHER_CONFIG_DIR": str(slot.scratch / "tether-user-config"),
+            "TETHER_SYSTEM_CONFIG": str(slot.scratch / "no-system-config.toml"),
+        }
+
+    def _cmd(self, slot: Slot, cwd: Path, *args: str, expect: tuple[int, ...] = (0,)) -> Cmd:
+        # --quiet before the subcommand: accepted by every tether version (early ones refused
+        # `tether push ... --quiet`).
+        return Cmd([str(self.exe), "--quiet", *args], cwd, self._env(slot), expect, label=f"tether {args[0]}")
+
+    def _jobs(self) -> list[str]:
+        return ["--jobs", str(self.jobs)] if self.jobs else []
+
+    def _init_workspace(self, slot: Slot, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        slot.untimed(
+            [
+                self._cmd(slot, root, "init"),
+                self._cmd(slot, root, "remote", "add", "store", slot.remote.tether_url()),
+            ]
+        )
+
+    def _ws(self, slot: Slot) -> Path:
+        return slot.scratch / "ws"
+
+    def _ws2(self, slot: Slot) -> Path:
+        return slot.scratch / "ws2"
+
+    def prepare(self, slot: Slot) -> None:
+        self._init_workspace(slot, self._ws(slot))
+
+    def data_dir(self, slot: Slot) -> Path:
+        return self._ws(slot) / "data" / slot.dataset_id
+
+    def reset_push(self, slot: Slot) -> None:
+        # A fresh workspace around the same files: empty hash cache, no base, like a first push.
+        slot.remote.reset()
+        ws = self._ws(slot)
+        for name in self.STATE:
+            path = ws / name
+            rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self._init_workspace(slot, ws)
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        return [self._cmd(slot, self._ws(slot), "push", slot.dataset_id, "store", "-y", *self._jobs())]
+
+    def reset_pull(self, slot: Slot) -> None:
+        rmtree(self._ws2(slot))
+        self._init_workspace(slot, self._ws2(slot))
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        return [self._cmd(slot, self._ws2(slot), "pull", slot.dataset_id, "store", "-y", *self._jobs())]
+
+    def pulled_dir(self, slot: Slot) -> Path:
+        return self._ws2(slot) / "data" / slot.dataset_id
+
+    def noop(self, slot: Slot) -> list[Cmd]:
+        return [self._cmd(slot, self._ws(slot), "diff", slot.dataset_id, "store")]  # exit 0 = in sync
+
+
+# -- rsync and cp -------------------------------------------------------------------------------
+class PlainCopyTool(Tool):
+    """Shared layout of the baselines: a source folder and a destination folder, nothing else.
+
+    ``flush`` appends ``sync -f`` on the destination, so the variant pays for durability the way
+    tether does (tether flushes with syncfs before it writes its index).
+    """
+
+    def __init__(self, flush: bool = False) -> None:
+        self.flush = flush
+
+    def _src(self, slot: Slot) -> Path:
+        return slot.scratch / "src"
+
+    def _pulled(self, slot: Slot) -> Path:
+        return slot.scratch / "pulled"
+
+    def _flushed(self, cmds: list[Cmd], dest: Path) -> list[Cmd]:
+        return [*cmds, Cmd(["sync", "-f", str(dest)], dest, label="sync -f")] if self.flush else cmds
+
+    def prepare(self, slot: Slot) -> None:
+        self._src(slot).mkdir(parents=True, exist_ok=True)
+
+    def data_dir(self, slot: Slot) -> Path:
+        return self._src(slot)
+
+    def reset_push(self, slot: Slot) -> None:
+        slot.remote.reset()
+        slot.remote.ensure_dir(os.path.dirname(slot.dataset_id))
+
+    def reset_pull(self, slot: Slot) -> None:
+        rmtree(self._pulled(slot))
+
+    def pulled_dir(self, slot: Slot) -> Path:
+        return self._pulled(slot)
+
+
+class RsyncTool(PlainCopyTool):
+    """``rsync -a`` between the same folders; ``--dry-run -i`` is its no-op check."""
+
+    def __init__(self, flush: bool = False) -> None:
+        super().__init__(flush)
+        self.name = "rsync+sync" if flush else "rsync"
+        self.ops = frozenset({Op.PUSH, Op.PULL, Op.CHANGE}) if flush else ALL_OPS
+        self.kinds = frozenset({"local"}) if flush else None
+        self.exe = shutil.which("rsync")
+
+    def missing(self) -> str | None:
+        return None if self.exe else "rsync not installed (bash bench/setup.sh installs it)"
+
+    def version(self) -> str:
+        return first_line(["rsync", "--version"])
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        extra, target = slot.remote.rsync_target(slot.dataset_id)
+        cmd = Cmd(
+            ["rsync", "-a", *extra, f"{self._src(slot)}/", f"{target}/"], slot.scratch, label="rsync -a"
+        )
+        return self._flushed([cmd], slot.remote.local_path() or slot.scratch)
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        extra, source = slot.remote.rsync_target(slot.dataset_id)
+        cmd = Cmd(
+            ["rsync", "-a", *extra, f"{source}/", f"{self._pulled(slot)}/"], slot.scratch, label="rsync -a"
+        )
+        return self._flushed([cmd], slot.scratch)
+
+    def noop(self, slot: Slot) -> list[Cmd]:
+        extra, target = slot.remote.rsync_target(slot.dataset_id)
+        argv = ["rsync", "-a", "--dry-run", "-i", *extra, f"{self._src(slot)}/", f"{target}/"]
+        return [Cmd(argv, slot.scratch, expect_empty_stdout=True, label="rsync -a --dry-run")]
+
+
+class CpTool(PlainCopyTool):
+    """``cp -a``: no comparison, no hashing; the floor for copying bytes between folders."""
+
+    ops = frozenset({Op.PUSH, Op.PULL})
+    kinds = frozenset({"local"})
+
+    def __init__(self, flush: bool = False) -> None:
+        super().__init__(flush)
+        self.name = "cp+sync" if flush else "cp"
+
+    def missing(self) -> str | None:
+        return None if shutil.which("cp") else "cp not found"
+
+    def version(self) -> str:
+        return first_line(["cp", "--version"])
+
+    def _remote_path(self, slot: Slot) -> Path:
+        root = slot.remote.local_path()
+        assert root is not None, "cp only runs against local remotes"
+        return root / slot.dataset_id
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        dest = self._remote_path(slot)  # does not exist yet: cp -a creates it as a copy of src
+        cmd = Cmd(["cp", "-a", str(self._src(slot)), str(dest)], slot.scratch, label="cp -a")
+        return self._flushed([cmd], dest.parent)
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        cmd = Cmd(
+            ["cp", "-a", str(self._remote_path(slot)), str(self._pulled(slot))], slot.scratch, label="cp -a"
+        )
+        return self._flushed([cmd], slot.scratch)
+
+
+# -- DVC ----------------------------------------------------------------------------------------
+class DvcTool(Tool):
+    """DVC as its users run it: ``dvc add`` + ``dvc push``; ``dvc pull`` in a fresh clone.
+
+    Each repository gets its own DVC site cache dir (DVC's hash/state database), emptied with
+    the repository, so a repeat never reuses hashes from the previous one; analytics are off and
+    the user's global DVC config is kept out.
+    """
+
+    name = "dvc"
+
+    def __init__(self, exe: str | None) -> None:
+        self.exe = find_exe("dvc", exe)
+
+    def missing(self) -> str | None:
+        return None if self.exe else "dvc not found (bash bench/setup.sh installs it in bench/.venv)"
+
+    def version(self) -> str:
+        return first_line([str(self.exe), "--version"])
+
+    def _env(self, slot: Slot, role: str) -> dict[str, str]:
+        return {
+            "DVC_NO_ANALYTICS": "1",
+            "DVC_SITE_CACHE_DIR": str(slot.scratch / f"dvc-site-cache-{role}"),
+            "DVC_GLOBAL_CONFIG_DIR": str(slot.scratch / "dvc-global-config"),
+            "DVC_SYSTEM_CONFIG_DIR": str(slot.scratch / "dvc-system-config"),
+        }
+
+    def _cmd(self, slot: Slot, role: str, *args: str, expect: tuple[int, ...] = (0,)) -> Cmd:
+        cwd = self._repo(slot) if role == "push" else self._clone(slot)
+        label = "dvc " + " ".join(a for a in args if a != "-q" and "/" not in a)
+        return Cmd([str(self.exe), *args], cwd, self._env(slot, role), expect, label=label)
+
+    def _repo(self, slot: Slot) -> Path:
+        return slot.scratch / "repo"
+
+    def _clone(self, slot: Slot) -> Path:
+        return slot.scratch / "clone"
+
+    def _init_repo(self, slot: Slot, role: str) -> None:
+        root = self._repo(slot) if role == "push" else self._clone(slot)
+        root.mkdir(parents=True, exist_ok=True)
+        cmds = [
+            self._cmd(slot, role, "init", "--no-scm", "-q"),
+            self._cmd(slot, role, "remote", "add", "-d", "store", slot.remote.dvc_url()),
+        ]
+        cmds += [
+            self._cmd(slot, role, "remote", "modify", "store", k, v)
+            for k, v in slot.remote.dvc_options().items()
+        ]
+        slot.untimed(cmds)
+
+    def _pointer(self, slot: Slot) -> str:
+        return f"data/{slot.dataset_id}.dvc"
+
+    def prepare(self, slot: Slot) -> None:
+        self._init_repo(slot, "push")
+
+    def data_dir(self, slot: Slot) -> Path:
+        return self._repo(slot) / "data" / slot.dataset_id
+
+    def reset_push(self, slot: Slot) -> None:
+        slot.remote.reset()
+        repo = self._repo(slot)
+        rmtree(repo / ".dvc")
+        rmtree(slot.scratch / "dvc-site-cache-push")
+        (repo / self._pointer(slot)).unlink(missing_ok=True)
+        self._init_repo(slot, "push")
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        return [
+            self._cmd(slot, "push", "add", "-q", f"data/{slot.dataset_id}"),
+            self._cmd(slot, "push", "push", "-q"),
+        ]
+
+    def reset_pull(self, slot: Slot) -> None:
+        # A "git clone": the .dvc pointer file and the remote config, an empty cache.
+        rmtree(self._clone(slot))
+        rmtree(slot.scratch / "dvc-site-cache-pull")
+        self._init_repo(slot, "pull")
+        pointer = self._clone(slot) / self._pointer(slot)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self._repo(slot) / self._pointer(slot), pointer)
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        return [self._cmd(slot, "pull", "pull", "-q")]
+
+    def pulled_dir(self, slot: Slot) -> Path:
+        return self._clone(slot) / "data" / slot.dataset_id
+
+    def noop(self, slot: Slot) -> list[Cmd]:
+        # Workspace vs .dvc file, then cache vs remote: together, "is anything out of sync?".
+        return [self._cmd(slot, "push", "status", "-q"), self._cmd(slot, "push", "status", "-c", "-q")]
+
+    def mirror(self, slot: Slot) -> Path | None:
+        return None  # content-addressed remote: nothing to compare file by file
+
+    def check_remote(self, slot: Slot, files: int) -> str | None:
+        root = slot.remote.local_path()
+        if root is None:
+            return None
+        objects = sum(len(names) for _d, _s, names in os.walk(root))
+        return None if objects >= files else f"DVC remote holds {objects} objects, expected at least {files}"
+
+
+# -- registry -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ToolOptions:
+    tether: str | None = None
+    dvc: str | None = None
+    tether_jobs: int | None = None
+
+
+def make_tool(name: str, opts: ToolOptions) -> Tool:
+    factories = {
+        "tether": lambda: TetherTool(opts.tether, opts.tether_jobs),
+        "rsync": lambda: RsyncTool(),
+        "cp": lambda: CpTool(),
+        "dvc": lambda: DvcTool(opts.dvc),
+        "rsync+sync": lambda: RsyncTool(flush=True),
+        "cp+sync": lambda: CpTool(flush=True),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown tool {name!r} (known: {', '.join(factories)})")
+    return factories[name]()
+
+
+KNOWN_TOOLS = ("tether", "rsync", "cp", "dvc", "rsync+sync", "cp+sync")
+DEFAULT_TOOLS = ("tether", "rsync", "cp", "dvc")

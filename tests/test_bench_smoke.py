@@ -1,0 +1,43 @@
+"""The benchmark harness still runs end to end (bench/run.py at its smallest scale).
+
+Not a timing test: it only proves the harness and the CLI contract it drives (init, remote add,
+push, pull, diff) still fit together, and that the JSON carries medians. DVC is left out so the
+test needs nothing beyond the project's own venv, rsync and cp.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "bench" / "run.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed (bash bench/setup.sh)")
+def test_bench_runs_at_tiny_scale_and_writes_medians(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    tether = Path(sys.executable).parent / "tether"
+    cmd = [sys.executable, str(RUN), "--scale", "tiny", "--repeat", "1", "--tools", "tether,rsync,cp"]
+    cmd += ["--work", str(tmp_path / "work"), "--json-out", str(out), "--tether", str(tether)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Targets" in done.stdout
+    doc = json.loads(out.read_text())
+    by_key = {(r["case"], r["tool"]): r for r in doc["results"]}
+    for case in ("small-push", "small-pull", "small-noop", "small-change", "large-push", "large-pull"):
+        tether_row = by_key[(case, "tether")]
+        assert tether_row["status"] == "ok", tether_row["reason"]
+        assert tether_row["median_s"] > 0
+        assert len(tether_row["samples"]) == 1
+        assert by_key[(case, "rsync")]["median_s"] > 0
+    assert by_key[("large-push", "cp")]["throughput_mib_s"] > 0
+    assert by_key[("small-noop", "cp")]["status"] == "n/a"
+    assert {t["verdict"] for t in doc["targets"]} <= {"PASS", "FAIL", "info", "n/a"}
