@@ -1,0 +1,935 @@
+"""Object stores as remotes: S3 (AWS, Cloudflare R2, MinIO, any S3-compatible), GCS and Azure.
+
+Everything goes through obstore (Rust, one connection pool, the GIL released during I/O), except
+the control of S3 multipart uploads that obstore does not expose (see
+:mod:`tether.remotes.objectstore_multipart`), which makes large uploads resumable.
+
+How the Remote protocol maps onto an object store:
+
+- **Keys** are ``<prefix>/<path>``. There are no folders and no temporary names: a PUT and a
+  completed multipart upload appear atomically, so bytes are verified *before* they are sent
+  (hash-while-reading), and a multipart upload whose bytes do not hash to the recorded digest
+  is aborted instead of completed. A wrong digest never reaches the final key.
+- **Listing** is paginated and streamed, and every key is checked by
+  :func:`tether.paths.check_relpath` before anything uses it (a key like ``ds/../x`` in a bucket
+  someone else writes to is refused, exit 2).
+- **Integrity**: where the store accepts it, each single PUT carries ``x-amz-checksum-sha256``
+  and each multipart part its own, so the server checks the bytes it stored; stores that reject
+  the header (some R2/MinIO versions) are retried without it, once, and remembered. Downloads are
+  hashed while they stream and promoted only on a match.
+- **Locks**: ``create_exclusive`` is a PUT with ``If-None-Match: *`` where the store enforces it
+  (probed once per run); elsewhere it falls back to HEAD + PUT + read-back, which is weaker and
+  says so.
+- **mtime**: object stores stamp their own time, so ``preserves_mtime`` is False and the index
+  vouches for a freshly uploaded file by size (see ``sync.scan_remote``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import obstore
+from obstore import exceptions as obx
+
+from tether.errors import (
+    InvalidPath,
+    RemotePermissionError,
+    RemoteUnavailable,
+    TetherError,
+    VerificationError,
+)
+from tether.fileio import temp_sibling
+from tether.hashing import CHUNK
+from tether.paths import STATE_DIR, check_relpath, is_temp_name
+from tether.remotes import objectstore_multipart as mp
+from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
+from tether.remotes.objectstore_config import (  # re-exported: the backend's public surface
+    MiB,
+    StoreSettings,
+    build_settings,
+    make_store,
+    resolve_credentials,
+)
+
+if TYPE_CHECKING:
+    from tether.config import RemoteConfig
+    from tether.remotes import ParsedURL
+
+log = logging.getLogger("tether.objectstore")
+
+SMALL_READ = 8 * MiB  # objects up to this size are fetched in one response body
+CREDENTIAL_CODES = {
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+    "InvalidSecurity",
+}
+_CODE = re.compile(r"<Code>\s*([A-Za-z]+)\s*</Code>")
+_probe_cache: dict[tuple[str, str], bool] = {}
+_probe_lock = threading.Lock()
+
+
+# -- small helpers ------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _code(exc: BaseException) -> str | None:
+    if isinstance(exc, mp.S3Error):
+        return exc.code
+    m = _CODE.search(str(exc))
+    return m.group(1) if m else None
+
+
+def _status(exc: BaseException) -> int | None:
+    if isinstance(exc, mp.S3Error):
+        return exc.status
+    m = re.search(r"status code: (\d{3})", str(exc)) or re.search(r"status: (\d{3})", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    if isinstance(exc, mp.S3ConnectionError | ConnectionError | TimeoutError):
+        return True
+    text = str(exc)
+    return any(
+        s in text
+        for s in (
+            "error sending request",
+            "Connect",
+            "connection refused",
+            "dns error",
+            "timed out",
+            "TimedOut",
+        )
+    )
+
+
+def _mtime_ns(when: datetime) -> int:
+    delta = when - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
+class ByteBudget:
+    """Bounds the file bytes held in memory by all concurrent transfers together.
+
+    Uploads read a file (or a part) into memory to hash it before sending it; 48 connections
+    times 32 MiB files would otherwise hold 1.5 GiB. A reservation larger than the whole
+    budget is clamped to it, so one huge request waits for the others instead of deadlocking.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        n = min(max(n, 0), self.total)
+        with self._cond:
+            while self.free < n:
+                self._cond.wait()
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += n
+                self._cond.notify_all()
+
+
+class OrderedHasher:
+    """Hash chunks that complete out of order (parallel ranged GETs) in file order.
+
+    Workers ``wait_turn(i)`` before fetching chunk ``i`` so no more than ``window`` chunks are
+    ahead of the hash cursor (bounded memory), then ``submit(i, data)``.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = max(1, window)
+        self.cursor = 0
+        self.pending: dict[int, bytes | memoryview] = {}
+        self.hasher = hashlib.sha256()
+        self.failed = False
+        self._cond = threading.Condition()
+
+    def wait_turn(self, index: int) -> bool:
+        with self._cond:
+            while not self.failed and index >= self.cursor + self.window:
+                self._cond.wait()
+            return not self.failed
+
+    def submit(self, index: int, data: bytes | memoryview) -> None:
+        with self._cond:
+            self.pending[index] = data
+            while self.cursor in self.pending:
+                self.hasher.update(self.pending.pop(self.cursor))
+                self.cursor += 1
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self.failed = True
+            self._cond.notify_all()
+
+
+class _Reader(io.RawIOBase):
+    """A sequential file object over one streamed GET (no range requests: some S3-compatible
+    servers answer a range past the end with the whole object, which obstore's reader rejects)."""
+
+    def __init__(self, chunks: Iterator[bytes], remote: ObjectStoreRemote, key: str) -> None:
+        self._chunks = chunks
+        self._remote = remote
+        self._key = key
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                raise self._remote.to_tether(exc, self._key) from exc
+            if chunk is None:
+                return 0
+            self._left = memoryview(chunk)
+        n = min(len(buffer), len(self._left))
+        buffer[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+# -- the remote ---------------------------------------------------------------------------------
+class ObjectStoreRemote:
+    """A bucket and prefix as a tether remote (see the module docstring for the mapping)."""
+
+    def __init__(self, url: str, settings: StoreSettings) -> None:
+        self.url = url
+        self.settings = settings
+        self.capabilities = Capabilities(
+            parallel_connections=settings.connections,
+            atomic_replace=True,
+            conditional_create=bool(settings.conditional_writes),
+            server_side_hashing=False,
+            preserves_mtime=False,
+        )
+        self.notices: list[str] = []
+        self._store = make_store(settings)
+        self._checksum = settings.checksum and settings.scheme == "s3"
+        self._put_store = make_store(settings, checksum=True) if self._checksum else self._store
+        self._budget = ByteBudget(settings.memory_budget)
+        self._client: mp.S3Client | None = None
+        if settings.scheme == "s3" and settings.credentials.static is not None:
+            self._client = mp.S3Client(
+                settings.s3_endpoint,
+                settings.bucket,
+                settings.region,
+                settings.credentials.static,
+                virtual_hosted=settings.virtual_hosted_style,
+                timeout_s=settings.timeout,
+                max_retries=settings.max_retries,
+                retry_timeout_s=settings.retry_timeout,
+            )
+        self._part_checksum = self._checksum
+        self._conditional = settings.conditional_writes
+        self._ranges_native = True  # obstore ranged GETs, until a server answers them with a 200
+        self._lock = threading.Lock()
+
+    # -- keys -------------------------------------------------------------------------------
+    def key(self, path: str) -> str:
+        """The object key of a remote path; the path is checked first (invariant 5)."""
+        if path:
+            check_relpath(path)
+        return "/".join(p for p in (self.settings.prefix, path) if p)
+
+    def _rel(self, key: str, base: str) -> str:
+        return key[len(base) + 1 :] if base else key
+
+    def describe(self) -> str:
+        return f"{self.settings.scheme}://{self.settings.bucket}/{self.settings.prefix}".rstrip("/")
+
+    # -- errors -----------------------------------------------------------------------------
+    def to_tether(self, exc: BaseException, key: str = "") -> BaseException:
+        """One-line tether errors for what users can fix; other errors pass through unchanged."""
+        if isinstance(exc, TetherError):
+            return exc
+        s = self.settings
+        code = _code(exc)
+        status = _status(exc)
+        where = s.where
+        if isinstance(exc, obx.InvalidPathError):
+            bad = re.search(r'Error parsing Path "([^"]*)"', str(exc))
+            shown = bad.group(1) if bad else _first_line(exc)
+            return InvalidPath(
+                f"remote {self.describe()} lists a key tether refuses: {shown!r}",
+                hint="Someone wrote an object whose name escapes its folder ('..', '//', absolute). "
+                "Remove or rename it in the bucket; tether will not touch it.",
+            )
+        if "169.254.169.254" in str(exc) or "169.254.170.2" in str(exc):
+            return RemotePermissionError(
+                f"no credentials for {where}: none in the remote's options, the environment or "
+                "~/.aws, and no instance role answered",
+                hint="Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile (profile option or "
+                "AWS_PROFILE), or access_key_id/secret_access_key in .tether/config.local.toml.",
+            )
+        if code == "NoSuchBucket":
+            return RemoteUnavailable(
+                f"bucket {s.bucket!r} does not exist at {where}",
+                hint="Create the bucket, or fix the bucket name in the remote URL (and endpoint/region).",
+            )
+        if code == "RequestTimeTooSkewed":
+            return RemotePermissionError(
+                f"{where} rejected the request because this machine's clock is off by more than 15 "
+                "minutes (RequestTimeTooSkewed)",
+                hint="Fix the system clock (e.g. `timedatectl set-ntp true`), then rerun.",
+            )
+        if code in CREDENTIAL_CODES:
+            hint = f"Check the keys (from {s.credentials.source})"
+            if code == "AuthorizationHeaderMalformed":
+                hint = "Check the region option (R2 uses region 'auto')"
+            return RemotePermissionError(
+                f"{where} rejected the credentials from {s.credentials.source} ({code})",
+                hint=hint + "; for a profile, set the profile option or AWS_PROFILE.",
+            )
+        if code == "AccessDenied" or isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError):
+            target = f"{self.describe()}/{self._rel(key, s.prefix)}" if key else self.describe()
+            return RemotePermissionError(
+                f"access denied to {target} ({code or 'permission denied'}; credentials from "
+                f"{s.credentials.source})",
+                hint="The keys need list, get, put and delete on this bucket and prefix "
+                "(and AbortMultipartUpload/ListMultipartUploadParts for large files).",
+            )
+        if code == "SlowDown" or status == 503:
+            return RemoteUnavailable(
+                f"{where} kept throttling requests (503 {code or 'Service Unavailable'}) after "
+                f"{s.max_retries} retries with backoff",
+                hint="Rerun later (completed files are kept), or lower the concurrency with --jobs.",
+            )
+        if _is_connection_failure(exc):
+            reason = (
+                "connection refused"
+                if "refused" in str(exc).lower() or "Connect" in str(exc)
+                else "no answer"
+            )
+            if isinstance(exc, mp.S3ConnectionError):
+                reason = str(exc).rsplit(": ", 1)[-1]
+            return RemoteUnavailable(
+                f"cannot reach {where} ({reason})",
+                hint="Check the endpoint URL and the network; for a local MinIO, is the server running?",
+            )
+        if isinstance(exc, FileNotFoundError):
+            return exc
+        if status is not None and status >= 500:
+            return RemoteUnavailable(f"{where} failed: {status} {code or ''}".strip(), hint="Rerun later.")
+        return exc
+
+    def _call(self, fn: Callable[[], Any], key: str = "") -> Any:
+        try:
+            return fn()
+        except FileNotFoundError as exc:
+            if _code(exc) == "NoSuchBucket":
+                raise self.to_tether(exc, key) from None
+            raise FileNotFoundError(
+                f"{self.describe()}: {self._rel(key, self.settings.prefix)} not found"
+            ) from None
+        except Exception as exc:
+            mapped = self.to_tether(exc, key)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, mp.S3Error) and exc.retryable:
+            return ErrorKind.RETRYABLE
+        if isinstance(exc, obx.GenericError) and (_is_connection_failure(exc) or (_status(exc) or 0) >= 500):
+            return ErrorKind.RETRYABLE
+        if isinstance(exc, mp.S3ConnectionError | TimeoutError):
+            return ErrorKind.RETRYABLE
+        return ErrorKind.PERMANENT
+
+    # -- protocol: reading ------------------------------------------------------------------
+    def check(self) -> None:
+        """One LIST request: credentials, bucket and prefix access, endpoint reachability."""
+        base = self.settings.prefix
+        stream = obstore.list(self._store, base or None, chunk_size=1)
+        self._call(lambda: next(iter(stream), None), base)
+
+    def list_files(self, prefix: str) -> Iterator[RemoteStat]:
+        base = self.key(prefix)
+        return self._list(base)
+
+    def _list(self, base: str) -> Iterator[RemoteStat]:
+        stream = obstore.list(self._store, base or None, chunk_size=1000)
+        while True:
+            chunk = self._call(lambda: next(stream, None), base)
+            if chunk is None:
+                return
+            for meta in chunk:
+                stat = self._stat(meta, base)
+                if stat is not None:
+                    yield stat
+
+    def _stat(self, meta: dict[str, Any], base: str) -> RemoteStat | None:
+        key: str = meta["path"]
+        rel = self._rel(key, base)
+        if not rel or (rel.endswith("/") and meta["size"] == 0):
+            return None  # a folder marker made by a console or another tool
+        parts = rel.split("/")
+        if STATE_DIR in parts or ".git" in parts:
+            if any(p in ("", ".", "..") for p in parts):
+                check_relpath(rel, what=f"key in {self.describe()}")
+            return None  # tether's state (index, lock) and git's, at any depth: never data
+        check_relpath(rel, what=f"key in {self.describe()}")
+        if is_temp_name(rel):
+            return None
+        etag = meta.get("e_tag")
+        return RemoteStat(
+            rel, int(meta["size"]), _mtime_ns(meta["last_modified"]), etag.strip('"') if etag else None
+        )
+
+    def exists(self, path: str) -> bool:
+        key = self.key(path)
+        try:
+            self._call(lambda: obstore.head(self._store, key), key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read_bytes(self, path: str) -> bytes:
+        key = self.key(path)
+        return bytes(self._call(lambda: obstore.get(self._store, key).bytes(), key))
+
+    def open_read(self, path: str) -> BinaryIO:
+        key = self.key(path)
+        result = self._call(lambda: obstore.get(self._store, key), key)
+        chunks = iter(result.stream(min_chunk_size=CHUNK))
+        return io.BufferedReader(_Reader(chunks, self, key), buffer_size=CHUNK)  # type: ignore[return-value]
+
+    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
+        """Download and hash (object stores cannot hash for us): correct, but costs the bytes."""
+        paths = list(paths)
+        for p in paths:
+            check_relpath(p)
+
+        def one(path: str) -> tuple[str, str]:
+            key = self.key(path)
+            result = self._call(lambda: obstore.get(self._store, key), key)
+            h = hashlib.sha256()
+            if result.meta["size"] <= SMALL_READ:
+                h.update(self._call(result.bytes, key))
+            else:
+                for chunk in self._call(lambda: result.stream(min_chunk_size=CHUNK), key):
+                    h.update(chunk)
+            return path, h.hexdigest()
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.settings.connections, len(paths) or 1))) as pool:
+            return dict(pool.map(one, paths))
+
+    # -- protocol: writing ------------------------------------------------------------------
+    def _put(self, key: str, data: bytes | memoryview, *, mode: str | None = None) -> None:
+        """One PUT, with the SHA-256 checksum where the store takes it (dropped once if refused)."""
+        attributes = {"Storage-Class": self.settings.storage_class} if self.settings.storage_class else None
+        store = self._put_store if self._checksum else self._store
+        try:
+            obstore.put(store, key, data, mode=mode, use_multipart=False, attributes=attributes)  # type: ignore[arg-type]
+        except obx.AlreadyExistsError:
+            raise
+        except Exception as exc:
+            if self._checksum and _checksum_rejected(exc):
+                self._drop_checksums(exc)
+                self._call(
+                    lambda: obstore.put(
+                        self._store,
+                        key,
+                        data,
+                        mode=mode,
+                        use_multipart=False,
+                        attributes=attributes,  # type: ignore[arg-type]
+                    ),
+                    key,
+                )
+                return
+            mapped = self.to_tether(exc, key)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _drop_checksums(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._checksum:
+                self._checksum = False
+                self._part_checksum = False
+                self._notice(
+                    f"{self.settings.where} refused the x-amz-checksum-sha256 header "
+                    f"({_code(exc) or 'rejected'}); uploading without it: bytes are still verified "
+                    "before upload and on download"
+                )
+
+    def _notice(self, text: str) -> None:
+        if text not in self.notices:
+            self.notices.append(text)
+            log.warning("warning: %s", text)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        self._put(self.key(path), data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        key = self.key(path)
+        if self._conditional_supported(path):
+            try:
+                self._put(key, data, mode="create")
+            except (obx.AlreadyExistsError, obx.PreconditionError):
+                return False  # exists, or a racing create won (409 ConditionalRequestConflict)
+            return True
+        # Fallback (store ignores If-None-Match): check, write, read back. Two writers racing
+        # within one round trip can both see their own record; the lease's ensure_held() before
+        # the index is written catches that, so at worst both upload data, never both commit.
+        if self.exists(path):
+            return False
+        self._put(key, data)
+        try:
+            return self.read_bytes(path) == data
+        except FileNotFoundError:
+            return False
+
+    def _conditional_supported(self, path: str) -> bool:
+        if self._conditional is not None:
+            return self._conditional
+        cache_key = (self.settings.where, self.settings.bucket)
+        with _probe_lock:
+            known = _probe_cache.get(cache_key)
+            if known is None:
+                folder = path.rsplit("/", 1)[0] if "/" in path else ""
+                known = self.probe_conditional_writes(folder)
+                _probe_cache[cache_key] = known
+        self._conditional = known
+        self.capabilities = replace(self.capabilities, conditional_create=known)
+        if not known:
+            self._notice(
+                f"{self.settings.where} does not enforce conditional writes (If-None-Match); the lock "
+                "uses a put + read-back check instead, which is weaker (see docs/object-stores.md)"
+            )
+        return known
+
+    def probe_conditional_writes(self, folder: str) -> bool:
+        """Create a probe object twice with If-None-Match: the store enforces it iff the second fails."""
+        probe = "/".join(p for p in (folder, f"cw-probe{secrets.token_hex(6)}") if p)
+        key = self.key(probe)
+        try:
+            try:
+                obstore.put(self._store, key, b"1", mode="create")
+            except obx.NotSupportedError:
+                return False
+            except Exception as exc:
+                raise self.to_tether(exc, key) from exc
+            try:
+                obstore.put(self._store, key, b"2", mode="create")
+            except (obx.AlreadyExistsError, obx.PreconditionError):
+                return True
+            except obx.NotSupportedError:
+                return False
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                obstore.delete(self._store, key)
+
+    def delete(self, path: str) -> None:
+        key = self.key(path)
+        with contextlib.suppress(FileNotFoundError):  # already gone is what delete means
+            self._call(lambda: obstore.delete(self._store, key), key)
+
+    def flush(self) -> None:
+        """Nothing to do: an object store acknowledges a PUT only once it is durable."""
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # -- transfers ----------------------------------------------------------------------------
+    def put_file(
+        self, source: Path, path: str, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
+        key = self.key(path)
+        size = os.stat(source).st_size
+        if size < self.settings.multipart_threshold:
+            self._put_small(source, key, size, digest, path, on_bytes)
+        elif self._client is not None:
+            self._put_resumable(source, key, size, mtime_ns, digest, path, on_bytes)
+        else:
+            self._put_streamed(source, key, digest, path, on_bytes)
+
+    def _put_small(
+        self, source: Path, key: str, size: int, digest: str, label: str, on_bytes: OnBytes | None
+    ) -> None:
+        """Read, hash, then PUT: bytes that do not match the plan's digest are never sent."""
+        with self._budget.reserve(size):
+            with open(source, "rb", buffering=0) as f:
+                data = f.read()
+            got = hashlib.sha256(data).hexdigest()
+            if got != digest:
+                raise _mismatch(label, digest, got)
+            self._put(key, data)
+        if on_bytes is not None:
+            on_bytes(len(data))
+
+    def _put_resumable(
+        self,
+        source: Path,
+        key: str,
+        size: int,
+        mtime_ns: int,
+        digest: str,
+        label: str,
+        on_bytes: OnBytes | None,
+    ) -> None:
+        assert self._client is not None
+        st = os.stat(source)
+        settings = mp.MultipartSettings(
+            part_size=self.settings.part_size,
+            concurrency=self.settings.part_concurrency,
+            checksum=self._part_checksum,
+            storage_class=self.settings.storage_class,
+        )
+        for _attempt in range(2):
+            try:
+                mp.upload_file(
+                    self._client,
+                    remote=self.describe(),
+                    key=key,
+                    source=source,
+                    size=size,
+                    mtime_ns=st.st_mtime_ns,
+                    digest=digest,
+                    settings=settings,
+                    state_dir=self.settings.state_dir,
+                    on_bytes=on_bytes,
+                    memory=self._budget.reserve,
+                    label=label,
+                )
+                return
+            except mp.ChecksumRejected as exc:
+                self._drop_checksums(exc)
+                settings = replace(settings, checksum=False)
+            except (mp.S3Error, mp.S3ConnectionError) as exc:
+                mapped = self.to_tether(exc, key)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+
+    def _put_streamed(
+        self, source: Path, key: str, digest: str, label: str, on_bytes: OnBytes | None
+    ) -> None:
+        """obstore's own multipart upload (GCS, Azure, S3 without static keys): not resumable,
+        but still verified: the chunk iterator hashes what it reads and raises at its end when
+        the digest differs, before obstore can complete the upload, which makes obstore abort it."""
+        part = self.settings.part_size
+
+        def chunks() -> Iterator[bytes]:
+            h = hashlib.sha256()
+            with open(source, "rb", buffering=0) as f:
+                while True:
+                    data = f.read(part)
+                    if not data:
+                        break
+                    h.update(data)
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+                    yield data
+            got = h.hexdigest()
+            if got != digest:
+                raise _mismatch(label, digest, got)
+
+        store = self._put_store if self._checksum else self._store
+        with self._budget.reserve(part * self.settings.part_concurrency):
+            self._call(
+                lambda: obstore.put(
+                    store, key, chunks(), chunk_size=part, max_concurrency=self.settings.part_concurrency
+                ),
+                key,
+            )
+
+    def get_file(
+        self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
+        key = self.key(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(dest)
+        try:
+            result = self._call(lambda: obstore.get(self._store, key), key)
+            size = int(result.meta["size"])
+            if size > self.settings.multipart_threshold:
+                etag = result.meta.get("e_tag")
+                del result  # drop the single stream; fetch ranges in parallel instead
+                got = self._get_ranges(key, tmp, size, etag, on_bytes)
+            else:
+                got = self._get_stream(result, key, tmp, size, on_bytes)
+            if got != digest:
+                raise _mismatch(path, digest, got)
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _get_stream(self, result: Any, key: str, tmp: Path, size: int, on_bytes: OnBytes | None) -> str:
+        h = hashlib.sha256()
+        with open(tmp, "xb", buffering=0) as f:
+            if size <= SMALL_READ:
+                data = self._call(result.bytes, key)
+                h.update(data)
+                f.write(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+            else:
+                for chunk in self._call(lambda: result.stream(min_chunk_size=CHUNK), key):
+                    h.update(chunk)
+                    f.write(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+        return h.hexdigest()
+
+    def _get_ranges(self, key: str, tmp: Path, size: int, etag: str | None, on_bytes: OnBytes | None) -> str:
+        """Parallel ranged GETs written in place, hashed in order as they complete."""
+        span = self.settings.part_size
+        count = -(-size // span)
+        hasher = OrderedHasher(self.settings.part_concurrency * 2)
+        next_index = iter(range(count))
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        options: dict[str, Any] = {"if_match": etag} if etag else {}
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None or not hasher.wait_turn(i):
+                    return
+                start, end = i * span, min(size, (i + 1) * span)
+                try:
+                    with self._budget.reserve(end - start):
+                        data = self._range(key, start, end, options)
+                        if len(data) != end - start:
+                            raise VerificationError(
+                                f"{key}: short range read ({len(data)} of {end - start} bytes)"
+                            )
+                        os.pwrite(fd, data, start)
+                        hasher.submit(i, data)
+                except BaseException as exc:
+                    errors.append(exc)
+                    hasher.fail()
+                    return
+                if on_bytes is not None:
+                    on_bytes(end - start)
+
+        try:
+            threads = [
+                threading.Thread(target=worker, name=f"tether-range-{n}", daemon=True)
+                for n in range(min(count, self.settings.part_concurrency))
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            os.close(fd)
+        if errors:
+            err = errors[0]
+            if isinstance(err, obx.PreconditionError):
+                raise VerificationError(f"{key} changed on the remote while it was downloaded") from err
+            raise err
+        return hasher.hasher.hexdigest()
+
+    def _range(self, key: str, start: int, end: int, options: dict[str, Any]) -> bytes | memoryview:
+        if self._ranges_native:
+            try:
+                res = obstore.get(self._store, key, options={**options, "range": (start, end)})
+                return memoryview(res.bytes())
+            except obx.GenericError as exc:
+                if "non-partial" not in str(exc) or self._client is None:
+                    raise self.to_tether(exc, key) from exc
+                self._ranges_native = False  # the server answers ranges with a 200: use our client
+        assert self._client is not None
+        try:
+            return self._client.get_range(key, start, end, options.get("if_match"))
+        except (mp.S3Error, mp.S3ConnectionError) as exc:
+            if isinstance(exc, mp.S3Error) and exc.status == 412:
+                raise obx.PreconditionError(str(exc)) from exc
+            raise self.to_tether(exc, key) from exc
+
+    # -- clean-up -----------------------------------------------------------------------------
+    def cleanup_temp(self, prefix: str) -> int:
+        """Abort multipart uploads under ``prefix`` that no journal of this workspace resumes.
+
+        Called under the dataset lock: any other upload there belongs to a writer that no longer
+        holds the lock (it died), so it can never complete. Journals whose upload is gone are
+        dropped too.
+        """
+        if self._client is None:
+            return 0
+        base = self.key(prefix)
+        base = f"{base}/" if base else ""
+        mine = {j.upload_id: j for j in mp.journals(self.settings.state_dir, self.describe())}
+        aborted = 0
+        live: set[str] = set()
+        try:
+            for key, upload_id, _initiated in self._client.list_uploads(base):
+                if upload_id in mine:
+                    live.add(upload_id)
+                    continue
+                self._client.abort_multipart(key, upload_id)
+                aborted += 1
+        except (mp.S3Error, mp.S3ConnectionError) as exc:
+            if isinstance(exc, mp.S3Error) and exc.status in (400, 404, 501):
+                return aborted  # the store cannot list uploads: nothing to clean that we know of
+            raise self.to_tether(exc, base) from exc
+        for upload_id, journal in mine.items():
+            if upload_id not in live and journal.key.startswith(base):
+                journal.delete()
+        return aborted
+
+    def __repr__(self) -> str:
+        return f"ObjectStoreRemote({self.url!r})"
+
+
+def _mismatch(label: str, expected: str, got: str) -> VerificationError:
+    return VerificationError(
+        f"{label}: content hash mismatch (expected {expected[:12]}…, got {got[:12]}…)", paths=[label]
+    )
+
+
+def _checksum_rejected(exc: BaseException) -> bool:
+    text = str(exc)
+    status = _status(exc)
+    return status in (400, 501) and (
+        "checksum" in text.lower() or _code(exc) in ("NotImplemented", "InvalidRequest")
+    )
+
+
+def open_objectstore_remote(
+    config: RemoteConfig, parsed: ParsedURL, *, workspace_root: Path | None = None
+) -> ObjectStoreRemote:
+    """Build the remote; the journal of resumable uploads lives in the workspace's .tether/."""
+    state_dir = workspace_root / STATE_DIR if workspace_root is not None else None
+    return ObjectStoreRemote(config.url, build_settings(config, parsed, state_dir=state_dir))
+
+
+# -- `tether remote test` -----------------------------------------------------------------------
+def diagnose(remote: ObjectStoreRemote) -> list[tuple[str, bool, str, str]]:
+    """Checks for `tether remote test`: (name, ok, detail, fix), in order; stops at the first
+    failure that makes the rest meaningless."""
+    results: list[tuple[str, bool, str, str]] = []
+    s = remote.settings
+    creds = s.credentials.source
+    probe = f".tether-test-{secrets.token_hex(6)}"
+    key = remote.key(probe)
+
+    def fail(name: str, exc: BaseException) -> None:
+        err = remote.to_tether(exc, key)
+        message = err.message if isinstance(err, TetherError) else _first_line(err)
+        hint = err.hint if isinstance(err, TetherError) else ""
+        results.append((name, False, message, hint))
+
+    try:
+        remote.check()
+    except Exception as exc:
+        err = remote.to_tether(exc)
+        name = "credentials"
+        if isinstance(err, RemoteUnavailable) and "bucket" in str(err):
+            results.append(("credentials", True, f"from {creds}", ""))
+            name = "bucket access"
+        elif isinstance(err, RemoteUnavailable):
+            name = "endpoint"
+        fail(name, exc)
+        return results
+    results.append(("credentials", True, f"accepted ({creds})", ""))
+    results.append(("bucket access", True, f"listed {remote.describe()}", ""))
+    before = time.time()
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("put", lambda: remote.write_bytes_atomic(probe, b"tether remote test")),
+        ("list", lambda: [st for st in remote._list(remote.key(""))][:1]),
+        ("get", lambda: remote.read_bytes(probe)),
+    ]
+    for name, fn in steps:
+        try:
+            fn()
+        except Exception as exc:
+            fail(name, exc)
+            with contextlib.suppress(Exception):
+                remote.delete(probe)
+            return results
+        results.append((name, True, f"{name} on {remote.describe()}/ works", ""))
+    after = time.time()
+    try:
+        meta = obstore.head(remote._store, key)
+        stamped = meta["last_modified"].timestamp()
+        skew = stamped - (before + after) / 2
+        slack = (after - before) / 2 + 1.0  # the server stamps with one-second precision
+        if abs(skew) > 30 + slack:
+            results.append(
+                (
+                    "clock skew",
+                    False,
+                    f"the store's clock differs from this machine's by {skew:+.0f}s",
+                    "Sync the clock (timedatectl set-ntp true); above 15 minutes S3 refuses requests.",
+                )
+            )
+        else:
+            results.append(("clock skew", True, f"{skew:+.1f}s", ""))
+    except Exception as exc:
+        fail("clock skew", exc)
+    try:
+        remote.delete(probe)
+        results.append(("delete", True, "delete works", ""))
+    except Exception as exc:
+        fail("delete", exc)
+        return results
+    try:
+        enforced = remote.probe_conditional_writes("")
+        if enforced:
+            results.append(("conditional writes", True, "If-None-Match is enforced: locks are exclusive", ""))
+        else:
+            results.append(
+                (
+                    "conditional writes",
+                    True,
+                    "not enforced by this store: the lock falls back to put + read-back (weaker)",
+                    "Prefer a store that enforces If-None-Match (AWS S3, R2, MinIO) when several "
+                    "machines push the same dataset.",
+                )
+            )
+    except Exception as exc:
+        fail("conditional writes", exc)
+    return results
+
+
+__all__ = [
+    "ByteBudget",
+    "ObjectStoreRemote",
+    "StoreSettings",
+    "build_settings",
+    "diagnose",
+    "open_objectstore_remote",
+    "resolve_credentials",
+]

@@ -1,0 +1,1240 @@
+"""SSH remotes: the system OpenSSH client, one multiplexed connection per run, and a helper.
+
+Why the system client: HPC users live in ``~/.ssh/config`` (ProxyJump through a login node,
+Kerberos, Match blocks, one 2FA prompt kept open by ControlMaster), and all of it keeps working.
+Each run opens one master connection (``ControlMaster``/``ControlPath`` in a private 0700 folder,
+``ControlPersist`` a short while), so a cluster that asks for a 2FA code asks once per run.
+
+Over that connection tether starts ``python3`` with a small helper script
+(:mod:`tether.remotes.ssh_helper`, sent compressed inside the command: nothing is installed
+remotely). The helper speaks a framed protocol on its stdin/stdout: listings, reads and small
+writes are one request each, and batches of files are *streamed* (the client sends file after
+file without waiting for per-file answers), so 20,000 small files cost one round trip, not
+20,000. Hashing happens on the remote, in parallel. Two helper processes share the connection:
+one for small requests (so the lock lease can be renewed during a long transfer) and one for
+bulk streams.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
+
+from tether.errors import (
+    ConfigError,
+    DiskFullError,
+    InvalidPath,
+    RemotePermissionError,
+    RemoteUnavailable,
+    ScanError,
+    TetherError,
+    VerificationError,
+)
+from tether.fileio import os_error_to_tether
+from tether.paths import TEMP_MARKER, check_relpath
+from tether.remotes import ssh_helper
+from tether.remotes.base import Capabilities, ErrorKind, OnBytes, OnDone, RemoteStat, TransferItem
+
+if TYPE_CHECKING:
+    from tether.config import RemoteConfig
+    from tether.remotes import ParsedURL
+
+FRAME = ssh_helper.FRAME
+CHUNK = ssh_helper.CHUNK
+SMALL = ssh_helper.SMALL
+RESUME_MIN = 64 * 1024 * 1024  # uploads at least this large resume from a verified partial file
+MAX_CHATTER = 1024 * 1024  # login-shell output tolerated before the helper's first frame
+CONTROL_PERSIST_S = 60  # the master outlives a killed run by at most this long
+DEFAULT_CONNECT_TIMEOUT_S = 20
+BATCH_CONNECT_GRACE_S = 120  # a non-interactive connect that takes longer than this is hung
+RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
+RERUN_HINT = (
+    "Rerun the command: files already completed are verified and kept, a large partial upload resumes."
+)
+OPTIONS = {
+    "port",
+    "user",
+    "identity_file",
+    "batch_mode",
+    "ssh_options",
+    "ssh_config",
+    "python",
+    "ssh_command",
+    "connect_timeout",
+}
+
+
+# -- errors that also say which check failed (used by `tether remote test`) --------------------
+class SshUnreachable(RemoteUnavailable):
+    check = "reachability"
+
+
+class HostKeyError(RemoteUnavailable):
+    check = "host key"
+
+
+class AuthenticationFailed(RemotePermissionError):
+    check = "authentication"
+
+
+class PythonMissing(RemoteUnavailable):
+    check = "python3"
+
+
+# -- settings -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SshSettings:
+    """Everything that decides how ssh is invoked, validated from a remote's config table."""
+
+    host: str
+    path: str  # remote base folder; relative or ``~`` paths are below the remote home
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    batch_mode: bool = True
+    ssh_options: tuple[str, ...] = ()
+    ssh_config: str | None = None
+    python: str = "python3"
+    ssh_command: str = "ssh"
+    connect_timeout: int | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        name: str,
+        host: str,
+        path: str,
+        user: str | None,
+        port: int | None,
+        options: Mapping[str, Any],
+        base_dir: Path | None = None,
+    ) -> SshSettings:
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"remote {name!r}: unknown SSH option(s) {', '.join(unknown)}",
+                hint=f"SSH remotes accept: {', '.join(sorted(OPTIONS))}.",
+            )
+
+        def text(key: str) -> str | None:
+            value = options.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"remote {name!r}: option {key} must be a non-empty string")
+            return value
+
+        def number(key: str) -> int | None:
+            value = options.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"remote {name!r}: option {key} must be a positive integer")
+            return value
+
+        batch = options.get("batch_mode", True)
+        if not isinstance(batch, bool):
+            raise ConfigError(f"remote {name!r}: option batch_mode must be true or false")
+        if port is not None and options.get("port") not in (None, port):
+            raise ConfigError(f"remote {name!r}: the URL says port {port} but the option port differs")
+        return cls(
+            host=host,
+            path=_remote_base(path),
+            user=user or text("user"),
+            port=port or number("port"),
+            identity_file=_local_path(text("identity_file"), base_dir),
+            batch_mode=batch,
+            ssh_options=_ssh_options(options.get("ssh_options"), name),
+            ssh_config=_local_path(text("ssh_config"), base_dir),
+            python=text("python") or "python3",
+            ssh_command=text("ssh_command") or "ssh",
+            connect_timeout=number("connect_timeout"),
+        )
+
+
+def _remote_base(path: str) -> str:
+    """``ssh://host/~/x`` and ``host:x`` mean below the home folder; the helper expands ``~``."""
+    if path.startswith("/~"):
+        path = path[1:]
+    return path or "~"
+
+
+def _local_path(value: str | None, base_dir: Path | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return str(path)
+
+
+def _ssh_options(value: Any, name: str) -> tuple[str, ...]:
+    """``["-o Key=Value", ...]``, ``"-o A=B -o C=D"`` or bare ``Key=Value`` items, as argv."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = value
+    else:
+        raise ConfigError(f"remote {name!r}: ssh_options must be a string or a list of strings")
+    argv: list[str] = []
+    for item in items:
+        words = shlex.split(item)
+        if words and not words[0].startswith("-"):
+            words = ["-o", *words]
+        argv += words
+    return tuple(argv)
+
+
+def _short_tmp() -> str:
+    """Unix socket paths are limited to ~100 bytes: keep the ControlPath folder short."""
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+
+
+# -- the master connection ----------------------------------------------------------------------
+class SshConnection:
+    """One ``ssh`` master per remote object; every other ssh call is multiplexed through it."""
+
+    def __init__(self, settings: SshSettings) -> None:
+        self.s = settings
+        self.dir: str | None = None
+        self.master = False
+        self._binary: str | None = None
+        self._effective: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def host(self) -> str:
+        return self.s.host
+
+    def binary(self) -> str:
+        if self._binary is None:
+            found = shutil.which(self.s.ssh_command)
+            if found is None:
+                raise SshUnreachable(
+                    f"the OpenSSH client ({self.s.ssh_command!r}) is not installed or not on PATH",
+                    hint="Install it (Debian/Ubuntu: apt-get install openssh-client) or set the remote "
+                    "option ssh_command to the ssh program's path.",
+                )
+            self._binary = found
+        return self._binary
+
+    def _user_args(self) -> list[str]:
+        """The user's own choices; ssh keeps the first value it sees, so these come first."""
+        args = ["-F", self.s.ssh_config] if self.s.ssh_config else []
+        args += list(self.s.ssh_options)
+        if self.s.port:
+            args += ["-p", str(self.s.port)]
+        if self.s.user:
+            args += ["-l", self.s.user]
+        if self.s.identity_file:
+            args += ["-i", self.s.identity_file]
+        return args
+
+    def effective(self) -> dict[str, str]:
+        """``ssh -G``: the configuration ssh will really use (no network), parsed once."""
+        if self._effective is None:
+            proc = subprocess.run(
+                [self.binary(), *self._user_args(), "-G", self.host],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if proc.returncode != 0:
+                raise ConfigError(
+                    f"ssh rejects the configuration for {self.host}: {_last_line(proc.stderr)}",
+                    hint="Fix the remote's ssh_options / ssh_config or your ~/.ssh/config.",
+                )
+            values: dict[str, str] = {}
+            for line in proc.stdout.splitlines():
+                key, _, value = line.partition(" ")
+                values.setdefault(key.lower(), value)
+            self._effective = values
+        return self._effective
+
+    def args(self, *, control: bool = True) -> list[str]:
+        """ssh and its options, without the host: multiplexing first, then the user's, then
+        defaults for what neither the user nor their ssh config decided."""
+        args = [self.binary()]
+        if control:
+            assert self.dir is not None
+            args += ["-o", f"ControlPath={self.dir}/%C"]
+        args += ["-o", f"BatchMode={'yes' if self.s.batch_mode else 'no'}", *self._user_args()]
+        eff = self.effective()
+        if self.s.connect_timeout:
+            args += ["-o", f"ConnectTimeout={self.s.connect_timeout}"]
+        elif eff.get("connecttimeout", "none") == "none":
+            args += ["-o", f"ConnectTimeout={DEFAULT_CONNECT_TIMEOUT_S}"]
+        if eff.get("serveraliveinterval", "0") == "0":  # notice a dead link within a minute
+            args += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        return [*args, "-o", "ClearAllForwardings=yes", "-x", "-a"]
+
+    def where(self) -> str:
+        eff = self.effective()
+        return f"{eff.get('hostname', self.host)} port {eff.get('port', '22')}"
+
+    def connect(self) -> None:
+        """Start the master (authenticating once); raise a classified error if that fails."""
+        with self._lock:
+            if self.master:
+                return
+            self.binary()
+            self.effective()
+            self.dir = tempfile.mkdtemp(prefix="tether-ssh-", dir=_short_tmp())
+            argv = [
+                *self.args(),
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                f"ControlPersist={CONTROL_PERSIST_S}",
+                "-N",
+                "-f",
+                self.host,
+            ]
+            interactive = not self.s.batch_mode
+            try:
+                # -f: ssh backgrounds itself once authenticated, so this returns then. In
+                # interactive mode, prompts (password, 2FA) reach the terminal via /dev/tty.
+                proc = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=None if interactive else subprocess.PIPE,
+                    text=True,
+                    timeout=None if interactive else BATCH_CONNECT_GRACE_S,
+                )
+            except subprocess.TimeoutExpired:
+                raise SshUnreachable(
+                    f"connecting to {self.host} ({self.where()}) did not finish in {BATCH_CONNECT_GRACE_S}s",
+                    hint="Check the network or VPN; `ssh -v HOST true` shows where it hangs.",
+                ) from None
+            if proc.returncode != 0:
+                raise self.classify(proc.stderr or "", proc.returncode)
+            self.master = True
+
+    def spawn(self, command: str, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Run ``command`` on the remote through the master, with pipes for stdin and stdout."""
+        argv = [
+            *self.args(),
+            *("-o", "ControlMaster=no", "-o", "RemoteCommand=none", "-T", "-e", "none"),
+            self.host,
+            command,
+        ]
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            bufsize=CHUNK,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self.master:
+                self.master = False
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    subprocess.run(
+                        [*self.args(), "-O", "exit", self.host],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        timeout=15,
+                    )
+            if self.dir is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self.dir = None
+
+    # -- turning ssh's stderr into one line and a fix ------------------------------------------
+    def classify(self, stderr: str, returncode: int) -> TetherError:
+        host = self.host
+        line = _last_line(stderr) or f"ssh exited with status {returncode}"
+        if (
+            "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr
+            or "has changed and you have requested" in stderr
+        ):
+            fingerprint = _changed_fingerprint(stderr) or "an unknown fingerprint"
+            remove = re.search(r"ssh-keygen -f .* -R .*", stderr)
+            fix = remove.group(0).strip() if remove else f"ssh-keygen -R {host}"
+            return HostKeyError(
+                f"the host key of {host} has CHANGED (the server now presents {fingerprint}); not connecting",
+                hint=f"If the cluster's admins announced a new key, check the fingerprint, remove the old "
+                f"entry (`{fix}`) and accept the new one with `ssh {host}` once. If not, someone may be "
+                "intercepting the connection: stop and tell them.",
+            )
+        if "Host key verification failed" in stderr or re.search(r"No \S+ host key is known", stderr):
+            offered = self.offered_host_key()
+            eff = self.effective()
+            scan = f"ssh-keyscan -p {eff.get('port', '22')} {eff.get('hostname', host)}"
+            return HostKeyError(
+                f"the host key of {host} is not known ({offered}); tether never accepts an unknown key",
+                hint=f"Compare that fingerprint with the one your cluster documents, then accept it once "
+                f"with `ssh {host}` (answer yes), or append `{scan}` to ~/.ssh/known_hosts.",
+            )
+        if "Permission denied (" in stderr or "Too many authentication failures" in stderr:
+            return AuthenticationFailed(
+                f"authentication to {host} failed: {line}",
+                hint="Check that `ssh HOST true` works without a password prompt (load your key with "
+                "ssh-add, or set identity_file); for password or 2FA logins set batch_mode = false.",
+            )
+        if "Could not resolve hostname" in stderr:
+            return SshUnreachable(
+                f"cannot resolve {host}: {line}",
+                hint="Check the host name, or define it as a Host alias in ~/.ssh/config.",
+            )
+        if "Connection refused" in stderr:
+            return SshUnreachable(
+                f"{host} ({self.where()}) refused the connection",
+                hint="Check the host name and port (`ssh -G HOST` shows what ssh uses) and that the "
+                "SSH server runs there.",
+            )
+        if re.search(r"timed out|No route to host|Network is unreachable|Connection closed|reset", stderr):
+            return SshUnreachable(
+                f"cannot reach {host} ({self.where()}): {line}",
+                hint="Check the network, VPN or jump host; `ssh -v HOST true` shows where it fails.",
+            )
+        return SshUnreachable(
+            f"ssh to {host} failed: {line}", hint="Run `ssh -v HOST true` to see what goes wrong."
+        )
+
+    def offered_host_key(self) -> str:
+        """The fingerprint the server offers, from a verbose probe (ssh's batch-mode message
+        omits it); the probe fails at the same host key check, so it sends nothing else."""
+        try:
+            proc = subprocess.run(
+                [*self.args(control=False), "-v", "-o", "ControlPath=none", self.host, "true"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return "fingerprint unavailable"
+        found = re.search(r"Server host key: (\S+) (\S+)", proc.stderr)
+        return f"the server offers {found.group(1)} {found.group(2)}" if found else "fingerprint unavailable"
+
+
+def _last_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _changed_fingerprint(stderr: str) -> str | None:
+    found = re.search(
+        r"fingerprint for the (\S+) key sent by the remote host is\s+(\S+?)\.?\s*$", stderr, re.M
+    )
+    return f"{found.group(1)} {found.group(2)}" if found else None
+
+
+# -- the helper process -------------------------------------------------------------------------
+_BOOTSTRAP: str | None = None
+
+
+def helper_command(python: str) -> str:
+    """The remote command line: ``python`` runs a one-line bootstrap that inflates the helper.
+
+    Only base64 characters and fixed Python text go into the command (single-quoted, valid in
+    sh, bash, zsh, csh and fish), never a path. ``python`` is passed to the remote shell as
+    written, so it may be a full path or a small snippet (``module load python && python3``).
+    """
+    global _BOOTSTRAP
+    if _BOOTSTRAP is None:
+        source = Path(ssh_helper.__file__).read_bytes()
+        packed = base64.b64encode(zlib.compress(source, 9)).decode()
+        _BOOTSTRAP = (
+            "import sys,zlib,base64;v=sys.version_info;"
+            '(v>=(3,8) or sys.exit("tether: the remote python is %d.%d, tether needs 3.8 or newer"%v[:2]));'
+            f'exec(zlib.decompress(base64.b64decode("{packed}")))'
+        )
+    return f"{python} -S -c '{_BOOTSTRAP}'"
+
+
+class _Channel:
+    """One helper process: framed requests over its stdin/stdout, one caller at a time."""
+
+    def __init__(self, remote: SshRemote, label: str) -> None:
+        self.remote = remote
+        self.label = label
+        self.lock = threading.RLock()  # held for a whole request, or a whole stream
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self.proc = remote.conn.spawn(helper_command(remote.settings.python), self.stderr)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.w = self.proc.stdin
+        self.r = self.proc.stdout
+        for pipe in (self.w, self.r):
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)  # fewer wake-ups per MiB
+        self.ids = itertools.count(1)
+        self.ready = False
+        self.initialised = False
+        self.closed = False
+        self.chatter = 0  # bytes the remote shell printed before the helper spoke
+        self.hello: dict[str, Any] = {}
+
+    # framing
+    def send(self, header: dict[str, Any], payload: bytes = b"", *, flush: bool = True) -> None:
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self.w.write(FRAME.pack(len(raw), len(payload)))
+        self.w.write(raw)
+        if payload:
+            self.w.write(payload)
+        if flush:
+            self.w.flush()
+
+    def send_head(self, header: dict[str, Any], n: int) -> None:
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self.w.write(FRAME.pack(len(raw), n))
+        self.w.write(raw)
+
+    def read_exact(self, n: int) -> bytes:
+        data = self.r.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    def recv_head(self) -> tuple[dict[str, Any], int]:
+        hlen, n = FRAME.unpack(self.read_exact(FRAME.size))
+        return json.loads(self.read_exact(hlen)), n
+
+    def recv(self) -> tuple[dict[str, Any], bytes]:
+        header, n = self.recv_head()
+        return header, self.read_exact(n) if n else b""
+
+    def skip(self, n: int) -> None:
+        while n:
+            n -= len(self.read_exact(min(n, CHUNK)))
+
+    # life cycle
+    def start(self) -> dict[str, Any]:
+        """Read the helper's hello; a helper that never says it means ssh or python failed."""
+        with self.lock:
+            if not self.ready:
+                try:
+                    self.skip_chatter()
+                    self.hello, _ = self.recv()
+                except (EOFError, OSError, ValueError):
+                    raise self.failure("starting the helper") from None
+                self.ready = True
+            return self.hello
+
+    def skip_chatter(self) -> None:
+        """Skip what the remote shell printed before the helper started (a module system's
+        banner in ~/.bashrc, say): the protocol begins after the helper's magic bytes."""
+        magic = ssh_helper.MAGIC
+        seen = b""
+        while not seen.endswith(magic):
+            byte = self.r.read(1)
+            if not byte or self.chatter > MAX_CHATTER:
+                raise EOFError
+            seen = seen[-len(magic) :] + byte
+            self.chatter += 1
+        self.chatter -= len(magic)
+
+    def call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
+        """One request, one answer (list answers may come in pages, gathered here)."""
+        with self.lock:
+            self.start()
+            try:
+                self.send({"op": op, "id": next(self.ids), **fields}, payload)
+            except (OSError, ValueError):
+                raise self.lost(op) from None
+            return self.answer(op)
+
+    def pipeline(self, op: str, **fields: Any) -> None:
+        """Send a request before the helper has even said hello (saves a round trip at start);
+        ``answer`` reads its reply later. A helper that failed to start is reported then."""
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.send({"op": op, "id": next(self.ids), **fields})
+
+    def answer(self, op: str) -> tuple[dict[str, Any], bytes]:
+        with self.lock:
+            self.start()
+            pages: list[Any] = []
+            try:
+                while True:
+                    header, data = self.recv()
+                    if "page" in header:
+                        pages += header["page"]
+                        continue
+                    break
+            except (EOFError, OSError, ValueError):
+                raise self.lost(op) from None
+            if not header.get("ok"):
+                raise self.remote.error_from(header["error"])
+            if pages:
+                header["entries"] = pages + header.get("entries", [])
+            return header, data
+
+    def stderr_text(self) -> str:
+        try:
+            self.stderr.seek(0)
+            return self.stderr.read()[-8192:].decode(errors="replace")
+        except (OSError, ValueError):
+            return ""
+
+    def exit_status(self) -> int | None:
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+    def failure(self, during: str) -> TetherError:
+        """Why the helper is gone: ssh failed, python is missing or too old, or it crashed."""
+        rc = self.exit_status()
+        text = self.stderr_text()
+        host, python = self.remote.settings.host, self.remote.settings.python
+        if "tether: the remote python is" in text:
+            return PythonMissing(
+                f"{host}: {_last_line(text).removeprefix('tether: ')}",
+                hint=f"Set the remote option python to a Python 3.8+ on {host} (e.g. "
+                'python = "/usr/bin/python3", or "module load python/3.11 && python3").',
+            )
+        if rc == 127 or re.search(r"(command not found|not found|No such file or directory)\s*$", text, re.M):
+            return PythonMissing(
+                f"{python!r} was not found on {host} (tether runs its helper with the remote's Python 3.8+)",
+                hint=f"Install python3 on {host}, or set the remote option python to its full path "
+                '(e.g. python = "/usr/bin/python3"; on a cluster maybe "module load python && python3").',
+            )
+        if rc == 255 or rc is None or rc < 0:
+            if during == "starting the helper":
+                return self.remote.conn.classify(text, rc or 255)
+            reason = _last_line(text) or "connection closed"
+            return RemoteUnavailable(
+                f"lost the connection to {host} during {during}: {reason}", hint=RERUN_HINT
+            )
+        return RemoteUnavailable(
+            f"the tether helper on {host} stopped during {during} (exit {rc}): {_last_line(text)}",
+            hint="Rerun with --debug; if it persists, report it with the helper's message above.",
+        )
+
+    def lost(self, during: str) -> TetherError:
+        """The connection died under a request: fail this run fast from here on."""
+        error = self.failure(during)
+        self.remote.mark_lost(error)
+        return error
+
+    def close(self, *, kill: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if kill:
+                self.proc.kill()
+            else:
+                self.w.close()  # EOF: the helper finishes its request and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.r, self.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+# -- the remote ---------------------------------------------------------------------------------
+@dataclass
+class _Session:
+    """What must be torn down at close (also at interpreter exit, via weakref.finalize)."""
+
+    conn: SshConnection
+    channels: list[_Channel] = field(default_factory=list)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+        self.conn.close()
+
+
+class SshRemote:
+    """A remote folder on an SSH host (see the module docstring for how it works)."""
+
+    capabilities = Capabilities(
+        parallel_connections=4,  # the stream does the parallelism; this only sizes local hashing
+        atomic_replace=True,
+        conditional_create=True,
+        server_side_hashing=True,
+        preserves_mtime=True,
+    )
+
+    def __init__(self, url: str, settings: SshSettings) -> None:
+        self.url = url
+        self.settings = settings
+        self.conn = SshConnection(settings)
+        self._session = _Session(self.conn)
+        self._finalizer = weakref.finalize(self, self._session.close)
+        self._lock = threading.Lock()
+        self._control: _Channel | None = None
+        self._bulk: _Channel | None = None
+        self._lost: TetherError | None = None
+        self.facts: dict[str, Any] = {}
+
+    # -- connection and channels ------------------------------------------------------------------
+    def mark_lost(self, error: TetherError) -> None:
+        self._lost = error
+
+    def _spawn(self, label: str) -> _Channel:
+        channel = _Channel(self, label)
+        self._session.channels.append(channel)
+        channel.pipeline("init", base=self.settings.path)
+        return channel
+
+    def _init(self, channel: _Channel) -> dict[str, Any]:
+        """The answer to the init request pipelined at spawn: the base folder's facts."""
+        facts, _ = channel.answer("init")
+        channel.initialised = True
+        return facts
+
+    def control(self) -> _Channel:
+        """The small-request channel; the first call connects and starts both helpers at once."""
+        with self._lock:
+            if self._lost is not None:
+                raise self._lost
+            if self._control is None:
+                try:
+                    self.conn.connect()
+                    control = self._spawn("control")
+                    self._bulk = self._spawn("bulk")  # starts remotely while control handshakes
+                    self.facts = self._init(control)
+                except TetherError as exc:
+                    self._lost = exc  # do not retry a failed connection within one run
+                    raise
+                self._control = control
+            return self._control
+
+    def bulk(self) -> _Channel:
+        """The stream channel (respawned if a stream had to be abandoned)."""
+        self.control()
+        with self._lock:
+            if self._lost is not None:
+                raise self._lost
+            assert self._bulk is not None
+            if self._bulk.closed:
+                self._bulk = self._spawn("bulk")
+            if not self._bulk.initialised:
+                self._init(self._bulk)
+            return self._bulk
+
+    def _call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
+        return self.control().call(op, payload, **fields)
+
+    # -- error translation ------------------------------------------------------------------------
+    def where(self, rel: str = "") -> str:
+        base = self.facts.get("base", self.settings.path)
+        return f"{self.settings.host}:{base}/{rel}" if rel else f"{self.settings.host}:{base}"
+
+    def error_from(self, info: Mapping[str, Any]) -> Exception:
+        kind, msg, rel = info.get("kind"), info.get("msg", ""), info.get("path", "")
+        if kind == "verify":
+            return VerificationError(msg, paths=[rel] if rel else [])
+        if kind == "invalid":
+            return InvalidPath(f"remote {self.url}: {msg}")
+        if kind == "os":
+            code = info.get("errno")
+            where = self.where(rel)
+            if code in (errno.ENOSPC, errno.EDQUOT):
+                return DiskFullError(
+                    f"no space left on {self.settings.host} (quota or disk full) writing {where}"
+                )
+            if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return RemotePermissionError(
+                    f"permission denied on {where}",
+                    hint="Check your permissions on the remote's base folder (`ssh HOST ls -ld PATH`).",
+                )
+            if code == errno.ENOENT:
+                return FileNotFoundError(code, msg, where)
+            return OSError(code, f"{msg} on {self.settings.host}", where)
+        return TetherError(
+            f"the tether helper on {self.settings.host} failed: {msg}",
+            hint="Rerun with --debug and report the message.",
+        )
+
+    # -- the Remote protocol ----------------------------------------------------------------------
+    def check(self) -> None:
+        """Connect and look at the base folder. On failure the connection is closed here:
+        callers commonly drop a remote whose check failed without closing it."""
+        try:
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self) -> None:
+        self.control()
+        where = self.where()
+        if not self.facts.get("exists"):
+            mkdir = f"ssh {self.settings.host} mkdir -p {shlex.quote(self.facts.get('base', ''))}"
+            raise RemoteUnavailable(
+                f"remote folder {where} does not exist",
+                hint=f"Create it ({mkdir}) or fix the remote's URL, then rerun.",
+            )
+        if self.facts.get("error"):
+            raise RemotePermissionError(f"cannot reach remote folder {where}: {self.facts['error']}")
+        if not self.facts.get("is_dir"):
+            raise RemoteUnavailable(
+                f"remote path {where} is a file, not a folder", hint="Point the remote's URL at a folder."
+            )
+        if not self.facts.get("readable"):
+            raise RemotePermissionError(f"cannot read remote folder {where}: permission denied")
+
+    def list_files(self, prefix: str) -> Iterator[RemoteStat]:
+        if prefix:
+            check_relpath(prefix)
+        header, _ = self._call("list", prefix=prefix)
+        refused = header.get("refused") or []
+        if refused:
+            sample = ", ".join(f"{p} ({why})" for p, why in refused[:5])
+            more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+            raise ScanError(
+                f"remote {self.url}: {self.where(prefix)} contains {len(refused)} symlink(s), special "
+                f"file(s) or non-UTF-8 name(s) tether will not sync: {sample}{more}",
+                paths=[p for p, _ in refused],
+                hint="Replace links with the files they point to and rename undecodable files on the remote.",
+            )
+        return iter([RemoteStat(p, s, m) for p, s, m in header["entries"]])
+
+    def exists(self, path: str) -> bool:
+        header, _ = self._call("exists", path=check_relpath(path))
+        return bool(header["exists"])
+
+    def read_bytes(self, path: str) -> bytes:
+        _, data = self._call("read", path=check_relpath(path))
+        return data
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        self._call("write", data, path=check_relpath(path))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        header, _ = self._call("create", data, path=check_relpath(path))
+        return bool(header["created"])
+
+    def delete(self, path: str) -> None:
+        self._call("delete", path=check_relpath(path))
+
+    def open_read(self, path: str) -> BinaryIO:
+        return io.BytesIO(self.read_bytes(path))
+
+    def hash_files(self, paths: Iterable[str], *, use_cache: bool = True) -> dict[str, str]:
+        """SHA-256 computed on the remote, in parallel there, reusing its per-dataset cache
+        (keyed by inode, size, mtime and ctime) unless ``use_cache`` is False (``--checksum``)."""
+        paths = [check_relpath(p) for p in paths]
+        if not paths:
+            return {}
+        header, _ = self.bulk().call("hash", paths=paths, cache=use_cache)
+        return dict(header["digests"])
+
+    def cleanup_temp(self, prefix: str) -> int:
+        header, _ = self._call("cleanup", prefix=check_relpath(prefix) if prefix else "")
+        return int(header["removed"])
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        """Retry only what a retry can fix on a live connection: transient remote errnos. A lost
+        connection is a whole-run failure (RemoteUnavailable): the rerun reconnects."""
+        if isinstance(exc, OSError) and not isinstance(exc, TetherError) and exc.errno in RETRYABLE_ERRNOS:
+            return ErrorKind.RETRYABLE
+        return ErrorKind.PERMANENT
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # -- single files go through the batch paths --------------------------------------------------
+    def put_file(
+        self, source: Path, path: str, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
+        check_relpath(path)
+        size = os.stat(source).st_size
+        self._one(self.put_many, TransferItem(path, source, size, digest, mtime_ns), on_bytes)
+
+    def get_file(
+        self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> None:
+        check_relpath(path)
+        size = -1  # unknown: the helper sends what it has, the digest decides
+        self._one(self.get_many, TransferItem(path, dest, size, digest, mtime_ns), on_bytes)
+
+    @staticmethod
+    def _one(batch: Any, item: TransferItem, on_bytes: OnBytes | None) -> None:
+        errors: list[BaseException] = []
+        batch(
+            [item],
+            on_bytes=on_bytes or (lambda _n: None),
+            on_done=lambda _item, error: errors.append(error) if error else None,
+        )
+        if errors:
+            raise errors[0]
+
+    # -- BatchTransfers ---------------------------------------------------------------------------
+    def put_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
+        """Stream every file without waiting for per-file answers; see :class:`_PutStream`."""
+        valid = _valid_items(items, on_done)
+        if not valid:
+            return
+        channel = self.bulk()
+        with channel.lock:
+            offsets = self._resume_points(channel, [i for i in valid if i.size >= RESUME_MIN])
+            _PutStream(self, channel, valid, offsets, on_bytes, on_done).run()
+
+    def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
+        """Ask for the whole list once; files stream back and are verified as they land."""
+        valid = _valid_items(items, on_done)
+        if not valid:
+            return
+        channel = self.bulk()
+        with channel.lock:
+            _GetStream(self, channel, valid, on_bytes, on_done).run()
+
+    def _resume_points(self, channel: _Channel, large: list[TransferItem]) -> dict[str, tuple[int, str]]:
+        """Partial uploads on the remote whose prefix matches our file (one round trip)."""
+        if not large:
+            return {}
+        header, _ = channel.call("parts", items=[[i.path, i.digest, i.size] for i in large])
+        found = header["parts"]
+        points: dict[str, tuple[int, str]] = {}
+        for item in large:
+            if item.path not in found:
+                continue
+            have, prefix_digest = found[item.path]
+            if have > 0 and _prefix_digest(item.local, have) == prefix_digest:
+                points[item.path] = (have, prefix_digest)
+        return points
+
+    def __repr__(self) -> str:
+        return f"SshRemote({self.url!r})"
+
+
+def _valid_items(items: Sequence[TransferItem], on_done: OnDone) -> list[TransferItem]:
+    valid = []
+    for item in items:
+        try:
+            check_relpath(item.path)
+        except InvalidPath as exc:
+            on_done(item, exc)
+            continue
+        valid.append(item)
+    return valid
+
+
+def _prefix_digest(path: Path, n: int) -> str | None:
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            left = n
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    return None
+                hasher.update(chunk)
+                left -= len(chunk)
+    except OSError:
+        return None
+    return hasher.hexdigest()
+
+
+class _PutStream:
+    """Send file after file; a reader thread turns acknowledgements into ``on_done`` calls.
+
+    Whole-run failures (full disk, permission denied, lost connection) stop the sending at once;
+    the items already acknowledged keep their results.
+    """
+
+    BARRIER = 0
+
+    def __init__(
+        self,
+        remote: SshRemote,
+        channel: _Channel,
+        items: list[TransferItem],
+        offsets: dict[str, tuple[int, str]],
+        on_bytes: OnBytes,
+        on_done: OnDone,
+    ) -> None:
+        self.remote, self.ch, self.items, self.offsets = remote, channel, items, offsets
+        self.on_bytes, self.on_done = on_bytes, on_done
+        self.pending: dict[int, TransferItem] = {}
+        self.local_errors: dict[int, BaseException] = {}
+        self.fatal: list[BaseException] = []
+        self.stop = threading.Event()
+        self.eof = False
+        self.done_lock = threading.Lock()
+        self.completed = 0
+
+    def done(self, item: TransferItem, error: BaseException | None) -> None:
+        with self.done_lock:
+            self.completed += 1
+            try:
+                self.on_done(item, error)
+            except BaseException as exc:  # a callback failure ends the stream like a fatal error
+                self.fatal.append(exc)
+                self.stop.set()
+
+    def run(self) -> None:
+        reader = threading.Thread(target=self.read_acks, name="tether-ssh-acks", daemon=True)
+        reader.start()
+        broken = False
+        try:
+            for rid, item in enumerate(self.items, start=1):
+                if self.stop.is_set():
+                    break
+                self.send_item(rid, item)
+            self.ch.send({"op": "barrier", "id": self.BARRIER})
+        except (BrokenPipeError, ConnectionError, ValueError):
+            broken = True  # the helper is gone; the reader reports why
+        except BaseException:
+            self.ch.close(kill=True)  # Ctrl-C mid-file: the stream cannot be resumed in step
+            reader.join()
+            raise
+        reader.join()
+        if self.eof or broken:
+            raise self.lost()
+        if self.fatal:
+            raise self.fatal[0]
+
+    def lost(self) -> TetherError:
+        error = self.ch.lost(
+            f"the upload ({self.completed} of {len(self.items)} files were completed and kept)"
+        )
+        return error
+
+    def acknowledged(self, rid: int, info: dict[str, Any] | None) -> None:
+        item = self.pending.pop(rid)
+        error = None if info is None else self.remote.error_from(info)
+        if rid in self.local_errors and error is not None:
+            error = self.local_errors.pop(rid)  # the real cause: our read failed, we sent padding
+        if isinstance(error, (DiskFullError, RemotePermissionError)):
+            self.fatal.append(error)
+            self.stop.set()
+        self.done(item, error)
+
+    def send_item(self, rid: int, item: TransferItem) -> None:
+        resumable = item.size >= RESUME_MIN
+        offset, prefix = self.offsets.get(item.path, (0, ""))
+        try:
+            f = open(item.local, "rb", buffering=0)  # noqa: SIM115 (a with block follows)
+        except OSError as exc:
+            self.done(item, exc)
+            return
+        with f:
+            header: dict[str, Any] = {
+                "op": "put",
+                "id": rid,
+                "path": item.path,
+                "digest": item.digest,
+                "mtime_ns": item.mtime_ns,
+            }
+            if resumable:
+                header.update(resumable=True, offset=offset, prefix_digest=prefix)
+            if not resumable and item.size <= SMALL:
+                try:
+                    data = f.read(item.size + 1)
+                except OSError as exc:
+                    self.done(item, exc)
+                    return
+                if len(data) != item.size:
+                    self.done(
+                        item, VerificationError(f"{item.path}: changed size while read", paths=[item.path])
+                    )
+                    return
+                self.pending[rid] = item
+                self.ch.send(header, data, flush=False)
+                self.on_bytes(len(data))
+                return
+            self.pending[rid] = item
+            self.send_large(rid, item, f, header, offset)
+
+    def send_large(
+        self, rid: int, item: TransferItem, f: BinaryIO, header: dict[str, Any], offset: int
+    ) -> None:
+        """Exactly ``size - offset`` bytes follow the header, whatever happens to the local file:
+        a short or failing read is padded, and the helper's digest check then rejects it."""
+        n = item.size - offset
+        if offset:
+            self.on_bytes(offset)
+            f.seek(offset)
+        self.ch.send_head(header, n)
+        left = n
+        while left:
+            try:
+                chunk = f.read(min(CHUNK, left))
+            except OSError as exc:
+                self.local_errors[rid] = exc
+                chunk = b""
+            if not chunk:
+                chunk = bytes(min(CHUNK, left))
+            self.ch.w.write(chunk)
+            left -= len(chunk)
+            self.on_bytes(len(chunk))
+
+    def read_acks(self) -> None:
+        """Runs until the barrier's answer. It must never stop reading early while the helper
+        still writes: that would fill the pipes and deadlock both sides, so on any unexpected
+        failure it kills the channel (the writer then gets a broken pipe)."""
+        try:
+            while True:
+                header, _ = self.ch.recv()
+                if header.get("id") == self.BARRIER:
+                    return
+                for rid, info in header["acks"]:
+                    self.acknowledged(rid, info)
+        except (EOFError, OSError, ValueError):
+            self.eof = True
+            self.stop.set()
+        except BaseException as exc:
+            self.fatal.append(exc)
+            self.stop.set()
+            self.ch.close(kill=True)
+
+
+class _GetStream:
+    """Receive files in the order asked; each goes through a temporary sibling, is verified
+    against its digest, gets its mtime and is renamed into place (the staging path)."""
+
+    def __init__(
+        self,
+        remote: SshRemote,
+        channel: _Channel,
+        items: list[TransferItem],
+        on_bytes: OnBytes,
+        on_done: OnDone,
+    ) -> None:
+        self.remote, self.ch, self.items = remote, channel, items
+        self.on_bytes, self.on_done = on_bytes, on_done
+        self.made: set[Path] = set()
+        self.completed = 0
+
+    def run(self) -> None:
+        rid = next(self.ch.ids)
+        try:
+            self.ch.start()
+            self.ch.send({"op": "get", "id": rid, "items": [[i.path, i.size] for i in self.items]})
+            while True:
+                header, n = self.ch.recv_head()
+                if header.get("end"):
+                    return
+                item = self.items[header["i"]]
+                if "error" in header:
+                    self.finish(item, self.remote.error_from(header["error"]))
+                    continue
+                self.finish(item, self.receive(item, n))
+        except (EOFError, BrokenPipeError, ConnectionError):
+            raise self.ch.lost(
+                f"the download ({self.completed} of {len(self.items)} files were completed)"
+            ) from None
+        except BaseException:
+            self.ch.close(kill=True)  # the rest of the stream is unread: start afresh next time
+            raise
+
+    def finish(self, item: TransferItem, error: BaseException | None) -> None:
+        self.completed += 1
+        self.on_done(item, error)
+
+    def receive(self, item: TransferItem, n: int) -> BaseException | None:
+        """Consume exactly ``n`` payload bytes into ``item.local``; return the item's error.
+
+        Small files are verified in memory before anything touches the disk; large ones are
+        hashed as they are written. Either way the final name appears only after the check.
+        """
+        final = item.local
+        left = n
+        tmp = _temp_sibling(final)
+        try:
+            if final.parent not in self.made:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.made.add(final.parent)
+            hasher = hashlib.sha256()
+            if n <= SMALL:
+                data = self.ch.read_exact(n)
+                left = 0
+                hasher.update(data)
+                self.on_bytes(n)
+                if hasher.hexdigest() != item.digest:
+                    return _mismatch(item, hasher.hexdigest())
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+                return None
+            with open(tmp, "xb", buffering=0) as dst:
+                while left:
+                    chunk = self.ch.read_exact(min(CHUNK, left))
+                    left -= len(chunk)
+                    hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[dst.write(view) :]
+                    self.on_bytes(len(chunk))
+            if hasher.hexdigest() != item.digest:
+                tmp.unlink(missing_ok=True)
+                return _mismatch(item, hasher.hexdigest())
+            os.utime(tmp, ns=(item.mtime_ns, item.mtime_ns))
+            os.replace(tmp, final)
+            return None
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.ch.skip(left)  # keep the stream in step
+            error = os_error_to_tether(exc, final)
+            if isinstance(error, (DiskFullError, RemotePermissionError)):
+                raise error from exc  # a full local disk will not fix itself for the next file
+            return error
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+_TEMP_TAG = secrets.token_hex(4)
+_temp_counter = itertools.count()
+
+
+def _temp_sibling(final: Path) -> Path:
+    """Like fileio.temp_sibling, without an entropy syscall per file (tag + counter)."""
+    return final.with_name(f".{final.name}{TEMP_MARKER}{_TEMP_TAG}{next(_temp_counter):x}")
+
+
+def _mismatch(item: TransferItem, got: str) -> VerificationError:
+    return VerificationError(
+        f"{item.path}: content hash mismatch (expected {item.digest[:12]}…, got {got[:12]}…)",
+        paths=[item.path],
+    )
+
+
+def open_ssh_remote(config: RemoteConfig, parsed: ParsedURL, *, base_dir: Path | None = None) -> SshRemote:
+    """The backend for an ``ssh://`` URL or ``host:path`` shorthand (called by open_remote)."""
+    assert parsed.host is not None
+    settings = SshSettings.from_options(
+        name=config.name,
+        host=parsed.host,
+        path=parsed.path,
+        user=parsed.user,
+        port=parsed.port,
+        options=config.options,
+        base_dir=base_dir,
+    )
+    return SshRemote(config.url, settings)

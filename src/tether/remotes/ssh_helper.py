@@ -1,0 +1,934 @@
+"""The helper tether runs on an SSH remote with the remote's own ``python3``.
+
+It is sent over the connection each run (nothing is installed remotely), so it uses only the
+standard library and must run on Python 3.8 (old cluster login nodes): no ``match``, no
+``str.removeprefix``, no ``hashlib.file_digest``; annotations are strings thanks to the
+``__future__`` import, so they may use newer syntax.
+
+Protocol: frames on stdin/stdout. A frame is ``struct(">IQ")`` (header length, payload length),
+a UTF-8 JSON header, then the payload bytes (file data). Every path travels inside a header,
+never on a command line, so no name can inject anything. Requests are answered in order, except
+the streamed ``put`` items whose acknowledgements come back as they finish: the client sends
+file after file without waiting, which is what makes 20,000 small files one round trip.
+
+Every write goes to a temporary name in the destination folder (the same filesystem), is
+hashed as it is written, and is renamed into place only when its SHA-256 matches (no torn
+files). Large uploads go to a ``.part`` name derived from their digest so that an interrupted
+upload resumes from its verified prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import json
+import os
+import queue
+import secrets
+import stat
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+PROTOCOL = 1
+MAGIC = b"\x00tether-helper\x00"  # precedes the first frame: shell start-up chatter may come first
+ACKS = ("acks",)  # queue marker: the writer sends every pending ack as one frame
+DRAIN = ("drain",)  # queue marker: everything before it has been written and flushed
+FRAME = struct.Struct(">IQ")
+CHUNK = 1024 * 1024
+SMALL = 1024 * 1024  # whole-payload writes handed to worker threads
+IN_FLIGHT_BYTES = 32 * 1024 * 1024  # bounded memory for queued small writes
+STATE_DIR = ".tether"
+TEMP_MARKER = ".tether-tmp-"
+PART_SUFFIX = ".part"
+PART_MAX_AGE_S = 24 * 3600  # resumable partial uploads older than this are cleaned up
+HASH_CACHE = "hashcache.json"
+RACY_WINDOW_NS = 50_000_000
+LIST_PAGE = 10_000
+WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))  # I/O-bound on NFS/Lustre: latency, not CPU
+
+
+class Refused(Exception):
+    """A request the helper will not carry out (unsafe path, symlink on the way)."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# -- framing ------------------------------------------------------------------------------------
+class Conn:
+    """Frames in from stdin; frames out through one writer thread that flushes when idle.
+
+    A single writer keeps frames from worker threads whole, and flushing only when its queue is
+    empty batches many small acknowledgements into few packets under load.
+    """
+
+    def __init__(self) -> None:
+        self.inp = os.fdopen(os.dup(0), "rb", buffering=CHUNK)
+        self.out = os.fdopen(os.dup(1), "wb", buffering=CHUNK)
+        bigger_pipe(self.inp.fileno())
+        bigger_pipe(self.out.fileno())
+        # Anything printed by accident must not corrupt the protocol: fd 1 now goes to stderr.
+        os.dup2(2, 1)
+        self.out.write(MAGIC)
+        self.q: queue.Queue = queue.Queue(maxsize=64)
+        self.broken = False
+        self.acks: list = []  # [id, error or None] of finished uploads, sent in batches
+        self.ack_queued = False
+        self.ack_lock = threading.Lock()
+        self.drained = threading.Event()
+        self.writer = threading.Thread(target=self._write_loop, name="helper-writer", daemon=True)
+        self.writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if self.broken:
+                continue  # the client went away: drop answers, let workers finish their files
+            if item is DRAIN:
+                with contextlib.suppress(OSError):
+                    self.out.flush()
+                self.drained.set()
+                continue
+            if item is ACKS:
+                item = self._ack_frame()
+            try:
+                for part in item:
+                    self.out.write(part)
+                if self.q.empty():
+                    self.out.flush()
+            except OSError:
+                self.broken = True
+
+    def _put(self, item: tuple | None) -> None:
+        """Queue output, but never block for good: once the client is gone, drop it (a writer
+        stuck on a dead channel must not keep workers from finishing their files)."""
+        while not self.broken:
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def ack(self, rid: int, error: dict | None = None) -> None:
+        """Acknowledge one streamed upload. Acks that pile up while the writer is busy leave as
+        one frame: 20,000 small files must not cost 20,000 packets back."""
+        with self.ack_lock:
+            self.acks.append([rid, error])
+            if self.ack_queued:
+                return
+            self.ack_queued = True
+        self._put(ACKS)
+
+    def _ack_frame(self) -> tuple:
+        with self.ack_lock:
+            acks, self.acks, self.ack_queued = self.acks, [], False
+        raw = json.dumps({"acks": acks}, separators=(",", ":")).encode()
+        return (FRAME.pack(len(raw), 0), raw)
+
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self._put((FRAME.pack(len(raw), len(payload)), raw, payload))
+
+    def send_head(self, header: dict, n: int) -> None:
+        """A header whose ``n`` payload bytes follow through ``send_raw`` (large files)."""
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        self._put((FRAME.pack(len(raw), n), raw))
+
+    def send_raw(self, data: bytes) -> None:
+        self._put((data,))
+
+    def drain(self, timeout: float) -> None:
+        """After a clean end of input: answers already queued still reach the client."""
+        self._put(DRAIN)
+        if not self.broken:
+            self.drained.wait(timeout)
+
+    def close(self) -> None:
+        """The client vanished mid-request: it waits for nothing more."""
+        self.broken = True
+
+    def read_exact(self, n: int) -> bytes:
+        data = self.inp.read(n)
+        if data is None or len(data) != n:
+            raise EOFError
+        return data
+
+    def recv(self) -> tuple[dict, int] | None:
+        """Next header and the length of the payload that follows (the caller reads it)."""
+        head = self.inp.read(FRAME.size)
+        if not head:
+            return None
+        if len(head) != FRAME.size:
+            raise EOFError
+        hlen, n = FRAME.unpack(head)
+        return json.loads(self.read_exact(hlen)), n
+
+    def skip(self, n: int) -> None:
+        while n:
+            n -= len(self.read_exact(min(n, CHUNK)))
+
+
+# -- paths --------------------------------------------------------------------------------------
+def error_info(exc: BaseException, rel: str = "") -> dict:
+    if isinstance(exc, Refused):
+        return {"kind": exc.kind, "msg": str(exc), "path": rel}
+    if isinstance(exc, OSError):
+        return {"kind": "os", "errno": exc.errno, "msg": exc.strerror or str(exc), "path": rel}
+    return {"kind": "internal", "msg": f"{type(exc).__name__}: {exc}", "path": rel}
+
+
+def check_rel(rel: object) -> str:
+    """The same rules as tether.paths.check_relpath (invariant 5), enforced on this side too."""
+    if not isinstance(rel, str) or not rel:
+        raise Refused("empty path refused")
+    if "\x00" in rel or "\\" in rel or rel.startswith("/"):
+        raise Refused(f"unsafe path {rel!r} refused")
+    for part in rel.split("/"):
+        if part in ("", ".", ".."):
+            raise Refused(f"path {rel!r} has an empty, '.' or '..' part; refused")
+    return rel
+
+
+_TEMP_TAG = secrets.token_hex(4)
+_temp_counter = itertools.count()
+
+
+def temp_name(final: str) -> str:
+    """Unique per process (random tag) and per call (counter): no entropy syscall per file."""
+    head, name = os.path.split(final)
+    return os.path.join(head, f".{name}{TEMP_MARKER}{_TEMP_TAG}{next(_temp_counter):x}")
+
+
+def part_name(final: str, digest: str) -> str:
+    head, name = os.path.split(final)
+    return os.path.join(head, f".{name}{TEMP_MARKER}{digest[:16]}{PART_SUFFIX}")
+
+
+class Base:
+    """The remote base folder and the folders below it already known to be real directories."""
+
+    def __init__(self, path: str) -> None:
+        path = os.path.expanduser(path or "~")
+        self.path = os.path.abspath(path)
+        self.safe_dirs: set[str] = set()
+        self.lock = threading.Lock()
+
+    def abs(self, rel: str) -> str:
+        return os.path.join(self.path, check_rel(rel)) if rel else self.path
+
+    def parent_ok(self, rel: str, create: bool) -> str:
+        """Absolute path of ``rel`` after checking no folder on the way is a symlink.
+
+        A symlinked folder inside a dataset would let a write land outside it.
+        """
+        final = self.abs(rel)
+        parts = rel.split("/")[:-1]
+        cur = self.path
+        for i, part in enumerate(parts):
+            cur = os.path.join(cur, part)
+            key = "/".join(parts[: i + 1])
+            if key in self.safe_dirs:
+                continue
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                if not create:
+                    return final
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(cur)
+                st = os.lstat(cur)
+            if stat.S_ISLNK(st.st_mode):
+                raise Refused(f"{rel} goes through a symlinked folder ({key}); refused")
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, "not a directory", key)
+            with self.lock:
+                self.safe_dirs.add(key)
+        return final
+
+
+# -- the helper ---------------------------------------------------------------------------------
+class Helper:
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.base = Base("~")
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS)
+        self.parts: dict[str, tuple[int, object]] = {}  # .part path -> (prefix size, hasher)
+        self.cond = threading.Condition()
+        self.in_flight = 0  # bytes of queued small writes (bounds memory)
+        self.pending = 0  # queued small writes, empty files included (the barrier waits for them)
+
+    # requests answered in order
+    def op_init(self, h: dict, data: bytes) -> dict:
+        self.base = Base(h.get("base") or "~")
+        return dict(self.facts(), base=self.base.path)
+
+    def facts(self) -> dict:
+        p = self.base.path
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return {"exists": False, "is_dir": False, "readable": False}
+        except OSError as exc:  # e.g. a parent folder we may not enter
+            return {"exists": True, "is_dir": False, "readable": False, "error": exc.strerror}
+        return {
+            "exists": True,
+            "is_dir": stat.S_ISDIR(st.st_mode),
+            "readable": os.access(p, os.R_OK | os.X_OK),
+        }
+
+    def op_probe(self, h: dict, data: bytes) -> dict:
+        """What `tether remote test` reports: free space, clock, and a real write test."""
+        out = dict(self.facts(), base=self.base.path, time=time.time(), python=list(sys.version_info[:3]))
+        try:
+            st = os.statvfs(self.base.path)
+            out["free"] = st.f_bavail * st.f_frsize
+        except OSError as exc:
+            out["free_error"] = str(exc)
+        if h.get("write") and out["is_dir"]:
+            probe = os.path.join(self.base.path, f".tether-probe{TEMP_MARKER}{secrets.token_hex(6)}")
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(fd)
+                os.unlink(probe)
+                out["writable"] = True
+            except OSError as exc:
+                out["writable"] = False
+                out["write_error"] = f"{exc.strerror} (errno {exc.errno})"
+        return out
+
+    def op_list(self, h: dict, data: bytes) -> dict:
+        prefix = h.get("prefix") or ""
+        root = self.base.abs(prefix)
+        entries: list = []
+        refused: list = []
+        if os.path.isdir(root):
+            self.walk(root, "", entries, refused, h["id"])
+        return {"entries": entries, "refused": refused}
+
+    def walk(self, root: str, prefix: str, entries: list, refused: list, rid: int) -> None:
+        """Mirror of tether.scan: sorted, state folders and temp names skipped, links refused."""
+        try:
+            with os.scandir(os.path.join(root, prefix) if prefix else root) as it:
+                items = sorted(it, key=lambda d: d.name)
+        except FileNotFoundError:
+            return
+        for item in items:
+            name = item.name
+            rel = prefix + "/" + name if prefix else name
+            if name == STATE_DIR or (not prefix and name == ".git"):
+                continue
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                refused.append([os.fsencode(rel).decode("utf-8", "backslashreplace"), "not UTF-8"])
+                continue
+            try:
+                st = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we walked
+            if stat.S_ISDIR(st.st_mode):
+                self.walk(root, rel, entries, refused, rid)
+                continue
+            if TEMP_MARKER in name:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                refused.append([rel, "symlink" if stat.S_ISLNK(st.st_mode) else "special file"])
+                continue
+            entries.append([rel, st.st_size, st.st_mtime_ns])
+            if len(entries) >= LIST_PAGE:
+                self.conn.send({"id": rid, "page": entries})
+                del entries[:]
+
+    def op_exists(self, h: dict, data: bytes) -> dict:
+        return {"exists": os.path.exists(self.base.parent_ok(h["path"], False))}
+
+    def op_read(self, h: dict, data: bytes) -> tuple[dict, bytes]:
+        with open(self.base.parent_ok(h["path"], False), "rb") as f:
+            return {}, f.read()
+
+    def op_write(self, h: dict, data: bytes) -> dict:
+        final = self.base.parent_ok(h["path"], True)
+        tmp = temp_name(final)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            remove(tmp)
+            raise
+        fsync_dir(os.path.dirname(final))
+        return {}
+
+    def op_create(self, h: dict, data: bytes) -> dict:
+        """Create only if absent, with the full content visible at once.
+
+        The record is written to a temporary file and hard-linked to its final name (link fails
+        if the name exists, atomically, also on NFS), so no reader ever sees an empty lock. An
+        flock on a sibling serialises creators further where the filesystem honours it.
+        """
+        final = self.base.parent_ok(h["path"], True)
+        with flocked(final + ".flock"):
+            if os.path.lexists(final):
+                return {"created": False}
+            tmp = temp_name(final)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    return {"created": False}
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    return {"created": create_excl(final, data)}  # no hard links here
+            finally:
+                remove(tmp)
+        fsync_dir(os.path.dirname(final))
+        return {"created": True}
+
+    def op_delete(self, h: dict, data: bytes) -> dict:
+        rel = h["path"]
+        target = self.base.parent_ok(rel, False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        parent = os.path.dirname(target)  # prune folders the delete left empty (like local.py)
+        while parent != self.base.path and os.path.basename(parent) != STATE_DIR:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            with self.base.lock:
+                self.base.safe_dirs.discard(os.path.relpath(parent, self.base.path))
+            parent = os.path.dirname(parent)
+        return {}
+
+    def op_cleanup(self, h: dict, data: bytes) -> dict:
+        """Remove temporary files a killed writer left; keep recent resumable ``.part`` files."""
+        removed = kept = 0
+        now = time.time()
+        for folder, _dirs, files in os.walk(self.base.abs(h.get("prefix") or "")):
+            for name in files:
+                if TEMP_MARKER not in name:
+                    continue
+                path = os.path.join(folder, name)
+                if name.endswith(PART_SUFFIX):
+                    try:
+                        if now - os.lstat(path).st_mtime < PART_MAX_AGE_S:
+                            kept += 1
+                            continue
+                    except FileNotFoundError:
+                        continue
+                remove(path)
+                removed += 1
+        return {"removed": removed, "kept_parts": kept}
+
+    def op_flush(self, h: dict, data: bytes) -> dict:
+        syncfs(self.base.path)
+        return {}
+
+    def op_hash(self, h: dict, data: bytes) -> dict:
+        paths = h["paths"]
+        caches = HashCaches(self.base) if h.get("cache", True) else None
+        finals = [self.base.parent_ok(p, False) for p in paths]
+
+        def work(i: int) -> str:
+            rel, final = paths[i], finals[i]
+            st = os.stat(final)
+            cached = caches.get(rel, st) if caches else None
+            if cached:
+                return cached
+            started = time.time_ns()
+            digest = hash_file(final)
+            if caches:
+                after = os.stat(final)
+                if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    caches.put(rel, st, digest, started)
+            return digest
+
+        digests = dict(zip(paths, self.pool.map(work, range(len(paths)))))  # noqa: B905 (3.8: no strict=)
+        if caches:
+            caches.save()
+        return {"digests": digests}
+
+    def op_parts(self, h: dict, data: bytes) -> dict:
+        """For each large upload, how much of its ``.part`` exists and the digest of that prefix.
+
+        The client compares the prefix digest with its own file before resuming from it; the
+        hasher is kept so the upload continues hashing where the prefix ended.
+        """
+        out = {}
+        self.parts.clear()
+        for rel, digest, size in h["items"]:
+            final = self.base.parent_ok(rel, False)
+            part = part_name(final, digest)
+            try:
+                have = min(os.lstat(part).st_size, size)
+            except FileNotFoundError:
+                continue
+            hasher = hashlib.sha256()
+            with open(part, "rb") as f:
+                left = have
+                while left:
+                    chunk = f.read(min(CHUNK, left))
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    left -= len(chunk)
+            have -= left
+            self.parts[part] = (have, hasher)
+            out[rel] = [have, hasher.hexdigest()]
+        return {"parts": out}
+
+    # the streamed upload: acknowledgements come back as items finish
+    def op_put(self, h: dict, n: int) -> None:
+        rid = h["id"]
+        rel = h["path"]
+        try:
+            final = self.base.parent_ok(rel, True)
+        except BaseException as exc:
+            self.conn.skip(n)
+            self.conn.ack(rid, error_info(exc, rel))
+            return
+        if n <= SMALL and not h.get("resumable"):
+            data = self.conn.read_exact(n)
+            with self.cond:
+                while self.in_flight and self.in_flight + n > IN_FLIGHT_BYTES:
+                    self.cond.wait()
+                self.in_flight += n
+                self.pending += 1
+            self.pool.submit(self.put_small, rid, rel, final, h, data)
+            return
+        self.put_large(rid, rel, final, h, n)
+
+    def put_small(self, rid: int, rel: str, final: str, h: dict, data: bytes) -> None:
+        try:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != h["digest"]:
+                raise Refused(mismatch(rel, h["digest"], digest), "verify")
+            tmp = temp_name(final)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    write_all(fd, data)
+                    os.utime(fd, ns=(h["mtime_ns"], h["mtime_ns"]))
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+            except BaseException:
+                remove(tmp)
+                raise
+            self.conn.ack(rid)
+        except BaseException as exc:
+            self.conn.ack(rid, error_info(exc, rel))
+        finally:
+            with self.cond:
+                self.in_flight -= len(data)
+                self.pending -= 1
+                self.cond.notify_all()
+
+    def put_large(self, rid: int, rel: str, final: str, h: dict, n: int) -> None:
+        """Stream a big file to its temporary (or resumable ``.part``) name, then verify."""
+        offset = int(h.get("offset") or 0)
+        resumable = bool(h.get("resumable"))
+        if resumable:
+            tmp = part_name(final, h["digest"])
+            self.drop_other_parts(final, tmp)
+        else:
+            tmp = temp_name(final)
+        try:
+            hasher, f = self.open_target(tmp, offset, h, resumable)
+        except BaseException as exc:
+            self.conn.skip(n)
+            self.conn.ack(rid, error_info(exc, rel))
+            return
+        sink = Sink(f, hasher)
+        try:
+            left = n
+            while left:
+                chunk = self.conn.read_exact(min(CHUNK, left))
+                left -= len(chunk)
+                sink.put(chunk)
+        except EOFError:
+            sink.close()
+            if not resumable:
+                remove(tmp)
+            raise  # connection gone: a resumable .part keeps its verified-on-resume bytes
+        failed = sink.close()
+        try:
+            if failed is not None:
+                raise failed
+            digest = hasher.hexdigest()
+            if digest != h["digest"]:
+                raise Refused(mismatch(rel, h["digest"], digest), "verify")
+            os.utime(tmp, ns=(h["mtime_ns"], h["mtime_ns"]))
+            os.replace(tmp, final)
+        except BaseException as exc:
+            remove(tmp)
+            self.conn.ack(rid, error_info(exc, rel))
+            return
+        self.conn.ack(rid)
+
+    def open_target(self, tmp: str, offset: int, h: dict, resumable: bool):  # type: ignore[no-untyped-def]
+        if not resumable:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            return hashlib.sha256(), os.fdopen(fd, "wb", buffering=0)
+        hasher = hashlib.sha256()
+        if offset:
+            have, known = self.parts.get(tmp, (-1, None))
+            if have != offset or known is None or known.hexdigest() != h.get("prefix_digest"):  # type: ignore[attr-defined]
+                raise Refused(f"{h['path']}: the partial upload changed; it restarts next run", "verify")
+            hasher = known.copy()  # type: ignore[attr-defined]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o666)
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return hasher, os.fdopen(fd, "wb", buffering=0)
+
+    def drop_other_parts(self, final: str, keep: str) -> None:
+        """A partial upload of an older version of the same file will never be resumed."""
+        head, name = os.path.split(final)
+        prefix = f".{name}{TEMP_MARKER}"
+        try:
+            names = os.listdir(head)
+        except OSError:
+            return
+        for other in names:
+            path = os.path.join(head, other)
+            if other.startswith(prefix) and other.endswith(PART_SUFFIX) and path != keep:
+                remove(path)
+
+    def op_barrier(self, h: dict, data: bytes) -> dict:
+        """Answered once every earlier streamed upload has been acknowledged."""
+        with self.cond:
+            while self.pending:
+                self.cond.wait()
+        return {}
+
+    # the streamed download: the client sent the whole list once
+    def op_get(self, h: dict, n: int) -> None:
+        rid = h["id"]
+        items = h["items"]
+        window: deque = deque()
+        todo = iter(range(len(items)))
+
+        def read_small(rel: str) -> tuple[bytes, int]:
+            with open(self.base.parent_ok(rel, False), "rb") as f:
+                return f.read(), os.fstat(f.fileno()).st_mtime_ns
+
+        def refill() -> None:
+            i = next(todo, None)
+            if i is None:
+                return
+            rel, size = items[i]
+            fut = self.pool.submit(read_small, rel) if 0 <= size <= SMALL else None  # -1: unknown
+            window.append((i, rel, fut))
+
+        for _ in range(WORKERS * 4):  # read ahead: small files arrive while others are sent
+            refill()
+        while window:
+            i, rel, fut = window.popleft()
+            refill()
+            if fut is None:
+                self.send_large(rid, i, rel)
+                continue
+            try:
+                body, mtime = fut.result()
+            except BaseException as exc:
+                self.conn.send({"id": rid, "i": i, "error": error_info(exc, rel)})
+                continue
+            self.conn.send({"id": rid, "i": i, "mtime_ns": mtime}, body)
+        self.conn.send({"id": rid, "ok": True, "end": True})
+
+    def send_large(self, rid: int, i: int, rel: str) -> None:
+        try:
+            f = open(self.base.parent_ok(rel, False), "rb", buffering=0)  # noqa: SIM115 (closed below)
+            st = os.fstat(f.fileno())
+        except BaseException as exc:
+            self.conn.send({"id": rid, "i": i, "error": error_info(exc, rel)})
+            return
+        with f:
+            self.conn.send_head({"id": rid, "i": i, "mtime_ns": st.st_mtime_ns}, st.st_size)
+            left = st.st_size
+            while left:
+                try:
+                    chunk = f.read(min(CHUNK, left))
+                except OSError:
+                    chunk = b""
+                if not chunk:  # shrank or failed while read: pad, the client's digest check fails
+                    chunk = bytes(min(CHUNK, left))
+                self.conn.send_raw(chunk)
+                left -= len(chunk)
+
+    # dispatch
+    def serve(self) -> None:
+        self.conn.send({"hello": True, "protocol": PROTOCOL, "python": list(sys.version_info[:3])})
+        streamed = {"put": self.op_put, "get": self.op_get}
+        while True:
+            got = self.conn.recv()
+            if got is None:
+                return
+            h, n = got
+            op = h.get("op")
+            if op in streamed:
+                streamed[op](h, n)
+                continue
+            data = self.conn.read_exact(n) if n else b""
+            handler = getattr(self, f"op_{op}", None)
+            try:
+                if handler is None:
+                    raise Refused(f"unknown operation {op!r}", "protocol")
+                result = handler(h, data)
+                payload = b""
+                if isinstance(result, tuple):
+                    result, payload = result
+                self.conn.send(dict(result, id=h["id"], ok=True), payload)
+            except Exception as exc:
+                self.conn.send({"id": h["id"], "ok": False, "error": error_info(exc, h.get("path", ""))})
+
+
+# -- small utilities ----------------------------------------------------------------------------
+class Sink:
+    """Write and hash a large upload in a second thread while the main thread reads the next
+    chunks: file writes and hashlib release the GIL, so receiving and storing overlap."""
+
+    def __init__(self, f, hasher) -> None:  # type: ignore[no-untyped-def]
+        self.f = f
+        self.hasher = hasher
+        self.error: BaseException | None = None
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self.run, name="helper-sink", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            chunk = self.q.get()
+            if chunk is None:
+                return
+            if self.error is None:  # after a failure keep consuming: the stream stays in step
+                try:
+                    write_all(self.f.fileno(), chunk)
+                    self.hasher.update(chunk)
+                except OSError as exc:
+                    self.error = exc
+
+    def put(self, chunk: bytes) -> None:
+        self.q.put(chunk)
+
+    def close(self) -> BaseException | None:
+        self.q.put(None)
+        self.thread.join()
+        self.f.close()
+        return self.error
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def bigger_pipe(fd: int) -> None:
+    """1 MiB pipe buffers (Linux F_SETPIPE_SZ) mean fewer wake-ups per megabyte streamed."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), CHUNK)
+    except (ImportError, OSError):
+        pass
+
+
+def mismatch(rel: str, expected: str, got: str) -> str:
+    return f"{rel}: content hash mismatch (expected {expected[:12]}..., got {got[:12]}...)"
+
+
+def hash_file(path: str) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                return hasher.hexdigest()
+            hasher.update(chunk)
+
+
+def remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def create_excl(final: str, data: bytes) -> bool:
+    try:
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+class flocked:
+    """Hold an exclusive flock on ``path`` (best effort: some filesystems refuse flock)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> flocked:
+        try:
+            import fcntl
+
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing releases the flock
+
+
+def syncfs(path: str) -> None:
+    """Flush the filesystem holding ``path``: Linux syncfs if ctypes finds it, else sync()."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if getattr(libc, "syncfs", None) is not None and libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (ImportError, OSError, AttributeError):
+        pass
+    os.sync()
+
+
+class HashCaches:
+    """Digests of remote files keyed by (inode, size, mtime_ns, ctime_ns), per dataset.
+
+    Stored as ``<dataset>/.tether/hashcache.json`` (the dataset is the nearest folder above a file
+    that has a ``.tether/`` folder, i.e. one tether wrote an index to). JSON and an atomic rename
+    rather than sqlite, whose locking is unreliable on the NFS/Lustre filesystems of clusters.
+    ctime is part of the key: it changes on every write and cannot be set back by a tool.
+    """
+
+    def __init__(self, base: Base) -> None:
+        self.base = base
+        self.roots: dict[str, str | None] = {}
+        self.tables: dict[str, dict] = {}
+        self.dirty: set[str] = set()
+        self.lock = threading.Lock()
+
+    def root_of(self, rel: str) -> str | None:
+        folder = os.path.dirname(rel)
+        chain = []
+        found = None
+        while True:
+            if folder in self.roots:
+                found = self.roots[folder]
+                break
+            chain.append(folder)
+            if os.path.isdir(os.path.join(self.base.path, folder, STATE_DIR)):
+                found = folder
+                break
+            if not folder:
+                break
+            folder = os.path.dirname(folder)
+        for f in chain:
+            self.roots[f] = found
+        return found
+
+    def table(self, root: str) -> dict:
+        table = self.tables.get(root)
+        if table is None:
+            table = {}
+            try:
+                with open(os.path.join(self.base.path, root, STATE_DIR, HASH_CACHE), "rb") as f:
+                    raw = json.load(f)
+                if raw.get("version") == 1 and isinstance(raw.get("entries"), dict):
+                    table = raw["entries"]
+            except (OSError, ValueError, AttributeError):
+                pass
+            self.tables[root] = table
+        return table
+
+    def key(self, rel: str) -> tuple[str | None, str]:
+        root = self.root_of(rel)
+        return root, (rel[len(root) + 1 :] if root else rel)
+
+    def get(self, rel: str, st: os.stat_result) -> str | None:
+        with self.lock:
+            root, key = self.key(rel)
+            if root is None:
+                return None
+            row = self.table(root).get(key)
+        if not row or row[:4] != [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+            return None
+        if st.st_mtime_ns >= row[5] - RACY_WINDOW_NS:
+            return None
+        return row[4]
+
+    def put(self, rel: str, st: os.stat_result, digest: str, hashed_at: int) -> None:
+        with self.lock:
+            root, key = self.key(rel)
+            if root is None:
+                return
+            self.table(root)[key] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest, hashed_at]
+            self.dirty.add(root)
+
+    def save(self) -> None:
+        for root in self.dirty:
+            path = os.path.join(self.base.path, root, STATE_DIR, HASH_CACHE)
+            tmp = temp_name(path)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump({"version": 1, "entries": self.tables[root]}, f, separators=(",", ":"))
+                os.replace(tmp, path)
+            except OSError:
+                remove(tmp)  # a cache that cannot be written only costs time next run
+
+
+def main() -> None:
+    conn = Conn()
+    helper = Helper(conn)
+    try:
+        helper.serve()  # returns at a clean end of input: the client has sent all it will
+    except EOFError:
+        conn.close()  # the client left mid-request: drop answers (the next run cleans up)
+    helper.pool.shutdown(wait=True)  # files already received complete (verified) or are removed
+    conn.drain(timeout=30)
+    os._exit(0)  # without joining a writer that may be stuck on a dead channel
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""The command line with s3:// remotes against real S3 servers on 127.0.0.1.
+
+The loop (push, diff, pull) with credentials from config.local.toml or the environment; a large
+upload killed mid-multipart that the rerun resumes; the lock on stores with and without
+conditional writes; every failure as a one-line error with its exit code; hostile and foreign
+prefixes; secrets kept out of output and audit records; `tether remote import-rclone`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import obstore
+import pytest
+import tomlkit
+
+from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
+from s3servers import S3Server, ThrottlingProxy, get_server, unique_prefix
+from tether.config import RemoteConfig
+from tether.errors import LockHeld
+from tether.lock import Lease
+from tether.remotes import open_remote
+from tether.remotes.objectstore_multipart import journals
+
+DS = "ns/ds"
+MiB = 1024 * 1024
+Tether = Callable[..., Result]
+
+
+@pytest.fixture(autouse=True)
+def no_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in [v for v in os.environ if v.startswith("AWS_") and v != "AWS_CA_BUNDLE"]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "_aws_credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "_aws_config"))
+
+
+@pytest.fixture
+def rclone() -> S3Server:
+    return get_server("rclone")
+
+
+@pytest.fixture
+def moto() -> S3Server:
+    return get_server("moto")
+
+
+def add_s3_remote(
+    ws: WorkspaceFixture, server: S3Server, *, name: str = "s3", prefix: str | None = None, **options: object
+) -> str:
+    """Shared options in tether.toml, keys in .tether/config.local.toml (as a user would)."""
+    prefix = prefix or unique_prefix()
+    opts = server.options(**options)
+    secrets = {k: opts.pop(k) for k in ("access_key_id", "secret_access_key")}
+    for path, table in (
+        (ws.root / "tether.toml", {"url": server.url(prefix), **opts}),
+        (ws.root / ".tether/config.local.toml", secrets),
+    ):
+        doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
+        doc.setdefault("remotes", {})[name] = table
+        path.write_text(tomlkit.dumps(doc))
+    return prefix
+
+
+def _remote(server: S3Server, prefix: str, tmp: Path, **options: object):  # type: ignore[no-untyped-def]
+    return open_remote(
+        RemoteConfig("x", server.url(prefix), server.options(**options), "t"), workspace_root=tmp
+    )
+
+
+def _files(ws: WorkspaceFixture, n: int) -> dict[str, bytes]:
+    files = {f"d{i % 3}/f{i:03d}.txt": f"file {i}\n".encode() * (i + 1) for i in range(n)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    return files
+
+
+def _clean_error(r: Result, code: int, *words: str) -> None:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    assert "error:" in r.stderr and "hint:" in r.stderr, r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def test_push_diff_pull_round_trip(
+    rclone: S3Server, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone)
+    files = _files(ws, 30)
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 1
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    stored = rclone.data_dir / rclone.bucket / prefix / DS  # type: ignore[operator]
+    assert {
+        str(p.relative_to(stored)): p.read_bytes()
+        for p in stored.rglob("*")
+        if p.is_file() and ".tether" not in p.parts
+    } == files
+    assert (stored / ".tether" / "index").exists()
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+
+    # a collaborator with keys in the environment, not in a file
+    other = make_workspace(tmp_path, "ws2")
+    opts = rclone.options()
+    del opts["access_key_id"], opts["secret_access_key"]
+    doc = tomlkit.parse((other.root / "tether.toml").read_text())
+    doc["remotes"]["s3"] = {"url": rclone.url(prefix), **opts}
+    (other.root / "tether.toml").write_text(tomlkit.dumps(doc))
+    for k, v in rclone.env().items():
+        monkeypatch.setenv(k, v)
+    r = tether("pull", DS, "s3", "-y", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    assert {
+        str(p.relative_to(other.data / DS)): p.read_bytes()
+        for p in (other.data / DS).rglob("*")
+        if p.is_file()
+    } == files
+
+    other.write("d0/f000.txt", "changed by the collaborator\n")
+    assert tether("push", DS, "s3", "-y", cwd=other.root).exit_code == 0
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 1
+    assert tether("pull", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    assert (ws.data / DS / "d0/f000.txt").read_text() == "changed by the collaborator\n"
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+
+
+def test_no_op_diff_costs_only_listing_requests(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        ws = make_workspace(tmp_path)
+        add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
+        _files(ws, 40)
+        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+        proxy.requests.clear()
+        assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 0 and "up to date" in r.output.lower(), r.output
+        # per command: a LIST for the check, LISTs of the dataset, GETs of the index (and of the
+        # lock record, for push): nothing per file, however many files there are
+        assert all(m == "GET" for m, _p in proxy.requests), proxy.requests
+        per_file = [p for _m, p in proxy.requests if "list-type=2" not in p and "/.tether/" not in p]
+        assert per_file == []
+        assert len(proxy.requests) <= 8, proxy.requests
+    finally:
+        proxy.close()
+
+
+# -- large files --------------------------------------------------------------------------------
+def test_killed_multipart_upload_resumes_its_parts(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    ws = make_workspace(tmp_path)
+    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
+    prefix = add_s3_remote(ws, rclone, **big)
+    data = os.urandom(48 * MiB)
+    ws.write("big.bin", data)
+    ws.write("small.txt", "small")
+    r = run_subprocess(["push", DS, "s3", "-y"], ws.root, env={"TETHER_FAULT_KILL_AT": "part_uploaded:5"})
+    assert r.exit_code == -9, r.output  # SIGKILL at the checkpoint
+    [journal] = journals(ws.root / ".tether", f"s3://{rclone.bucket}/{prefix}")
+    assert len(journal.parts) >= 5
+    assert len(list(rclone.client().list_uploads(prefix + "/"))) == 1
+    parts_total = -(-len(data) // (5 * MiB))
+
+    proxy = ThrottlingProxy(rclone.endpoint)  # the rerun goes through a proxy that counts requests
+    try:
+        add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 0, r.output
+        resent = proxy.count("PUT", "partNumber=")
+        assert resent <= parts_total - len(journal.parts), (resent, len(journal.parts))
+    finally:
+        proxy.close()
+    stored = rclone.data_dir / rclone.bucket / prefix / DS / "big.bin"  # type: ignore[operator]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert list(rclone.client().list_uploads(prefix + "/")) == []  # no orphan uploads
+    assert journals(ws.root / ".tether", f"s3://{rclone.bucket}/{prefix}") == []
+
+    # and back down: a ranged parallel download into a fresh workspace
+    other = make_workspace(tmp_path, "ws2")
+    add_s3_remote(other, rclone, prefix=prefix, **big)
+    assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
+    assert (other.data / DS / "big.bin").read_bytes() == data
+
+
+# -- the lock -----------------------------------------------------------------------------------
+def test_lock_with_conditional_writes_one_of_two_takers_wins(moto: S3Server, tmp_path: Path) -> None:
+    prefix = unique_prefix()
+    remotes = [_remote(moto, prefix, tmp_path) for _ in range(2)]
+    outcome: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def take(remote, host: str) -> None:  # type: ignore[no-untyped-def]
+        barrier.wait()
+        try:
+            Lease(remote, DS, operation="push", host=host).acquire()
+            outcome.append("won")
+        except LockHeld:
+            outcome.append("held")
+
+    threads = [threading.Thread(target=take, args=(r, f"host{i}")) for i, r in enumerate(remotes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcome) == ["held", "won"]
+
+
+def test_push_waits_for_a_lock_held_elsewhere(moto: S3Server, tmp_path: Path, tether: Tether) -> None:
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, moto)
+    _files(ws, 3)
+    lease = Lease(_remote(moto, prefix, tmp_path), DS, operation="push", host="other-machine")
+    lease.acquire()
+    try:
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 6, r.output
+        assert "other-machine" in r.stderr
+    finally:
+        lease.release()
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+
+
+def test_lock_fallback_on_a_store_without_conditional_writes(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone)
+    _files(ws, 3)
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    lease = Lease(_remote(rclone, prefix, tmp_path), DS, operation="push", host="other-machine")
+    lease.acquire()
+    try:
+        ws.write("new.txt", "new")
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 6, r.output
+    finally:
+        lease.release()
+
+
+# -- failures -----------------------------------------------------------------------------------
+def test_wrong_credentials_exit_5_without_the_secret(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone, secret_access_key="wrong-secret-4242")
+    _files(ws, 2)
+    for command in ("diff", "push"):
+        r = (
+            tether(command, DS, "s3", "-y", cwd=ws.root)
+            if command == "push"
+            else tether(command, DS, "s3", cwd=ws.root)
+        )
+        _clean_error(r, 5, "rejected the credentials", "SignatureDoesNotMatch")
+        assert "wrong-secret-4242" not in r.output
+
+
+def test_missing_bucket_exit_5(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone)
+    doc = tomlkit.parse((ws.root / "tether.toml").read_text())
+    doc["remotes"]["s3"]["url"] = "s3://no-such-bucket/data"
+    (ws.root / "tether.toml").write_text(tomlkit.dumps(doc))
+    _files(ws, 1)
+    _clean_error(tether("push", DS, "s3", "-y", cwd=ws.root), 5, "'no-such-bucket' does not exist")
+
+
+def test_unreachable_endpoint_exit_5(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone, endpoint=f"http://127.0.0.1:{port}", max_retries=1, retry_timeout=2)
+    _files(ws, 1)
+    _clean_error(tether("diff", DS, "s3", cwd=ws.root), 5, "cannot reach", f"127.0.0.1:{port}")
+
+
+def test_throttled_to_the_end_exit_5(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        ws = make_workspace(tmp_path)
+        add_s3_remote(ws, rclone, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
+        _files(ws, 2)
+        proxy.always = True
+        _clean_error(tether("push", DS, "s3", "-y", cwd=ws.root), 5, "throttling")
+    finally:
+        proxy.close()
+
+
+def test_a_key_escaping_the_dataset_exit_2_and_nothing_written(
+    moto: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, moto)
+    moto.client().request("PUT", f"{prefix}/{DS}/../escaped.txt", body=b"evil")
+    obstore.put(moto.store(), f"{prefix}/{DS}/fine.txt", b"fine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for command in ("diff", "pull"):
+        args = (command, DS, "s3", "-y") if command == "pull" else (command, DS, "s3")
+        r = tether(*args, cwd=ws.root)
+        assert r.exit_code == 2, r.output
+        assert ".." in r.stderr and "Traceback" not in r.output
+    after = sorted(str(p) for p in tmp_path.rglob("*") if ".tether" not in Path(p).parts)
+    assert not [p for p in after if "escaped" in p]
+    assert [p for p in after if p not in before] == []
+
+
+def test_foreign_prefix_diffs_correctly(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    """Objects put by another tool (no index): digests come from downloading them."""
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone)
+    store = rclone.store()
+    for rel, data in {"same.txt": b"same", "other.txt": b"theirs", "only-there.txt": b"x"}.items():
+        obstore.put(store, f"{prefix}/{DS}/{rel}", data)
+    ws.write("same.txt", "same")
+    ws.write("other.txt", "ours")
+    r = tether("diff", DS, "s3", "--json", cwd=ws.root)
+    assert r.exit_code == 1, r.output
+    plan = json.loads(r.stdout)
+    status = {c["path"]: c["status"] for c in plan["changes"]}
+    assert status == {"other.txt": "differs", "only-there.txt": "remote_only"}  # same.txt: unchanged
+    assert tether("pull", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    assert (ws.data / DS / "other.txt").read_text() == "theirs"
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+    # adopting it: a push writes the index, so the next diff needs no download
+    ws.write("mine.txt", "mine")
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    assert (rclone.data_dir / rclone.bucket / prefix / DS / ".tether" / "index").exists()  # type: ignore[operator]
+
+
+# -- secrets ------------------------------------------------------------------------------------
+def test_secrets_never_shown(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone)
+    r = tether("remote", "show", "s3", cwd=ws.root)
+    assert r.exit_code == 0
+    assert rclone.secret_key not in r.output and rclone.access_key not in r.output
+    assert "secret_access_key: ****" in r.stdout
+    assert rclone.secret_key not in (ws.root / "tether.toml").read_text()
+    _files(ws, 2)
+    audit_out = tmp_path / "audit.json"
+    assert tether("push", DS, "s3", "-y", "--audit-json-out", str(audit_out), cwd=ws.root).exit_code == 0
+    for text in ((ws.root / ".tether" / "audit.jsonl").read_text(), audit_out.read_text()):
+        assert rclone.secret_key not in text and rclone.access_key not in text
+
+
+# -- import-rclone ------------------------------------------------------------------------------
+RCLONE_CONF = """
+[r2]
+type = s3
+provider = Cloudflare
+access_key_id = R2KEYID
+secret_access_key = R2SECRETVALUE
+endpoint = https://acc123.r2.cloudflarestorage.com
+acl = private
+
+[hpc]
+type = sftp
+host = login.hpc.example.org
+user = alice
+port = 2222
+key_file = ~/.ssh/id_hpc
+
+[gdrive]
+type = drive
+"""
+
+
+def test_import_rclone_s3_and_sftp(tmp_path: Path, tether: Tether) -> None:
+    ws = make_workspace(tmp_path)
+    conf = tmp_path / "rclone.conf"
+    conf.write_text(RCLONE_CONF)
+    r = tether("remote", "import-rclone", "r2:datasets/team", "--config", str(conf), cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert "R2SECRETVALUE" not in r.output
+    shared = tomlkit.parse((ws.root / "tether.toml").read_text())["remotes"]["r2"]
+    assert dict(shared) == {
+        "url": "s3://datasets/team",
+        "endpoint": "https://acc123.r2.cloudflarestorage.com",
+        "region": "auto",
+    }
+    local = tomlkit.parse((ws.root / ".tether" / "config.local.toml").read_text())["remotes"]["r2"]
+    assert dict(local) == {"access_key_id": "R2KEYID", "secret_access_key": "R2SECRETVALUE"}
+    assert "R2SECRETVALUE" not in tether("remote", "show", "r2", cwd=ws.root).output
+
+    r = tether("remote", "import-rclone", "hpc:/scratch/alice/data", "--config", str(conf), cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    hpc = tomlkit.parse((ws.root / "tether.toml").read_text())["remotes"]["hpc"]
+    assert dict(hpc) == {
+        "url": "ssh://alice@login.hpc.example.org:2222/scratch/alice/data",
+        "identity_file": "~/.ssh/id_hpc",
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("gdrive:x", ["'drive'", "s3, sftp"]),
+        ("r2", ["which bucket"]),
+        ("hpc:relative", ["absolute folder"]),
+        ("nothere:b", ["no remote 'nothere'", "r2, hpc, gdrive"]),
+    ],
+)
+def test_import_rclone_refusals_exit_2(tmp_path: Path, tether: Tether, spec: str, words: list[str]) -> None:
+    ws = make_workspace(tmp_path)
+    conf = tmp_path / "rclone.conf"
+    conf.write_text(RCLONE_CONF)
+    r = tether("remote", "import-rclone", spec, "--config", str(conf), cwd=ws.root)
+    assert r.exit_code == 2, r.output
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+def test_imported_rclone_remote_works_end_to_end(
+    rclone: S3Server, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = make_workspace(tmp_path)
+    conf = tmp_path / "rclone.conf"
+    conf.write_text(
+        f"[local-s3]\ntype = s3\nprovider = Other\nendpoint = {rclone.endpoint}\n"
+        f"access_key_id = {rclone.access_key}\nsecret_access_key = {rclone.secret_key}\n"
+    )
+    monkeypatch.setenv("RCLONE_CONFIG", str(conf))  # the default location, as rclone reads it
+    prefix = unique_prefix()
+    r = tether("remote", "import-rclone", f"local-s3:{rclone.bucket}/{prefix}", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert "generic S3-compatible" in r.stdout
+    files = _files(ws, 3)
+    assert tether("push", DS, "local-s3", "-y", cwd=ws.root).exit_code == 0
+    stored = rclone.data_dir / rclone.bucket / prefix / DS  # type: ignore[operator]
+    assert {
+        str(p.relative_to(stored)): p.read_bytes()
+        for p in stored.rglob("*")
+        if p.is_file() and ".tether" not in p.parts
+    } == files

@@ -1,0 +1,321 @@
+"""The command line with SSH remotes against a real sshd: the round trip, one authentication per
+run, kills and cut links that a rerun repairs, the remote lock, and every connection failure as
+exit 5 with a one-line message and a hint (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
+from sshd import HOST, Relay, SshServer, add_remote, sshd_fixture  # noqa: F401
+from tether.config import RemoteConfig
+from tether.errors import ExitCode
+from tether.lock import Lease
+from tether.paths import TEMP_MARKER
+from tether.remotes import open_remote
+
+DS = "ns/ds"
+
+
+@pytest.fixture
+def hpc(tmp_path: Path, sshd: SshServer) -> WorkspaceFixture:
+    """A workspace whose remote ``hpc`` is ``ssh://tether-test/<remote_dir>``."""
+    ws = make_workspace(tmp_path)
+    add_remote(ws.root, "hpc", f"ssh://{HOST}{ws.remote_dir}", sshd.options())
+    return ws
+
+
+def _files(ws: WorkspaceFixture, n: int, prefix: str = "f") -> dict[str, bytes]:
+    files = {f"d{i % 4}/{prefix}{i:03d}.txt": f"{prefix} {i}\n".encode() * (i + 1) for i in range(n)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    return files
+
+
+def _remote_tree(ws: WorkspaceFixture) -> dict[str, bytes]:
+    root = ws.remote_dir / DS
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".tether" not in p.relative_to(root).parts
+    }
+
+
+def _no_temp_files(*roots: Path) -> None:
+    left = [str(p) for root in roots for p in root.rglob(f"*{TEMP_MARKER}*")]
+    assert left == []
+
+
+def _clean_error(r: Result, code: int, *words: str) -> None:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    assert "error:" in r.stderr and "hint:" in r.stderr
+    for word in words:
+        assert word in r.stderr, r.stderr
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def test_push_diff_pull_round_trip(
+    hpc: WorkspaceFixture, tmp_path: Path, sshd: SshServer, tether: Callable[..., Result]
+) -> None:
+    files = _files(hpc, 40)
+    assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 1
+    r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert _remote_tree(hpc) == files
+    assert (hpc.remote_dir / DS / ".tether" / "index").exists()
+    assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 0
+
+    # a collaborator pulls through the host:path shorthand, changes a file, pushes it back
+    other = make_workspace(tmp_path, "ws2", hpc.remote_dir)
+    add_remote(other.root, "cluster", f"{HOST}:{hpc.remote_dir}", sshd.options())
+    r = tether("pull", DS, "cluster", "-y", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    assert {k: (other.data / DS / k).read_bytes() for k in files} == files
+    other.write("d0/f000.txt", b"edited on the cluster side\n")
+    other.write("new.txt", b"new\n")
+    assert tether("push", DS, "cluster", "-y", cwd=other.root).exit_code == 0
+    r = tether("pull", DS, "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert (hpc.data / DS / "d0/f000.txt").read_bytes() == b"edited on the cluster side\n"
+    assert (hpc.data / DS / "new.txt").read_bytes() == b"new\n"
+    assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 0
+    _no_temp_files(hpc.remote_dir, hpc.root, other.root)
+
+
+def test_a_whole_push_authenticates_once(hpc: WorkspaceFixture, sshd: SshServer, tether) -> None:
+    _files(hpc, 200)
+    before = sshd.auth_count()
+    r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert sshd.auth_count() - before == 1
+    assert len(_remote_tree(hpc)) == 200
+
+
+def test_hostile_names_round_trip_through_the_cli(
+    hpc: WorkspaceFixture, tmp_path: Path, sshd, tether
+) -> None:
+    names = [
+        "a b.txt",
+        "q'uote\".txt",
+        "$(touch PWNED).txt",
+        "nl\nname.txt",
+        "ünï 日本.txt",
+        "sp ace/x y.txt",
+    ]
+    for name in names:
+        hpc.write(name, name.encode())
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    assert _remote_tree(hpc) == {n: n.encode() for n in names}
+    other = make_workspace(tmp_path, "ws2", hpc.remote_dir)
+    add_remote(other.root, "hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options())
+    assert tether("pull", DS, "hpc", "-y", cwd=other.root).exit_code == 0
+    assert {n: (other.data / DS / n).read_bytes() for n in names} == {n: n.encode() for n in names}
+    assert not any(
+        p.name == "PWNED" for root in (hpc.root, other.root, hpc.remote_dir) for p in root.rglob("*")
+    )
+
+
+# -- faults -------------------------------------------------------------------------------------
+def test_killed_push_then_rerun_converges(hpc: WorkspaceFixture, sshd: SshServer) -> None:
+    files = _files(hpc, 30)
+    hpc.write("big.bin", os.urandom(3 * 1024 * 1024))
+    r = run_subprocess(["push", DS, "hpc", "-y"], cwd=hpc.root, env={"TETHER_FAULT_KILL_AT": "uploaded:12"})
+    assert r.exit_code == -9, r.output
+    remote = {k: v for k, v in _remote_tree(hpc).items() if TEMP_MARKER not in k}
+    assert remote  # the helper completes (verified) what it had received, or removes it
+    for rel, data in remote.items():  # whatever landed is complete: nothing torn
+        assert data == (hpc.data / DS / rel).read_bytes()
+    r = run_subprocess(["push", DS, "hpc", "-y"], cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert _remote_tree(hpc) == {**files, "big.bin": (hpc.data / DS / "big.bin").read_bytes()}
+    _no_temp_files(hpc.remote_dir)
+    assert run_subprocess(["diff", DS, "hpc"], cwd=hpc.root).exit_code == 0
+    assert not (hpc.remote_dir / DS / ".tether" / "lock").exists()
+
+
+def test_link_cut_mid_push_is_exit_5_and_rerun_converges(
+    hpc: WorkspaceFixture, tmp_path: Path, sshd: SshServer, tether
+) -> None:
+    files = {f"d/f{i:02d}.bin": os.urandom(128 * 1024) for i in range(24)}
+    for rel, data in files.items():
+        hpc.write(rel, data)
+    relay = Relay(sshd.port)
+    try:
+        config = sshd.client_config(tmp_path / "relay_config", port=relay.port)
+        add_remote(hpc.root, "far", f"ssh://{HOST}{hpc.remote_dir}", sshd.options(config))
+        relay.cut_after(1024 * 1024)
+        r = run_subprocess(["push", DS, "far", "-y"], cwd=hpc.root)
+        _clean_error(r, ExitCode.UNREACHABLE, "lost the connection")
+        sshd.wait_sessions_closed()
+        landed = {k: v for k, v in _remote_tree(hpc).items() if TEMP_MARKER not in k}
+        assert len(landed) < len(files)
+        assert all(files[rel] == data for rel, data in landed.items())  # nothing torn
+        relay.limit = None
+        r = run_subprocess(["push", DS, "far", "-y"], cwd=hpc.root)
+        assert r.exit_code == 0, r.output
+    finally:
+        relay.close()
+    assert _remote_tree(hpc) == files
+    _no_temp_files(hpc.remote_dir)
+
+
+def test_lock_held_by_another_process_is_exit_6(hpc: WorkspaceFixture, sshd: SshServer, tether) -> None:
+    _files(hpc, 3)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    hpc.write("more.txt", "more")
+    holder = open_remote(RemoteConfig("hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options(), "test"))
+    try:
+        holder.check()
+        with Lease(holder, DS, operation="push", host="another-host"):
+            r = run_subprocess(["push", DS, "hpc", "-y"], cwd=hpc.root)
+            assert r.exit_code == ExitCode.LOCKED, r.output
+            assert "another-host" in r.stderr
+            status = tether("lock", "status", DS, "hpc", cwd=hpc.root)
+            assert "another-host" in status.stdout
+    finally:
+        holder.close()
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+
+
+# -- connection failures: exit 5, one line, a hint ----------------------------------------------
+def _bad_remote(ws: WorkspaceFixture, server: SshServer, tmp_path: Path, **config: object) -> None:
+    options = dict(config.pop("options", {}))  # type: ignore[call-overload]
+    path = server.client_config(tmp_path / "bad_config", **config)  # type: ignore[arg-type]
+    add_remote(ws.root, "bad", f"ssh://{HOST}{ws.remote_dir}", server.options(path, **options))
+
+
+def test_unknown_host_key_is_exit_5_with_fingerprint(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    _bad_remote(hpc, sshd, tmp_path, known_hosts=empty)
+    r = tether("diff", DS, "bad", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "host key", "not known", "SHA256:", "ssh-keyscan")
+    assert empty.read_text() == ""  # never accepted silently
+
+
+def test_changed_host_key_is_exit_5_with_the_removal_command(
+    hpc, tmp_path: Path, sshd: SshServer, tether
+) -> None:
+    wrong = tmp_path / "wrong_known_hosts"
+    other = (sshd.client_key.with_suffix(".pub")).read_text().split()
+    wrong.write_text(f"tether-test-sshd {other[0]} {other[1]}\n")  # some other ed25519 key
+    _bad_remote(hpc, sshd, tmp_path, known_hosts=wrong)
+    r = tether("push", DS, "bad", "-y", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "CHANGED", "SHA256:", "ssh-keygen")
+
+
+def test_wrong_key_is_exit_5(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    key = tmp_path / "not_authorized"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    _bad_remote(hpc, sshd, tmp_path, identity=key)
+    r = tether("diff", DS, "bad", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "authentication", "Permission denied")
+
+
+def test_connection_refused_is_exit_5(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    _bad_remote(hpc, sshd, tmp_path, port=closed)
+    r = tether("pull", DS, "bad", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "refused", str(closed))
+
+
+def test_hung_host_times_out_with_exit_5(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never says a word
+        _bad_remote(hpc, sshd, tmp_path, port=silent.getsockname()[1], options={"connect_timeout": 1})
+        r = tether("diff", DS, "bad", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "cannot reach", "timed out")
+
+
+def test_missing_python_is_exit_5_with_the_fix(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    _bad_remote(hpc, sshd, tmp_path, options={"python": "python3-not-installed"})
+    r = tether("diff", DS, "bad", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "python3-not-installed", "not found", "python =")
+
+
+def test_missing_ssh_client_is_exit_5(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    _bad_remote(hpc, sshd, tmp_path, options={"ssh_command": "ssh-not-installed"})
+    r = tether("push", DS, "bad", "-y", cwd=hpc.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "ssh-not-installed", "apt-get install openssh-client")
+
+
+def test_base_path_problems_are_exit_5(hpc: WorkspaceFixture, sshd: SshServer, tether) -> None:
+    hpc.write("a.txt", "a")
+    as_file = hpc.remote_dir.parent / "a-file"
+    as_file.write_text("not a folder")
+    add_remote(hpc.root, "file", f"ssh://{HOST}{as_file}", sshd.options())
+    _clean_error(tether("push", DS, "file", "-y", cwd=hpc.root), ExitCode.UNREACHABLE, "is a file")
+    add_remote(hpc.root, "missing", f"ssh://{HOST}{hpc.remote_dir}/nope", sshd.options())
+    _clean_error(
+        tether("diff", DS, "missing", cwd=hpc.root), ExitCode.UNREACHABLE, "does not exist", "mkdir -p"
+    )
+
+
+def test_permission_denied_on_the_base_path_is_exit_5(tmp_path: Path, sshd: SshServer, tether) -> None:
+    """Root reads everything, so the helper is run as ``nobody`` (setpriv) against a 0700 folder."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0)
+        if os.access(locked, os.R_OK):
+            pytest.skip("this user bypasses permissions")
+        python = "python3"
+    else:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root bypasses permissions and setpriv (util-linux) is missing to drop them")
+        python = "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3"
+    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"tether-perm-{os.getpid()}"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    try:
+        locked = shared / "locked"
+        locked.mkdir(mode=0o700, exist_ok=True)
+        ws = make_workspace(tmp_path)
+        ws.write("a.txt", "a")
+        add_remote(ws.root, "hpc", f"ssh://{HOST}{locked}", sshd.options(python=python))
+        r = tether("push", DS, "hpc", "-y", cwd=ws.root)
+        _clean_error(r, ExitCode.UNREACHABLE, "permission denied")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+# -- tether remote test -------------------------------------------------------------------------
+def test_remote_test_passes_on_a_good_remote(hpc: WorkspaceFixture, tether) -> None:
+    r = tether("remote", "test", "hpc", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    for check in (
+        "reachability",
+        "authentication",
+        "python3",
+        "write permission",
+        "free space",
+        "clock skew",
+    ):
+        assert any(line.startswith("PASS") and check in line for line in r.stdout.splitlines()), r.stdout
+    assert "FAIL" not in r.stdout
+
+
+def test_remote_test_names_the_failing_check(hpc, tmp_path: Path, sshd: SshServer, tether) -> None:
+    _bad_remote(hpc, sshd, tmp_path, options={"python": "/no/python3"})
+    r = tether("remote", "test", "bad", cwd=hpc.root)
+    assert r.exit_code == ExitCode.UNREACHABLE, r.output
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("PASS") and "authentication" in line for line in lines)
+    failing = [line for line in lines if line.startswith("FAIL")]
+    assert len(failing) == 1 and "python3" in failing[0] and "/no/python3" in failing[0]
+    assert any("fix:" in line for line in lines)
+    assert any(line.startswith("SKIP") and "write permission" in line for line in lines)
+
+
+def test_remote_test_on_a_local_remote(ws: WorkspaceFixture, tether) -> None:
+    r = tether("remote", "test", "store", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert "PASS  base folder" in r.stdout and "write permission" in r.stdout

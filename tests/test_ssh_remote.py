@@ -1,0 +1,482 @@
+"""The SSH backend against a real sshd (tests/sshd.py): what the shared conformance suite does
+not cover. Streams, resume of interrupted large uploads, dropped links, the remote hash cache,
+hostile names, symlinks on the remote, the helper on an old Python, and options."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import WorkspaceFixture, make_workspace, run_subprocess
+from sshd import HOST, Relay, SshServer, add_remote, get_server, ssh_remote, sshd_fixture  # noqa: F401
+from tether import sync
+from tether.config import RemoteConfig
+from tether.errors import (
+    ConfigError,
+    DiskFullError,
+    ExitCode,
+    InvalidPath,
+    RemoteUnavailable,
+    ScanError,
+    VerificationError,
+)
+from tether.paths import TEMP_MARKER
+from tether.remotes import open_remote
+from tether.remotes import ssh as ssh_mod
+from tether.remotes.base import BatchTransfers, TransferItem
+from tether.remotes.ssh import PythonMissing, SshRemote
+
+HELPER = Path(ssh_mod.__file__).with_name("ssh_helper.py")
+HOSTILE = [
+    "with space.txt",
+    'quote\'s "double".txt',
+    "$(touch PWNED).txt",
+    "back`tick`;|&>.txt",
+    "new\nline.txt",
+    "naïve-日本語-😀.txt",
+    "-dash-first.txt",
+    "sub dir/*glob?[x].txt",
+]
+
+
+def _item(root: Path, rel: str, data: bytes, remote_path: str, mtime_ns: int = 1_650_000_000_123_456_789):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return TransferItem(remote_path, path, len(data), hashlib.sha256(data).hexdigest(), mtime_ns)
+
+
+def _temp_files(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if TEMP_MARKER in p.name and p.is_file()]
+
+
+@pytest.fixture
+def remote(tmp_path: Path, sshd: SshServer) -> Iterator[SshRemote]:
+    r = ssh_remote(tmp_path)
+    r.check()
+    yield r
+    r.close()
+
+
+def remote_root(r: SshRemote) -> Path:
+    return Path(r.settings.path)
+
+
+# -- the helper itself --------------------------------------------------------------------------
+def test_helper_is_python_38_syntax() -> None:
+    ast.parse(HELPER.read_text(), feature_version=(3, 8))
+
+
+def _old_python(version: str) -> str | None:
+    """A real interpreter of that version (pyenv's shims only work for the selected one)."""
+    hits = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/python{version}")))
+    for found in [*hits, shutil.which(f"python{version}")]:
+        if found and "/shims/" not in found:
+            return found
+    return None
+
+
+def test_helper_runs_on_python_38(tmp_path: Path, sshd: SshServer) -> None:
+    python = _old_python("3.8")
+    if python is None:
+        pytest.skip("no python3.8 on this machine to run the helper with")
+    r = ssh_remote(tmp_path, python=python)
+    try:
+        r.check()
+        assert r.control().hello["python"][:2] == [3, 8]
+        items = [_item(tmp_path / "src", f"d/f{i}", os.urandom(i * 1000), f"ds/d/f{i}") for i in range(5)]
+        items.append(_item(tmp_path / "src", "big", os.urandom(3 * 1024 * 1024 + 7), "ds/big"))
+        done: list[object] = []
+        r.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: done.append(e))
+        assert done == [None] * 6
+        assert sorted(s.path for s in r.list_files("ds")) == ["big", *(f"d/f{i}" for i in range(5))]
+        assert r.hash_files(["ds/big"]) == {"ds/big": items[-1].digest}
+    finally:
+        r.close()
+
+
+def test_too_old_python_is_exit_5_with_the_fix(tmp_path: Path, sshd: SshServer) -> None:
+    python = _old_python("3.7")
+    if python is None:
+        pytest.skip("no python3.7 on this machine")
+    r = ssh_remote(tmp_path, python=python)
+    with pytest.raises(PythonMissing) as info:
+        r.check()
+    r.close()
+    assert "3.7" in info.value.message and "3.8" in info.value.message
+    assert info.value.exit_code == ExitCode.UNREACHABLE
+    assert "python =" in info.value.hint
+
+
+def test_missing_python_is_exit_5(tmp_path: Path, sshd: SshServer) -> None:
+    r = ssh_remote(tmp_path, python="/nonexistent/python3")
+    with pytest.raises(PythonMissing) as info:
+        r.check()
+    r.close()
+    assert "/nonexistent/python3" in info.value.message
+    assert info.value.exit_code == ExitCode.UNREACHABLE
+
+
+def test_is_a_batch_backend(remote: SshRemote) -> None:
+    assert isinstance(remote, BatchTransfers)
+
+
+# -- streams ------------------------------------------------------------------------------------
+def test_hostile_names_round_trip_and_inject_nothing(remote: SshRemote, tmp_path: Path) -> None:
+    items = [
+        _item(tmp_path / "src", f"f{i}", name.encode() * 3, f"ds/{name}") for i, name in enumerate(HOSTILE)
+    ]
+    errors: list[object] = []
+    remote.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: errors.append(e))
+    assert errors == [None] * len(items)
+    listed = {s.path: s for s in remote.list_files("ds")}
+    assert set(listed) == set(HOSTILE)
+    assert all(listed[n].mtime_ns == 1_650_000_000_123_456_789 for n in HOSTILE)
+    back = [
+        TransferItem(i.path, tmp_path / "back" / str(n), i.size, i.digest, i.mtime_ns)
+        for n, i in enumerate(items)
+    ]
+    errors.clear()
+    remote.get_many(back, on_bytes=lambda n: None, on_done=lambda i, e: errors.append(e))
+    assert errors == [None] * len(items)
+    for n, name in enumerate(HOSTILE):
+        assert (tmp_path / "back" / str(n)).read_bytes() == name.encode() * 3
+    assert remote.hash_files([f"ds/{n}" for n in HOSTILE]) == {i.path: i.digest for i in items}
+    assert not list(Path.home().glob("PWNED*")) and not list(remote_root(remote).rglob("PWNED"))
+
+
+def test_one_stream_many_files_with_failures_reported_per_file(remote: SshRemote, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    items = [
+        _item(src, f"f{i:04d}", f"content {i}".encode() * (i % 7), f"ds/d{i % 10}/f{i:04d}")
+        for i in range(1500)
+    ]
+    bad = items[700]
+    items[700] = TransferItem(bad.path, bad.local, bad.size, "0" * 64, bad.mtime_ns)  # wrong digest
+    missing = _item(src, "gone", b"x", "ds/gone")
+    missing.local.unlink()  # deleted after the scan
+    outcome: dict[str, BaseException | None] = {}
+    sent: list[int] = []
+    remote.put_many(
+        [*items, missing], on_bytes=sent.append, on_done=lambda i, e: outcome.__setitem__(i.path, e)
+    )
+    assert len(outcome) == 1501, sorted({i.path for i in items} - set(outcome))[:10]
+    assert isinstance(outcome[bad.path], VerificationError)
+    assert isinstance(outcome["ds/gone"], FileNotFoundError)
+    assert sum(1 for e in outcome.values() if e is None) == 1499
+    listed = {s.path for s in remote.list_files("ds")}
+    assert len(listed) == 1499 and "d0/f0700" not in listed
+    assert _temp_files(remote_root(remote)) == []
+
+
+def test_requests_do_not_grow_with_the_number_of_files(
+    tmp_path: Path,
+    sshd: SshServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A no-op diff is one listing plus one index read; a push streams: no per-file requests."""
+    calls: list[str] = []
+    real_call = ssh_mod._Channel.call
+
+    def counting(self, op, payload=b"", **fields):  # type: ignore[no-untyped-def]
+        calls.append(op)
+        return real_call(self, op, payload, **fields)
+
+    monkeypatch.setattr(ssh_mod._Channel, "call", counting)
+    counts = {}
+    for n in (5, 300):
+        ws = make_workspace(tmp_path / f"n{n}", remote_dir=tmp_path / f"n{n}" / "remote")
+        _add_remote(ws, get_server())
+        for i in range(n):
+            ws.write(f"d{i % 7}/f{i}.txt", f"file {i}")
+        calls.clear()
+        sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+        pushed = list(calls)
+        calls.clear()
+        assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+        counts[n] = (pushed, list(calls))
+    assert counts[5] == counts[300]
+    assert counts[300][1] == ["list", "read"]  # after the pipelined init at start
+
+
+def _add_remote(ws: WorkspaceFixture, server: SshServer, name: str = "hpc", **options: object) -> None:
+    add_remote(ws.root, name, f"ssh://{HOST}{ws.remote_dir}", server.options(**options))
+
+
+# -- resume and dropped links -------------------------------------------------------------------
+@pytest.fixture
+def relay(sshd: SshServer) -> Iterator[Relay]:
+    r = Relay(sshd.port)
+    yield r
+    r.close()
+
+
+def _relay_remote(tmp_path: Path, server: SshServer, relay: Relay, name: str = "remote-root") -> SshRemote:
+    config = server.client_config(tmp_path / f"relay_config_{relay.port}", port=relay.port)
+    root = tmp_path / name
+    root.mkdir(exist_ok=True)
+    return open_remote(RemoteConfig("r", f"ssh://{HOST}{root}", server.options(config), "test"))  # type: ignore[return-value]
+
+
+def test_interrupted_large_upload_resumes_from_its_verified_prefix(
+    tmp_path: Path,
+    sshd: SshServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
+    data = os.urandom(12 * 1024 * 1024)
+    item = _item(tmp_path / "src", "big.bin", data, "ds/big.bin")
+    first = Relay(sshd.port)
+    first.cut_after(5 * 1024 * 1024)  # the link dies mid-file
+    r = _relay_remote(tmp_path, sshd, first)
+    with pytest.raises(RemoteUnavailable) as info:
+        r.put_file(item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns)
+    r.close()
+    first.close()
+    assert "lost the connection" in info.value.message
+    sshd.wait_sessions_closed()
+    root = tmp_path / "remote-root"
+    parts = [p for p in (root / "ds").iterdir() if p.name.endswith(".part")]
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(data)
+    assert not (root / "ds" / "big.bin").exists()  # nothing torn under the real name
+    have = parts[0].stat().st_size
+
+    second = Relay(sshd.port)
+    r = _relay_remote(tmp_path, sshd, second)
+    assert r.cleanup_temp("ds") == 0  # a recent resumable .part is kept by the clean-up
+    r.put_file(item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns)
+    r.close()
+    second.close()
+    assert (root / "ds" / "big.bin").read_bytes() == data
+    assert second.bytes_up < len(data) - have + 1024 * 1024  # only the rest crossed the link
+    assert _temp_files(root) == []
+
+
+def test_a_partial_that_does_not_match_is_not_resumed(
+    remote: SshRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
+    data = os.urandom(3 * 1024 * 1024)
+    item = _item(tmp_path / "src", "big.bin", data, "ds/big.bin")
+    folder = remote_root(remote) / "ds"
+    folder.mkdir()
+    part = folder / f".big.bin{TEMP_MARKER}{item.digest[:16]}.part"
+    part.write_bytes(b"garbage" * 1000)  # not a prefix of our file
+    stale = folder / f".big.bin{TEMP_MARKER}{'0' * 16}.part"
+    stale.write_bytes(b"an older version's partial upload")
+    remote.put_file(item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns)
+    assert (folder / "big.bin").read_bytes() == data
+    assert not part.exists() and not stale.exists()
+
+
+def test_cleanup_keeps_only_recent_resumable_parts(remote: SshRemote) -> None:
+    folder = remote_root(remote) / "ds" / "sub"
+    folder.mkdir(parents=True)
+    recent = folder / f".a{TEMP_MARKER}0123456789abcdef.part"
+    old = folder / f".b{TEMP_MARKER}0123456789abcdef.part"
+    plain = folder / f".c{TEMP_MARKER}abc123"
+    for p in (recent, old, plain):
+        p.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert remote.cleanup_temp("ds") == 2
+    assert recent.exists() and not old.exists() and not plain.exists()
+
+
+def test_killed_master_mid_push_is_exit_5_and_rerun_converges(
+    tmp_path: Path,
+    sshd: SshServer,
+    relay: Relay,
+) -> None:
+    ws = make_workspace(tmp_path)
+    config = sshd.client_config(tmp_path / "relay_config", port=relay.port)
+    _add_remote(ws, sshd, ssh_config=str(config))
+    files = {f"d{i % 5}/f{i:03d}.bin": os.urandom(64 * 1024) for i in range(60)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    relay.stall_after(1024 * 1024)  # about a quarter of the push, then the link hangs
+    push = subprocess.Popen(
+        [sys.executable, "-m", "tether", "push", "ns/ds", "hpc", "-y"],
+        cwd=ws.root,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stalled.wait(30)
+        masters = _master_pids(config)
+        assert len(masters) == 1
+        os.kill(masters[0], signal.SIGKILL)  # the ssh master dies: every channel over it is gone
+        out, err = push.communicate(timeout=60)
+    finally:
+        if push.poll() is None:
+            push.kill()
+        relay.drop()
+    assert push.returncode == ExitCode.UNREACHABLE, out + err
+    assert "Traceback" not in err and "hint:" in err
+    sshd.wait_sessions_closed()
+    relay.limit = None
+    r = run_subprocess(["push", "ns/ds", "hpc", "-y"], cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    for rel, data in files.items():
+        assert (ws.remote_dir / "ns/ds" / rel).read_bytes() == data
+    assert _temp_files(ws.remote_dir) == []
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+
+
+def _master_pids(config: Path) -> list[int]:
+    """ssh master processes started with this test's private config (found by their argv)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config).encode() in argv and b"ControlMaster=yes" in argv:
+            found.append(int(entry.name))
+    return found
+
+
+# -- the remote filesystem ----------------------------------------------------------------------
+def test_remote_hash_cache_is_reused_and_invalidated_by_ctime(remote: SshRemote, tmp_path: Path) -> None:
+    root = remote_root(remote) / "ds"
+    (root / ".tether").mkdir(parents=True)
+    target = root / "a.bin"
+    target.write_bytes(b"one" * 1000)
+    old = time.time() - 100
+    os.utime(target, (old, old))  # not racy: written well before it is hashed
+    first = remote.hash_files(["ds/a.bin"])
+    assert first == {"ds/a.bin": hashlib.sha256(b"one" * 1000).hexdigest()}
+    assert (root / ".tether" / "hashcache.json").exists()
+    st = target.stat()
+    target.write_bytes(b"two" * 1000)  # same size, mtime put back: only ctime tells
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert remote.hash_files(["ds/a.bin"]) == {"ds/a.bin": hashlib.sha256(b"two" * 1000).hexdigest()}
+    assert remote.hash_files(["ds/a.bin"], use_cache=False) == {
+        "ds/a.bin": hashlib.sha256(b"two" * 1000).hexdigest()
+    }
+
+
+def test_symlinks_on_the_remote_are_refused(remote: SshRemote, tmp_path: Path) -> None:
+    root = remote_root(remote) / "ds"
+    root.mkdir()
+    (root / "real.txt").write_text("x")
+    (root / "link.txt").symlink_to(root / "real.txt")
+    with pytest.raises(ScanError) as info:
+        list(remote.list_files("ds"))
+    assert "link.txt" in info.value.message
+    (root / "link.txt").unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "sub").symlink_to(outside)
+    item = _item(tmp_path / "src", "f", b"data", "ds/sub/f")
+    with pytest.raises(InvalidPath):
+        remote.put_file(item.local, item.path, digest=item.digest, mtime_ns=0)
+    assert list(outside.iterdir()) == []
+
+
+def test_create_exclusive_has_one_winner(tmp_path: Path, sshd: SshServer) -> None:
+    a = ssh_remote(tmp_path, name="shared")
+    b = SshRemote(a.url, a.settings)
+    try:
+        a.check()
+        b.check()
+        results: list[bool] = []
+        barrier = threading.Barrier(2)
+
+        def take(r: SshRemote, tag: bytes) -> None:
+            barrier.wait()
+            results.append(r.create_exclusive("ds/.tether/lock", tag))
+
+        threads = [threading.Thread(target=take, args=(r, t)) for r, t in ((a, b"a"), (b, b"b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False, True]
+        assert a.read_bytes("ds/.tether/lock") in (b"a", b"b")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_full_remote_disk_is_disk_full_error(tmp_path: Path, sshd: SshServer) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    try:
+        r = open_remote(RemoteConfig("r", f"ssh://{HOST}{mount}", sshd.options(), "test"))
+        r.check()
+        items = [_item(tmp_path / "src", f"f{i}", os.urandom(300 * 1024), f"ds/f{i}") for i in range(6)]
+        done: list[BaseException | None] = []
+        with pytest.raises(DiskFullError) as info:
+            r.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: done.append(e))  # type: ignore[attr-defined]
+        assert info.value.exit_code == ExitCode.REFUSED
+        assert "no space left" in info.value.message
+        assert 1 <= done.count(None) < 6
+        r.close()
+        assert _temp_files(mount) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+# -- settings -----------------------------------------------------------------------------------
+def test_unknown_or_mistyped_options_are_config_errors(tmp_path: Path) -> None:
+    for options, words in (
+        ({"identity": "~/.ssh/id"}, "unknown SSH option"),
+        ({"port": "22"}, "port"),
+        ({"batch_mode": "no"}, "batch_mode"),
+        ({"ssh_options": 3}, "ssh_options"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            open_remote(RemoteConfig("r", "ssh://h/p", options, "test"))
+        assert words in info.value.message
+
+
+def test_settings_from_url_and_options(tmp_path: Path) -> None:
+    r = open_remote(
+        RemoteConfig(
+            "r",
+            "ssh://alice@hpc:2222/~/data",
+            {"ssh_options": ["-o ProxyJump=login", "Compression=yes"], "identity_file": "~/.ssh/k"},
+            "test",
+        )
+    )
+    assert isinstance(r, SshRemote)
+    s = r.settings
+    assert (s.host, s.user, s.port, s.path) == ("hpc", "alice", 2222, "~/data")
+    assert s.ssh_options == ("-o", "ProxyJump=login", "-o", "Compression=yes")
+    assert s.identity_file == os.path.expanduser("~/.ssh/k")
+    short = open_remote(RemoteConfig("r", "hpc:data", {}, "test"))
+    assert isinstance(short, SshRemote) and short.settings.path == "data"  # below the remote home
+
+
+def test_shell_startup_chatter_before_the_helper_is_skipped(tmp_path: Path, sshd: SshServer) -> None:
+    """A ~/.bashrc that prints (a module system's banner) must not break the protocol."""
+    r = ssh_remote(tmp_path, python="echo 'Welcome to the cluster!'; printf '\\000\\001junk'; python3")
+    try:
+        r.check()
+        assert r.control().chatter > 20
+        r.write_bytes_atomic("ds/x", b"ok")
+        assert r.read_bytes("ds/x") == b"ok"
+    finally:
+        r.close()
