@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ from tether.verify import VerifyReport, raise_if_failed, verify_transfers
 from tether.workspace import Dataset, Workspace, check_remote_name
 
 DEFAULT_JOBS = 8
+HASH_THREADS = max(2, os.cpu_count() or 2)  # hashing is CPU work: one thread per core
 Confirm = Callable[[Plan], bool]
 
 
@@ -109,7 +111,11 @@ def open_context(
         known = ", ".join(sorted(ws.settings.remotes)) or "none configured"
         raise UnknownRemote(f"unknown remote {remote_name!r} (known: {known})")
     remote = open_remote(config, workspace_root=ws.root)
-    remote.check()
+    try:
+        remote.check()
+    except BaseException:
+        remote.close()  # an SSH master or helper must not outlive a failed check
+        raise
     ctx = Context(
         ws,
         dataset,
@@ -146,7 +152,7 @@ def scan_local(ctx: Context) -> Manifest:
             stats,
             cache,
             cache_prefix=f"{ds.path}/",
-            jobs=max(2, ctx.jobs),
+            jobs=HASH_THREADS,
             on_hashed=lambda f, b: ctx.progress.advance(files=f, bytes=b),
             force=ctx.checksum,
         )
@@ -219,7 +225,9 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
             unknown.append(st)
     if unknown:
         ctx.progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
-        digests = ctx.remote.hash_files(f"{ctx.dataset.id}/{s.path}" for s in unknown)
+        digests = ctx.remote.hash_files(
+            (f"{ctx.dataset.id}/{s.path}" for s in unknown), use_cache=not ctx.checksum
+        )
         for st in unknown:
             entries.append(Entry(st.path, st.size, st.mtime_ns, digests[f"{ctx.dataset.id}/{st.path}"]))
             ctx.progress.advance(files=1, bytes=st.size)
@@ -659,6 +667,8 @@ def _finish(
     verification: VerifyReport | None,
     audit_out: Path | None,
 ) -> SyncResult:
+    for notice in getattr(ctx.remote, "notices", ()):  # a backend's warnings (e.g. a weaker lock)
+        ctx.progress.message(notice)
     record.finished = time.time()
     log = None if record.state == "dry-run" else ctx.workspace.audit_log
     audit.append(log, record, audit_out)

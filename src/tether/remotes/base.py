@@ -112,8 +112,9 @@ class Remote(Protocol):
     def delete(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""
 
-    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
-        """Digests computed where the data lives (for files the index cannot vouch for)."""
+    def hash_files(self, paths: Iterable[str], *, use_cache: bool = True) -> dict[str, str]:
+        """Digests computed where the data lives (for files the index cannot vouch for);
+        ``use_cache=False`` (``--checksum``) rereads every byte even where a backend caches."""
 
     def cleanup_temp(self, prefix: str) -> int:
         """Remove temporary files a killed writer left below ``prefix`` (call under the lock)."""

@@ -113,7 +113,7 @@ class LocalRemote:
                 break
             parent = parent.parent
 
-    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
+    def hash_files(self, paths: Iterable[str], *, use_cache: bool = True) -> dict[str, str]:
         return {p: digest_file(self._abs(p)) for p in paths}
 
     def cleanup_temp(self, prefix: str) -> int:

@@ -426,7 +426,7 @@ class ObjectStoreRemote:
         chunks = iter(result.stream(min_chunk_size=CHUNK))
         return io.BufferedReader(_Reader(chunks, self, key), buffer_size=CHUNK)  # type: ignore[return-value]
 
-    def hash_files(self, paths: Iterable[str]) -> dict[str, str]:
+    def hash_files(self, paths: Iterable[str], *, use_cache: bool = True) -> dict[str, str]:
         """Download and hash (object stores cannot hash for us): correct, but costs the bytes."""
         paths = list(paths)
         for p in paths:
