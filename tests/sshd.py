@@ -386,10 +386,11 @@ class Relay:
 
 
 def add_remote(workspace_root: Path, name: str, url: str, options: dict[str, object]) -> None:
-    """Append ``[remotes.NAME]`` to a workspace's tether.toml (values quoted by tomlkit)."""
+    """Add ``[remotes.NAME]`` to the workspace's .tether/config.local.toml: ssh_config and the
+    other command-running options are refused in the committed tether.toml."""
     import tomlkit
 
-    path = workspace_root / "tether.toml"
-    doc = tomlkit.parse(path.read_text())
+    path = workspace_root / ".tether" / "config.local.toml"
+    doc = tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
     doc.setdefault("remotes", {})[name] = {"url": url, **options}
     path.write_text(tomlkit.dumps(doc))

@@ -782,3 +782,26 @@ def test_quiet_drops_warnings(ws: WorkspaceFixture, tether) -> None:
     assert r.exit_code == 0, r.output
     assert "warning" not in r.stderr
     assert "Pushed" in r.stdout
+
+
+def test_remote_add_keeps_secrets_and_commands_out_of_the_committed_file(
+    ws: WorkspaceFixture, tether
+) -> None:
+    r = tether(
+        "remote", "add", "r2", "s3://bucket/p",
+        "--set", "region=auto",
+        "--set", "secret_access_key=s3cr3t",
+        "--set", "python=python3.12",
+        cwd=ws.root,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "config.local.toml" in r.stdout
+    committed = (ws.root / "tether.toml").read_text()
+    assert "s3cr3t" not in committed and "python3.12" not in committed
+    assert "region" in committed
+    local = ws.root / ".tether" / "config.local.toml"
+    assert "s3cr3t" in local.read_text()
+    assert local.stat().st_mode & 0o077 == 0
+    r = tether("remote", "show", "r2", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert "s3cr3t" not in r.output

@@ -328,3 +328,22 @@ def test_write_toml_atomic_creates_parents(tmp_path: Path) -> None:
     write_toml_atomic(p, doc)
     assert read_toml(p) == {"k": "v"}
     assert sorted(f.name for f in p.parent.iterdir()) == [LOCAL_FILE]
+
+
+@pytest.mark.parametrize("key", ["ssh_command", "python", "ssh_options", "ssh_config"])
+def test_command_options_are_refused_in_the_committed_file(tmp_path: Path, key: str) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "tether.toml").write_text(f'[remotes.hpc]\nurl = "ssh://h/x"\n{key} = "evil"\n')
+    with pytest.raises(ConfigError, match=key) as info:
+        Settings.from_layers(load_layers(ws))
+    assert "config.local.toml" in info.value.hint
+
+
+def test_command_options_are_honoured_from_the_local_file(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / ".tether").mkdir(parents=True)
+    (ws / "tether.toml").write_text('[remotes.hpc]\nurl = "ssh://h/x"\n')
+    (ws / ".tether" / "config.local.toml").write_text('[remotes.hpc]\npython = "module load py; python3"\n')
+    settings = Settings.from_layers(load_layers(ws))
+    assert settings.remotes["hpc"].options["python"] == "module load py; python3"

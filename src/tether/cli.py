@@ -36,6 +36,7 @@ from rich.table import Table
 from tether import sync
 from tether._version import __version__
 from tether.config import (
+    COMMAND_OPTIONS,
     LOCAL_FILE,
     WORKSPACE_FILE,
     edit_toml,
@@ -318,12 +319,28 @@ def remote_add(name: str, url: str, sets: tuple[str, ...], local_only: bool) -> 
             hint=f"Remove it first with `tether remote remove {name}`, or override it for this "
             "machine only with --local.",
         )
+    options = _parse_sets(sets)
+    local_file = ws.state_dir / LOCAL_FILE
+    # Secrets never go into the committed file; command-running options are refused there.
+    private = {k: v for k, v in options.items() if is_secret(k) or k in COMMAND_OPTIONS}
+    if target == local_file:
+        private = {}
+    shared = {k: v for k, v in options.items() if k not in private}
     doc = edit_toml(target)
-    remotes = doc.setdefault("remotes", {})
-    remotes[name] = {"url": url, **_parse_sets(sets)}
+    doc.setdefault("remotes", {})[name] = {"url": url, **shared}
     write_toml_atomic(target, doc)
+    if private:
+        local_doc = edit_toml(local_file)
+        local_doc.setdefault("remotes", {})[name] = private
+        write_toml_atomic(local_file, local_doc)
+        local_file.chmod(0o600)
     note = f"; overrides the one in {existing.layer}" if existing is not None else ""
     out.print(f"Added remote {name} -> {url} (in {target.relative_to(ws.root)}){note}", markup=False)
+    if private:
+        out.print(
+            f"{', '.join(sorted(private))} went to {local_file.relative_to(ws.root)} (never committed).",
+            markup=False,
+        )
 
 
 @remote.command("list")

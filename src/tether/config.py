@@ -157,6 +157,7 @@ class Settings:
         remotes_raw = raw.get("remotes", {})
         if not isinstance(remotes_raw, Mapping):
             raise ConfigError("[remotes] must be a table of [remotes.NAME] tables")
+        _refuse_committed_commands(layers.files)
         remotes: dict[str, RemoteConfig] = {}
         for name, spec in remotes_raw.items():
             if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
@@ -168,6 +169,28 @@ class Settings:
             layer = _defining_layer(layers.files, name)
             remotes[name] = RemoteConfig(name, spec["url"], options, layer)
         return cls(data_root, sync, remotes, raw)
+
+
+# Options that decide which programs run (locally, or on the cluster under your account).
+COMMAND_OPTIONS = ("ssh_command", "python", "ssh_options", "ssh_config")
+
+
+def _refuse_committed_commands(files: list[Path]) -> None:
+    """A committed tether.toml reaches everyone who clones the project; `tether diff` must not
+    run a command a stranger wrote there. Such options belong to the user's own layers."""
+    for path in files:
+        if path.name != WORKSPACE_FILE:
+            continue
+        remotes = read_toml(path).get("remotes", {})
+        for name, spec in remotes.items() if isinstance(remotes, Mapping) else ():
+            found = [k for k in COMMAND_OPTIONS if isinstance(spec, Mapping) and k in spec]
+            if found:
+                raise ConfigError(
+                    f"remote {name!r} sets {', '.join(found)} in {path}, which is committed and shared: "
+                    "tether does not run commands from it",
+                    hint=f"Move those keys to .tether/config.local.toml under [remotes.{name}] (or to "
+                    "your user config), where only you decide what runs.",
+                )
 
 
 def _glob_list(table: Mapping[str, Any], key: str, default: list[str]) -> tuple[str, ...]:
