@@ -442,3 +442,24 @@ def test_imported_rclone_remote_works_end_to_end(
         for p in stored.rglob("*")
         if p.is_file() and ".tether" not in p.parts
     } == files
+
+
+def test_remote_test_on_object_stores(
+    rclone: S3Server, moto: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, moto, name="strict")
+    r = tether("remote", "test", "strict", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert "FAIL" not in r.stdout and "PASS" in r.stdout
+    add_s3_remote(ws, rclone, name="lax")
+    r = tether("remote", "test", "lax", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert "WARN" in r.stdout  # rclone serve s3 does not enforce If-None-Match: the lock is weaker
+    add_s3_remote(ws, rclone, name="nobucket")
+    doc = tomlkit.parse((ws.root / "tether.toml").read_text())
+    doc["remotes"]["nobucket"]["url"] = "s3://no-such-bucket-here/p"
+    (ws.root / "tether.toml").write_text(tomlkit.dumps(doc))
+    r = tether("remote", "test", "nobucket", cwd=ws.root)
+    assert r.exit_code == 5, r.output
+    assert "FAIL" in r.stdout

@@ -21,6 +21,7 @@ from tether.config import RemoteConfig
 from tether.errors import ConfigError, ExitCode, TetherError
 from tether.paths import TEMP_MARKER
 from tether.remotes import LocalRemote, open_remote
+from tether.remotes.objectstore import ObjectStoreRemote, diagnose
 from tether.remotes.ssh import SshRemote
 from tether.report import human_bytes
 
@@ -43,7 +44,7 @@ LOCAL_CHECKS = ("base folder", "write permission", "free space", "clock skew")
 @dataclass
 class Check:
     name: str
-    status: str  # PASS, FAIL or SKIP
+    status: str  # PASS, WARN (works, with a caveat and its fix), FAIL or SKIP
     detail: str
     fix: str = ""
     exit_code: int = 0
@@ -98,6 +99,8 @@ def run_checks(config: RemoteConfig, *, workspace_root: Path | None = None) -> l
             return _local_checks(remote)
         if isinstance(remote, SshRemote):
             return _ssh_checks(remote)
+        if isinstance(remote, ObjectStoreRemote):
+            return _objectstore_checks(remote)
         report = Report(("reachability",))
         try:
             remote.check()
@@ -107,6 +110,17 @@ def run_checks(config: RemoteConfig, *, workspace_root: Path | None = None) -> l
         return report.checks
     finally:
         remote.close()
+
+
+# -- object stores ------------------------------------------------------------------------------
+def _objectstore_checks(remote: ObjectStoreRemote) -> list[Check]:
+    """The backend runs the probes (it knows its requests); a passing check that still carries a
+    fix (e.g. conditional writes not enforced, so the lock is weaker) is shown as a WARN."""
+    checks = []
+    for name, ok, detail, fix in diagnose(remote):
+        status = "FAIL" if not ok else ("WARN" if fix else "PASS")
+        checks.append(Check(name, status, detail, fix, 0 if ok else int(ExitCode.UNREACHABLE)))
+    return checks
 
 
 # -- SSH ----------------------------------------------------------------------------------------
