@@ -507,7 +507,8 @@ def _run(
             ) as lease,
         ):
             remote_now = scan_remote(ctx).manifest
-            if make_plan(local, remote_now, base, options).fingerprint() != plan.fingerprint():
+            changed = remote_now.entries != remote_m.entries
+            if changed and make_plan(local, remote_now, base, options).fingerprint() != plan.fingerprint():
                 raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
             ctx.remote.cleanup_temp(ctx.dataset.id)
             faults.checkpoint("locked")
