@@ -614,3 +614,19 @@ def test_open_remote_file_url(tmp_path: Path) -> None:
 def test_open_remote_unknown_scheme_is_usage_error() -> None:
     with pytest.raises(UsageError):
         open_remote(RemoteConfig("x", "http://example.com", {}, "?"))
+
+
+def test_small_files_go_one_at_a_time_on_a_local_disk(tmp_path: Path) -> None:
+    from tether.remotes.local import filesystem_type
+
+    remote = LocalRemote(str(tmp_path), tmp_path)
+    if filesystem_type(tmp_path).startswith(("nfs", "cifs", "fuse", "9p")):
+        pytest.skip("the temporary folder is on a network filesystem here")
+    assert remote.capabilities.small_file_jobs == 1
+    assert remote.capabilities.parallel_connections > 1
+
+
+def test_filesystem_type_reads_the_longest_mount_prefix() -> None:
+    from tether.remotes.local import filesystem_type
+
+    assert filesystem_type(Path("/proc/self")) == "proc"

@@ -29,7 +29,7 @@ from tether.hashing import digest_file
 from tether.manifest import Entry
 from tether.plan import Action, Change
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import BatchTransfers, ErrorKind, Remote, TransferItem
+from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, ErrorKind, Remote, TransferItem
 
 WHOLE_RUN_FAILURES = (DiskFullError, RemotePermissionError, RemoteUnavailable)
 RETRIES = 3
@@ -176,6 +176,26 @@ def _run_batch(
     send(list(by_item), on_bytes=on_bytes, on_done=on_done)
 
 
+def _run_by_size(
+    items: list[Change],
+    work: Callable[[Change], None],
+    *,
+    remote: Remote,
+    jobs: int,
+    progress: Progress,
+    result: BatchResult,
+) -> None:
+    """Large files with ``jobs`` workers, then small ones with the backend's small-file setting."""
+    small_jobs = remote.capabilities.small_file_jobs
+    if small_jobs is None or small_jobs >= jobs:
+        _run_parallel(items, work, jobs=jobs, progress=progress, result=result)
+        return
+    large = [c for c in items if c.bytes >= SMALL_FILE_BYTES]
+    small = [c for c in items if c.bytes < SMALL_FILE_BYTES]
+    _run_parallel(large, work, jobs=jobs, progress=progress, result=result)
+    _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result)
+
+
 def _source_changed(path: Path, entry: Entry) -> bool:
     try:
         st = os.stat(path)
@@ -258,7 +278,7 @@ def push_changes(
             result=result,
         )
     else:
-        _run_parallel(uploads, upload, jobs=jobs, progress=progress, result=result)
+        _run_by_size(uploads, upload, remote=remote, jobs=jobs, progress=progress, result=result)
     if deletes:
         progress.stage("deleting on remote", files=len(deletes))
         for change in deletes:
@@ -356,7 +376,7 @@ def pull_changes(
             result=result,
         )
     else:
-        _run_parallel(downloads, download, jobs=jobs, progress=progress, result=result)
+        _run_by_size(downloads, download, remote=remote, jobs=jobs, progress=progress, result=result)
     if result.failed:
         # Promote nothing: the local dataset stays exactly as it was. What arrived stays staged
         # (verified) for the next run, but none of it counts as done.

@@ -64,6 +64,14 @@ class Capabilities:
     conditional_create: bool = True  # create-if-absent is enforced by the server
     server_side_hashing: bool = True  # digests can be computed where the data lives
     preserves_mtime: bool = True  # set-mtime sticks, so the index can vouch by (size, mtime)
+    # Parallel workers for files under SMALL_FILE_BYTES; None means parallel_connections. On a
+    # local disk, threads creating many small files contend on directory locks and the GIL
+    # (measured: 20,000 files took 2.5x longer with 8 workers than with 1), while large files
+    # still gain from overlapping hashing and I/O.
+    small_file_jobs: int | None = None
+
+
+SMALL_FILE_BYTES = 1024 * 1024
 
 
 class ErrorKind(StrEnum):

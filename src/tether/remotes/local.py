@@ -22,12 +22,48 @@ from tether.scan import scan_tree
 RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
 
 
-class LocalRemote:
-    capabilities = Capabilities(parallel_connections=8)
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "9p",
+    "fuse",
+)
 
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path``, from /proc/mounts (longest mount prefix)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    target = str(path.resolve()) if path.exists() else str(path)
+    best, kind = "", "unknown"
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+class LocalRemote:
     def __init__(self, url: str, root: Path) -> None:
         self.url = url
         self.root = root
+        # A network share pays a round trip per file, so small files need parallel workers
+        # there; a local disk does better creating them one at a time.
+        network = filesystem_type(root).startswith(NETWORK_FILESYSTEMS)
+        self.capabilities = Capabilities(parallel_connections=8, small_file_jobs=None if network else 1)
 
     def _abs(self, path: str) -> Path:
         return self.root / check_relpath(path) if path else self.root
