@@ -115,3 +115,15 @@ def run_subprocess(
         stdin=subprocess.DEVNULL,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below ``root`` (tether's state folders left out) with its bytes and mtime:
+    compare two snapshots to prove nothing changed."""
+    out: dict[str, tuple[bytes, int]] = {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".tether"]
+        for name in names:
+            path = Path(folder, name)
+            out[path.relative_to(root).as_posix()] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return out

@@ -19,12 +19,10 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -34,27 +32,12 @@ from pathlib import Path
 
 import pytest
 
+from serverutil import free_port, wait_until
+
 ACCESS_KEY = "tether-test-access"
 SECRET_KEY = "tether-test-secret-0123456789"
 BUCKET = "tether-test"
 READY_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll with short, growing waits up to a bounded deadline."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.01
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
 
 
 def _http_ok(url: str) -> bool:
@@ -175,7 +158,7 @@ def _start(
     log = root / "server.log"
     last = ""
     for _attempt in range(3):  # the probed port can be taken before the server binds it
-        port = _free_port()
+        port = free_port()
         with open(log, "wb") as handle:
             proc = subprocess.Popen(
                 argv(port, root),
@@ -186,7 +169,7 @@ def _start(
             )
         endpoint = f"http://127.0.0.1:{port}"
         try:
-            _wait_until(lambda p=proc, e=endpoint: p.poll() is not None or _http_ok(e), READY_TIMEOUT_S, kind)
+            wait_until(lambda p=proc, e=endpoint: p.poll() is not None or _http_ok(e), READY_TIMEOUT_S, kind)
         except TimeoutError:
             proc.kill()
             proc.wait()

@@ -22,23 +22,18 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from serverutil import free_port, wait_until
+
 SSHD = Path("/usr/sbin/sshd")
 HOST = "tether-test"  # the alias every test config defines
 HOST_KEY_ALIAS = "tether-test-sshd"  # known_hosts name, the same whatever port (relay) is used
 READY_TIMEOUT_S = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -47,17 +42,6 @@ def _keygen(path: Path, comment: str) -> None:
         check=True,
         stdin=subprocess.DEVNULL,
     )
-
-
-def _wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` with short waits up to a bounded deadline (never a fixed sleep)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.005
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def _children(pid: int) -> list[int]:
@@ -166,7 +150,7 @@ class SshServer:
         """Wait until no helper runs any more, so a cut run's helper has really exited (a master
         left by a killed run may linger for ControlPersist; it runs no helper)."""
         try:
-            _wait_until(lambda: not self.helper_pids(), timeout_s, "the remote helpers to exit")
+            wait_until(lambda: not self.helper_pids(), timeout_s, "the remote helpers to exit")
         except TimeoutError as exc:
             left = {pid: _describe(pid) for pid in self.helper_pids()}
             raise TimeoutError(f"{exc}; still running: {left}") from None
@@ -228,7 +212,7 @@ def start_server() -> SshServer:
     log = root / "sshd.log"
     last_error = ""
     for _attempt in range(3):  # the free port can be taken between probing and binding
-        port = _free_port()
+        port = free_port()
         config = _sshd_config(root, port, host_key, authorized)
         with open(log, "wb") as log_handle:
             proc = subprocess.Popen(
@@ -239,7 +223,7 @@ def start_server() -> SshServer:
             )
         listening = f"Server listening on 127.0.0.1 port {port}"
         try:
-            _wait_until(
+            wait_until(
                 lambda p=proc, text=listening: (
                     p.poll() is not None or text in log.read_text(errors="replace")
                 ),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
+from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess, snapshot
 from tether import sync
 from tether.errors import ExitCode, TetherError
 from tether.hashing import digest_bytes
@@ -110,17 +110,6 @@ def tree(root: Path) -> dict[str, bytes]:
                 continue
             path = Path(folder, name)
             out[path.relative_to(root).as_posix()] = path.read_bytes()
-    return out
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Like :func:`tree` but with mtimes, and temporary names included: nothing may change."""
-    out: dict[str, tuple[bytes, int]] = {}
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d != STATE_DIR]
-        for name in names:
-            path = Path(folder, name)
-            out[path.relative_to(root).as_posix()] = (path.read_bytes(), path.stat().st_mtime_ns)
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Result, WorkspaceFixture
+from conftest import Result, WorkspaceFixture, snapshot
 from tether.hashing import digest_bytes
 from tether.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from tether.paths import STATE_DIR
@@ -22,17 +22,6 @@ DS = "ns/ds"
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file below ``root`` (tether's state folders left out) with its bytes and mtime."""
-    out: dict[str, tuple[bytes, int]] = {}
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d != STATE_DIR]
-        for name in names:
-            path = Path(folder, name)
-            out[path.relative_to(root).as_posix()] = (path.read_bytes(), path.stat().st_mtime_ns)
-    return out
-
-
 def all_files(root: Path) -> set[str]:
     return {str(Path(f, n).relative_to(root)) for f, _d, names in os.walk(root) for n in names}
 
