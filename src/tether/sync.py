@@ -78,6 +78,7 @@ class Context:
     checksum: bool = False
     skip_symlinks: bool = False
     scan_report: ScanReport = field(default_factory=ScanReport)
+    index_cache: tuple[bytes, Manifest] | None = None  # the remote index as last read and parsed
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
@@ -166,8 +167,12 @@ def read_index(ctx: Context) -> Manifest | None:
         data = ctx.remote.read_bytes(index_path(ctx.dataset.id))
     except FileNotFoundError:
         return None
+    if ctx.index_cache is not None and ctx.index_cache[0] == data:
+        return ctx.index_cache[1]  # same bytes as the last look (a run reads it up to three times)
     try:
-        return Manifest.loads(data, source=f"{ctx.remote.url}/{index_path(ctx.dataset.id)}")
+        index = Manifest.loads(data, source=f"{ctx.remote.url}/{index_path(ctx.dataset.id)}")
+        ctx.index_cache = (data, index)
+        return index
     except ManifestFormatError as exc:
         if "format version" in exc.message:
             raise
