@@ -245,7 +245,15 @@ def _report_error(exc: BaseException, debug: bool) -> int:
 
 
 # -- commands -----------------------------------------------------------------------------------
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok or in sync; 1 diff found differences; 2 usage or config error; "
+    "3 refused for safety (conflict, unseen change, --max-delete, empty source, stale plan, "
+    "disk full); 4 verification failed; 5 remote unreachable or login failed; 6 locked; "
+    "130 declined or interrupted."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="tether")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings.")
