@@ -196,6 +196,12 @@ def _run_by_size(
     _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result)
 
 
+def _item(remote_path: str, local_path: Path, entry: Entry | None) -> TransferItem:
+    """A batch item carrying the size, digest and mtime the bytes must have (the source side's)."""
+    assert entry is not None
+    return TransferItem(remote_path, local_path, entry.size, entry.digest, entry.mtime_ns)
+
+
 def _source_changed(path: Path, entry: Entry) -> bool:
     try:
         st = os.stat(path)
@@ -264,13 +270,7 @@ def push_changes(
 
         _run_batch(
             [c for c in uploads if c not in stale],
-            lambda c: TransferItem(
-                f"{dataset_id}/{c.path}",
-                local_root / c.path,
-                c.local.size,
-                c.local.digest,
-                c.local.mtime_ns,  # type: ignore[union-attr]
-            ),
+            lambda c: _item(f"{dataset_id}/{c.path}", local_root / c.path, c.local),
             remote.put_many,
             on_bytes=on_bytes,
             after=after_upload,
@@ -362,13 +362,7 @@ def pull_changes(
 
         _run_batch(
             todo,
-            lambda c: TransferItem(
-                f"{dataset_id}/{c.path}",
-                staged_path(c),
-                c.remote.size,
-                c.remote.digest,
-                c.remote.mtime_ns,  # type: ignore[union-attr]
-            ),
+            lambda c: _item(f"{dataset_id}/{c.path}", staged_path(c), c.remote),
             remote.get_many,
             on_bytes=on_bytes,
             after=after_download,
