@@ -367,20 +367,11 @@ def remote_list() -> None:
 def remote_show(name: str) -> None:
     """Show a remote's URL, options (secrets masked) and where it is defined."""
     ws = Workspace.find()
-    cfg = _remote_config(ws, name)
+    cfg = ws.remote(name)
     out.print(f"name: {cfg.name}\nurl: {cfg.url}\ndefined in: {cfg.layer}", markup=False, highlight=False)
     for key, value in sorted(cfg.options.items()):
         shown = "****" if is_secret(key) else json.dumps(value) if not isinstance(value, str) else value
         out.print(f"{key}: {shown}", markup=False, highlight=False)
-
-
-def _remote_config(ws: Workspace, name: str) -> Any:
-    from tether.errors import UnknownRemote
-
-    if name not in ws.settings.remotes:
-        known = ", ".join(sorted(ws.settings.remotes)) or "none configured"
-        raise UnknownRemote(f"unknown remote {name!r} (known: {known})")
-    return ws.settings.remotes[name]
 
 
 @remote.command("remove")
@@ -388,7 +379,7 @@ def _remote_config(ws: Workspace, name: str) -> Any:
 def remote_remove(name: str) -> None:
     """Remove a remote from the file that defines it (data on the remote is not touched)."""
     ws = Workspace.find()
-    _remote_config(ws, name)
+    ws.remote(name)
     removed = False
     for path in (ws.root / WORKSPACE_FILE, ws.state_dir / LOCAL_FILE):
         if not path.exists():
@@ -420,7 +411,7 @@ def remote_test(name: str) -> None:
     from tether import doctor  # imported on use: it loads the SSH backend
 
     ws = Workspace.find()
-    checks = doctor.run_checks(_remote_config(ws, name), workspace_root=ws.root)
+    checks = doctor.run_checks(ws.remote(name), workspace_root=ws.root)
     for line in doctor.render(checks):
         out.print(line, markup=False, highlight=False)
     raise SystemExit(doctor.exit_code(checks))

@@ -27,7 +27,6 @@ from tether.errors import (
     RefusedError,
     StalePlanError,
     TetherError,
-    UnknownRemote,
     VerificationError,
 )
 from tether.fileio import write_bytes_atomic
@@ -53,7 +52,7 @@ from tether.remotes import Remote, open_remote
 from tether.scan import ScanReport, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import VerifyReport, raise_if_failed, verify_transfers
-from tether.workspace import Dataset, Workspace, check_remote_name
+from tether.workspace import Dataset, Workspace
 
 DEFAULT_JOBS = 8
 HASH_THREADS = max(2, os.cpu_count() or 2)  # hashing is CPU work: one thread per core
@@ -106,12 +105,7 @@ def open_context(
     # A caller that names the workspace (the Python API) means ids and relative paths in it,
     # not in whatever folder the process happens to run in.
     dataset = ws.resolve(target, dataset_id=dataset_id, cwd=None if workspace is None else ws.root)
-    check_remote_name(remote_name)
-    config = ws.settings.remotes.get(remote_name)
-    if config is None:
-        known = ", ".join(sorted(ws.settings.remotes)) or "none configured"
-        raise UnknownRemote(f"unknown remote {remote_name!r} (known: {known})")
-    remote = open_remote(config, workspace_root=ws.root)
+    remote = open_remote(ws.remote(remote_name), workspace_root=ws.root)
     try:
         remote.check()
     except BaseException:

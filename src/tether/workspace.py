@@ -19,11 +19,12 @@ import pathspec
 
 from tether.config import (
     WORKSPACE_FILE,
+    RemoteConfig,
     Settings,
     default_workspace_toml,
     load_layers,
 )
-from tether.errors import ConfigError, InvalidPath, UsageError, WorkspaceNotFound
+from tether.errors import ConfigError, InvalidPath, UnknownRemote, UsageError, WorkspaceNotFound
 from tether.paths import STATE_DIR, check_dataset_id
 
 _REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -109,6 +110,15 @@ class Workspace:
     @property
     def audit_log(self) -> Path:
         return self.state_dir / "audit.jsonl"
+
+    def remote(self, name: str) -> RemoteConfig:
+        """The configured remote NAME, or an error that lists the known ones."""
+        check_remote_name(name)
+        config = self.settings.remotes.get(name)
+        if config is None:
+            known = ", ".join(sorted(self.settings.remotes)) or "none configured"
+            raise UnknownRemote(f"unknown remote {name!r} (known: {known})")
+        return config
 
     # -- datasets --------------------------------------------------------------------------
     def resolve(self, target: str, *, dataset_id: str | None = None, cwd: Path | None = None) -> Dataset:
