@@ -33,10 +33,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tether import sync
+from tether import cli_versioned, sync
 from tether._version import __version__
 from tether.config import (
     COMMAND_OPTIONS,
+    LAYOUTS,
     LOCAL_FILE,
     WORKSPACE_FILE,
     edit_toml,
@@ -312,7 +313,12 @@ def _portable_url(url: str, ws: Workspace) -> str:
 @click.option(
     "--local", "local_only", is_flag=True, help="Write to .tether/config.local.toml (not committed)."
 )
-def remote_add(name: str, url: str, sets: tuple[str, ...], local_only: bool) -> None:
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    help="mirror: files at their own paths (default); versioned: content-addressed snapshots.",
+)
+def remote_add(name: str, url: str, sets: tuple[str, ...], local_only: bool, layout: str | None) -> None:
     """Add remote NAME at URL (a path, file://, ssh:// or s3://)."""
     ws = Workspace.find()
     check_remote_name(name)
@@ -328,6 +334,8 @@ def remote_add(name: str, url: str, sets: tuple[str, ...], local_only: bool) -> 
             "machine only with --local.",
         )
     options = _parse_sets(sets)
+    if layout is not None and layout != "mirror":
+        options["layout"] = layout
     local_file = ws.state_dir / LOCAL_FILE
     # Secrets never go into the committed file; command-running options are refused there.
     private = {k: v for k, v in options.items() if is_secret(k) or k in COMMAND_OPTIONS}
@@ -482,7 +490,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("target")
-@click.argument("remote_name", metavar="REMOTE")
+@click.argument("remote_name", metavar="REMOTE|REV1")
+@click.argument("rev2", metavar="[REV2]", required=False)
 @click.option("--mode", type=click.Choice(["new", "update", "mirror"]), default="update", show_default=True)
 @_common
 @click.pass_obj
@@ -490,6 +499,7 @@ def diff(
     state: State,
     target: str,
     remote_name: str,
+    rev2: str | None,
     mode: str,
     dataset_id: str | None,
     checksum: bool,
@@ -499,8 +509,16 @@ def diff(
 ) -> None:
     """Show what differs between TARGET and REMOTE, in both directions. Changes nothing.
 
-    Exit 0 when in sync, 1 when something differs.
+    Exit 0 when in sync, 1 when something differs. With two git revisions instead of a
+    remote (`tether diff TARGET REV1 REV2`), compare the snapshots tether.lock names at each.
     """
+    common = {"dataset_id": dataset_id, "checksum": checksum, "as_json": as_json, "show_all": show_all}
+    if rev2 is not None:
+        cli_versioned.diff_revisions(state, target, remote_name, rev2, **common)
+        return
+    if cli_versioned.is_versioned(remote_name):
+        cli_versioned.diff_remote(state, target, remote_name, skip_symlinks=skip_symlinks, **common)
+        return
     progress = _progress(state, as_json)
     try:
         result = sync.diff(
@@ -585,6 +603,26 @@ def _sync_command(direction: str) -> Callable[..., None]:
         as_json: bool,
         show_all: bool,
     ) -> None:
+        if cli_versioned.is_versioned(remote_name):
+            cli_versioned.sync_command(
+                direction,
+                state,
+                target,
+                remote_name,
+                yes=yes,
+                dry_run=dry_run,
+                mode=mode,
+                max_delete=max_delete,
+                prefer=prefer,
+                jobs=jobs,
+                audit_json_out=audit_json_out,
+                dataset_id=dataset_id,
+                checksum=checksum,
+                skip_symlinks=skip_symlinks,
+                as_json=as_json,
+                show_all=show_all,
+            )
+            return
         progress = _progress(state, as_json)
         shown: list[bool] = []
         ask = _confirmer(yes, state, as_json, show_all)
@@ -671,6 +709,8 @@ def lock_break(target: str, remote_name: str, force: bool) -> None:
         "no lock to break" if record is None else f"broke the lock of {record.describe()}", highlight=False
     )
 
+
+cli_versioned.register(cli)  # commit, fetch, checkout, log, gc, verify
 
 GLOBAL_FLAGS = ("--debug", "-q", "--quiet")
 

@@ -97,6 +97,11 @@ class RemoteConfig:
     options: dict[str, Any]
     layer: str  # which file defined it (for `remote show`)
 
+    @property
+    def layout(self) -> str:
+        """``mirror`` (files at their own paths) or ``versioned`` (content-addressed snapshots)."""
+        return str(self.options.get("layout", "mirror"))
+
 
 SECRET_WORDS = (
     "secret",
@@ -166,10 +171,17 @@ class Settings:
                     hint=f'Give it one: [remotes.{name}] url = "/path/or/ssh://host/path"',
                 )
             options = {k: v for k, v in spec.items() if k != "url"}
+            if options.get("layout", "mirror") not in LAYOUTS:
+                raise ConfigError(
+                    f"remote {name!r} has layout {options['layout']!r}",
+                    hint=f'Use one of: {", ".join(LAYOUTS)} (e.g. layout = "versioned").',
+                )
             layer = _defining_layer(layers.files, name)
             remotes[name] = RemoteConfig(name, spec["url"], options, layer)
         return cls(data_root, sync, remotes, raw)
 
+
+LAYOUTS = ("mirror", "versioned")
 
 # Options that decide which programs run (locally, or on the cluster under your account).
 COMMAND_OPTIONS = ("ssh_command", "python", "ssh_options", "ssh_config")

@@ -53,6 +53,7 @@ TETHER_OPTIONS = {
     "checksum",
     "conditional_writes",
     "state_dir",
+    "layout",  # mirror or versioned: read by tether, not by the store
     *DEFAULTS,
 }
 
