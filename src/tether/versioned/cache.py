@@ -1,0 +1,141 @@
+"""The local content-addressed cache: every fetched object once, shareable between workspaces.
+
+Layout mirrors the remote: ``<cache>/objects/ab/cdef…`` and ``<cache>/snapshots/<dataset>/<id>.json``.
+Objects are read-only (mode 0444) so a hard-linked workspace file cannot be edited in place, and
+they appear under their final name only after their bytes hashed to it (temp name + rename), so
+two workspaces (or two runs) filling one cache at once never see a torn or wrong object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from tether.errors import ConfigError, VerificationError
+from tether.fileio import copy_verified, ensure_dir, write_bytes_atomic
+from tether.hashing import digest_file
+from tether.versioned.layout import (
+    Snapshot,
+    SnapshotFormatError,
+    is_digest,
+    object_path,
+    snapshot_folder,
+    snapshot_path,
+)
+
+DEFAULT_DIR = ".tether/cache"
+READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
+def cache_dir(root: Path, raw_settings: dict[str, object]) -> Path:
+    """``[cache] dir`` from the layered config (relative to the workspace), else ``.tether/cache``."""
+    section = raw_settings.get("cache", {})
+    if not isinstance(section, dict):
+        raise ConfigError("[cache] must be a table", hint='e.g. [cache]\ndir = "~/.cache/tether"')
+    value = section.get("dir", DEFAULT_DIR)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"[cache] dir must be a path, not {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def object_file(self, digest: str) -> Path:
+        return self.root / object_path(digest)
+
+    def has(self, digest: str) -> bool:
+        return self.object_file(digest).is_file()
+
+    def temp_path(self) -> Path:
+        """A name in the cache's own folder (same filesystem as the objects: rename is atomic)."""
+        folder = self.root / "tmp"
+        ensure_dir(folder)
+        return folder / f"{secrets.token_hex(8)}.tether-tmp-part"
+
+    def adopt(self, verified: Path, digest: str) -> Path:
+        """Promote a file whose bytes were already checked against ``digest``."""
+        final = self.object_file(digest)
+        ensure_dir(final.parent)
+        os.chmod(verified, READ_ONLY)
+        os.replace(verified, final)
+        return final
+
+    def insert_copy(self, source: Path, digest: str) -> Path:
+        """Copy ``source`` in, hashing on the way; VerificationError if it is not ``digest``."""
+        if self.has(digest):
+            return self.object_file(digest)
+        tmp = self.temp_path()
+        copy_verified(source, tmp, digest=digest, mtime_ns=None, label=str(source))
+        return self.adopt(tmp, digest)
+
+    def insert_move(self, source: Path, digest: str) -> bool:
+        """Move a workspace file in (it is about to be replaced anyway): free on one filesystem.
+
+        Returns False (source untouched) when the move is impossible or the bytes are not
+        ``digest``; the caller then copies or refuses.
+        """
+        if self.has(digest):
+            return True
+        tmp = self.temp_path()
+        try:
+            os.rename(source, tmp)
+        except OSError:
+            return False
+        if digest_file(tmp) != digest:
+            os.rename(tmp, source)
+            return False
+        self.adopt(tmp, digest)
+        return True
+
+    def check_object(self, digest: str) -> bool:
+        """Rehash one cached object; a damaged one is removed so the next fetch replaces it."""
+        path = self.object_file(digest)
+        try:
+            ok = digest_file(path) == digest
+        except FileNotFoundError:
+            return False
+        if not ok:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return ok
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot_file(self, dataset_id: str, sid: str) -> Path:
+        return self.root / snapshot_path(dataset_id, sid)
+
+    def put_snapshot(self, snap: Snapshot) -> None:
+        path = self.snapshot_file(snap.dataset, snap.id)
+        if not path.exists():
+            write_bytes_atomic(path, snap.dumps(), durable=False)
+
+    def get_snapshot(self, dataset_id: str, sid: str) -> Snapshot | None:
+        path = self.snapshot_file(dataset_id, sid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            snap = Snapshot.loads(data, source=str(path), expect_id=sid)
+        except SnapshotFormatError:
+            path.unlink(missing_ok=True)  # a damaged cached copy: refetch rather than trust
+            return None
+        if snap.dataset != dataset_id:
+            raise VerificationError(f"{path} describes dataset {snap.dataset!r}, not {dataset_id!r}")
+        return snap
+
+    def dataset_digests(self, dataset_id: str) -> set[str]:
+        """Every digest any cached snapshot of the dataset records (read only when needed)."""
+        folder = self.root / snapshot_folder(dataset_id)
+        found: set[str] = set()
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            sid = path.name[: -len(".json")]
+            snap = self.get_snapshot(dataset_id, sid) if is_digest(sid) else None
+            if snap is not None:
+                found |= snap.digests()
+        return found

@@ -1,0 +1,241 @@
+"""Make a dataset folder match a snapshot, from the cache.
+
+Planning is pure (:func:`plan_checkout`); applying links or copies cache objects into place
+through temporary names. A local file is replaced or deleted only when its content can be had
+back: it is already in the cache, or it is what ``tether.lock`` names for that path (then it is
+moved into the cache first, at no cost on one filesystem). Anything else is an uncommitted
+change, and checkout refuses (exit 3, with the list) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tether import faults
+from tether.errors import RefusedError, UsageError
+from tether.fileio import temp_sibling
+from tether.manifest import Entry
+from tether.paths import check_relpath
+from tether.progress import NO_PROGRESS, Progress
+from tether.versioned.cache import Cache
+from tether.versioned.layout import Snapshot
+
+LINK_TYPES = ("reflink", "hardlink", "symlink", "copy")
+DEFAULT_LINKS = ("reflink", "copy")
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+# Errors that mean "this filesystem (pair) cannot do that link type": try the next one.
+UNSUPPORTED = {
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.ENOTTY,
+    errno.EPERM,
+    errno.EMLINK,
+    errno.ENOSYS,
+    errno.EBADF,
+}
+
+
+def parse_links(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return DEFAULT_LINKS
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    bad = [k for k in kinds if k not in LINK_TYPES]
+    if bad or not kinds:
+        raise UsageError(
+            f"unknown link type(s): {', '.join(bad) or value!r}",
+            hint=f"Use a comma-separated list of {', '.join(LINK_TYPES)}, tried in order.",
+        )
+    return kinds
+
+
+@dataclass
+class CheckoutPlan:
+    create: list[Entry] = field(default_factory=list)  # absent locally
+    replace: list[tuple[Entry, Entry]] = field(default_factory=list)  # (local, target)
+    delete: list[Entry] = field(default_factory=list)  # local files the snapshot lacks
+    preserve: list[Entry] = field(default_factory=list)  # committed, not cached: move into the cache
+    unsafe: list[str] = field(default_factory=list)  # uncommitted changes checkout would lose
+    unchanged: int = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.create or self.replace or self.delete)
+
+    def counts(self) -> dict[str, int]:
+        return {"create": len(self.create), "replace": len(self.replace), "delete": len(self.delete)}
+
+
+def plan_checkout(
+    local: Sequence[Entry],
+    target: Snapshot,
+    committed: Callable[[Entry], bool],
+    in_cache: Callable[[str], bool],
+    *,
+    keep: Callable[[str], bool] = lambda _p: True,
+) -> CheckoutPlan:
+    """PURE: what to create, replace and delete, and which local changes would be lost.
+
+    ``committed(entry)`` says whether a snapshot this workspace knows records that content
+    (then it is moved into the cache before it is replaced); ``in_cache(digest)`` whether the
+    cache already holds it. Anything else is an uncommitted change.
+    """
+    plan = CheckoutPlan()
+    wanted = {e.path: e for e in target.entries if keep(e.path)}
+    have = {e.path: e for e in local}
+
+    def judge(e: Entry) -> None:
+        if in_cache(e.digest):
+            return
+        if committed(e):
+            plan.preserve.append(e)
+        else:
+            plan.unsafe.append(e.path)
+
+    for path, e in have.items():
+        t = wanted.get(path)
+        if t is None:
+            plan.delete.append(e)
+            judge(e)
+        elif t.digest != e.digest:
+            plan.replace.append((e, t))
+            judge(e)
+        else:
+            plan.unchanged += 1
+    plan.create = [t for p, t in wanted.items() if p not in have]
+    return plan
+
+
+# -- applying -----------------------------------------------------------------------------------
+def _reflink(src: Path, dst: Path) -> None:
+    with open(src, "rb") as s, open(dst, "xb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        except OSError:
+            d.close()
+            dst.unlink(missing_ok=True)
+            raise
+
+
+def _copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+LINKERS: dict[str, Callable[[Path, Path], None]] = {
+    "reflink": _reflink,
+    "hardlink": os.link,
+    "symlink": lambda src, dst: os.symlink(src.resolve(), dst),
+    "copy": _copy,
+}
+
+
+class Linker:
+    """Tries link types in order; a type that fails with a "not supported here" error is dropped
+    for the rest of the run (the filesystems do not change mid-run)."""
+
+    def __init__(self, kinds: Sequence[str]) -> None:
+        self.kinds = list(kinds)
+        self.used: Counter[str] = Counter()
+        self._made: set[Path] = set()  # per run: deletes (which prune folders) happen before any place
+
+    def place(self, src: Path, final: Path) -> str:
+        if final.parent not in self._made:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(final.parent)
+        while self.kinds:
+            kind = self.kinds[0]
+            tmp = temp_sibling(final)
+            try:
+                LINKERS[kind](src, tmp)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                if exc.errno in UNSUPPORTED and len(self.kinds) > 0:
+                    self.kinds.pop(0)
+                    continue
+                raise
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self.used[kind] += 1
+            return kind
+        raise RefusedError(
+            f"none of the link types worked for {final}",
+            hint="Add `copy` to --link (e.g. --link reflink,hardlink,copy).",
+        )
+
+
+@dataclass
+class CheckoutResult:
+    plan: CheckoutPlan
+    links: dict[str, int]
+    written: list[Entry]
+
+
+def apply_checkout(
+    root: Path,
+    plan: CheckoutPlan,
+    cache: Cache,
+    *,
+    links: Sequence[str],
+    force: bool,
+    progress: Progress = NO_PROGRESS,
+) -> CheckoutResult:
+    if plan.unsafe and not force:
+        raise RefusedError(
+            f"checkout would overwrite or delete {len(plan.unsafe)} uncommitted local change(s)",
+            paths=plan.unsafe,
+            hint="Commit them first (`tether commit TARGET`), or pass --force to discard them.",
+        )
+    targets = plan.create + [t for _, t in plan.replace]
+    lacking = sorted({t.digest for t in targets if not cache.has(t.digest)})
+    if lacking:
+        raise RefusedError(
+            f"{len(lacking)} object(s) of the snapshot are not in the cache",
+            paths=lacking,
+            hint="Fetch them first: `tether fetch TARGET REMOTE` (or use `tether pull`).",
+        )
+    for e in plan.preserve:  # committed content that exists nowhere else: keep it in the cache
+        path = root / check_relpath(e.path)
+        if not cache.insert_move(path, e.digest):
+            cache.insert_copy(path, e.digest)
+    progress.stage("checking out", files=len(targets) + len(plan.delete), bytes=sum(t.size for t in targets))
+    for e in plan.delete:
+        path = root / check_relpath(e.path)
+        path.unlink(missing_ok=True)
+        _prune_empty(path.parent, root)
+        progress.advance(files=1)
+    linker = Linker(links)
+    for t in targets:
+        final = root / check_relpath(t.path)
+        linker.place(cache.object_file(t.digest), final)
+        faults.checkpoint("vcheckout_file")
+        progress.advance(files=1, bytes=t.size)
+    return CheckoutResult(plan, dict(linker.used), targets)
+
+
+def _prune_empty(folder: Path, stop: Path) -> None:
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
