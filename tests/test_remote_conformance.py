@@ -152,3 +152,12 @@ def test_paths_that_escape_are_refused_before_io(remote: Remote, tmp_path: Path,
 def test_flush_and_classify(remote: Remote) -> None:
     remote.flush()
     assert remote.classify_error(ValueError("x")) == ErrorKind.PERMANENT
+
+
+def test_read_range(remote: Remote, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40
+    src, digest = _file(tmp_path, "r", data)
+    remote.put_file(src, "ds/r.bin", digest=digest, mtime_ns=1_700_000_000_000_000_000)
+    assert remote.read_range("ds/r.bin", 0, 10) == data[:10]
+    assert remote.read_range("ds/r.bin", len(data) - 8, 8) == data[-8:]
+    assert remote.read_range("ds/r.bin", 1000, 3000) == data[1000:4000]

@@ -281,7 +281,7 @@ def test_audit_record_after_push_states_what_was_done(
     r = ok(tether, ws, "push", DS, "store", "-y", "--mode", "mirror", "--audit-json-out", str(out))
 
     audit = last_audit(ws)
-    assert audit["format"] == "tether-audit" and audit["version"] == 1
+    assert audit["format"] == "tether-audit" and audit["version"] == 2
     assert (audit["operation"], audit["dataset"], audit["remote"], audit["mode"]) == (
         "push",
         DS,
@@ -301,6 +301,20 @@ def test_audit_record_after_push_states_what_was_done(
         "files_verified": 3,
         "bytes_verified": uploaded,
         "mismatches": [],
+        "parquet": {},
+        "sidecar_check": True,
+        "sidecars": None,
+        "fallbacks": [],
+    }
+    assert audit["parts"] == {
+        "other": {
+            "changed": 4,
+            "transferred_files": 3,
+            "transferred_bytes": uploaded,
+            "deleted": 1,
+            "verified": "sha256",
+            "ok": True,
+        }
     }
     assert json.loads(out.read_text()) == audit
     assert "3 uploaded" in r.stdout and "1 deleted on remote" in r.stdout

@@ -13,22 +13,27 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether._version import __version__
+from tether.plan import TRANSFERS, Change, Plan
+from tether.profiles import DatasetProfile
+
+if TYPE_CHECKING:
+    from tether.verify import VerifyReport
 
 AUDIT_FORMAT = "tether-audit"
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2: profile, scope, verify, sidecar_check, parts; states diff-only and dry-run
 
 
 @dataclass
 class AuditRecord:
-    operation: str  # push | pull
+    operation: str  # push | pull | diff
     dataset: str
     remote: str
     remote_url: str
     mode: str
-    state: str  # transferred | no-op | dry-run | failed
+    state: str  # transferred | no-op | dry-run | diff-only | failed
     started: float
     finished: float
     done: Counter[str] = field(default_factory=Counter)  # action -> files
@@ -40,6 +45,12 @@ class AuditRecord:
     skipped_symlinks: list[str] = field(default_factory=list)
     verification: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    profile: str | None = None
+    scope: dict[str, Any] = field(default_factory=dict)
+    verify: str = "sha256"
+    sidecar_check: bool = True
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done_changes: list[Change] = field(default_factory=list)  # not serialised; feeds ``parts``
 
     @property
     def seconds(self) -> float:
@@ -76,7 +87,58 @@ class AuditRecord:
             "failed": self.failed,
             "verification": self.verification,
             "error": self.error,
+            "profile": self.profile,
+            "scope": self.scope,
+            "verify": self.verify,
+            "sidecar_check": self.sidecar_check,
+            "parts": self.parts,
         }
+
+
+def parts_of(
+    profile: DatasetProfile, plan: Plan, done: list[Change], verification: VerifyReport | None
+) -> dict[str, dict[str, Any]]:
+    """Per part of the dataset (primary, each sidecar, each ledger, the rest): what differed,
+    what was transferred, and how it was verified, as measured after the run."""
+    parts: dict[str, dict[str, Any]] = {}
+
+    def part(name: str) -> dict[str, Any]:
+        return parts.setdefault(
+            name, {"changed": 0, "transferred_files": 0, "transferred_bytes": 0, "deleted": 0}
+        )
+
+    if profile.primary is not None:
+        part("primary")["path"] = profile.primary
+    for sidecar in profile.sidecars:
+        part(f"sidecar:{sidecar}")
+    for ledger in profile.append_only:
+        part(f"ledger:{ledger.path}")
+    for change in plan.changes:
+        part(profile.part_of(change.path))["changed"] += 1
+    for change in done:
+        p = part(profile.part_of(change.path))
+        if change.action in TRANSFERS:
+            p["transferred_files"] += 1
+            p["transferred_bytes"] += change.bytes
+        else:
+            p["deleted"] += 1
+    if verification is not None:
+        mismatched = set(verification.mismatches)
+        for p in parts.values():
+            p["verified"] = verification.mode if p["transferred_files"] else None
+        for change in done:
+            if change.path in mismatched:
+                parts[profile.part_of(change.path)]["ok"] = False
+        if profile.primary in verification.parquet:
+            parts["primary"]["parquet"] = verification.parquet[profile.primary]
+        for sidecar, result in (verification.sidecars or {}).items():
+            p = parts[f"sidecar:{sidecar}"]
+            p["sidecar_files"] = result["files"]
+            p["sidecar_ok"] = result["ok"]
+            p["sidecar_mismatches"] = result["mismatches"]
+        for p in parts.values():
+            p.setdefault("ok", True)
+    return parts
 
 
 def append(log: Path | None, record: AuditRecord, extra_out: Path | None = None) -> None:

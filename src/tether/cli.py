@@ -476,6 +476,24 @@ def list_datasets() -> None:
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--no-verify-sidecars",
+        "no_verify_sidecars",
+        is_flag=True,
+        help="Do not fail when a sidecar folder differs between the sides (the audit says so).",
+    )(f)
+    f = click.option(
+        "--skip-snapshots", is_flag=True, help="Leave the _snapshots sidecar out (same as --skip _snapshots)."
+    )(f)
+    f = click.option(
+        "--skip", "skip", multiple=True, metavar="SIDECAR", help="Leave a sidecar folder out (repeatable)."
+    )(f)
+    f = click.option("--primary-only", is_flag=True, help="Only the dataset's primary file.")(f)
+    f = click.option(
+        "--strict-id",
+        is_flag=True,
+        help="TARGET must be an explicit namespace/name id (also TETHER_STRICT_ID=1).",
+    )(f)
     f = click.option("--id", "dataset_id", help="Dataset id when TARGET is a folder outside the data root.")(
         f
     )
@@ -488,11 +506,39 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _selection(
+    *,
+    dataset_id: str | None,
+    checksum: bool,
+    skip_symlinks: bool,
+    strict_id: bool,
+    primary_only: bool,
+    skip: tuple[str, ...],
+    skip_snapshots: bool,
+    no_verify_sidecars: bool,
+) -> dict[str, Any]:
+    """The options every dataset command shares, as sync's keyword arguments."""
+    return {
+        "dataset_id": dataset_id,
+        "checksum": checksum,
+        "skip_symlinks": skip_symlinks,
+        "strict_id": strict_id,
+        "primary_only": primary_only,
+        "skip": (*skip, "_snapshots") if skip_snapshots else skip,
+        "verify_sidecars": not no_verify_sidecars,
+    }
+
+
 @cli.command()
 @click.argument("target")
 @click.argument("remote_name", metavar="REMOTE|REV1")
 @click.argument("rev2", metavar="[REV2]", required=False)
 @click.option("--mode", type=click.Choice(["new", "update", "mirror"]), default="update", show_default=True)
+@click.option(
+    "--audit-json-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the audit record (state diff-only) to this file.",
+)
 @_common
 @click.pass_obj
 def diff(
@@ -501,34 +547,39 @@ def diff(
     remote_name: str,
     rev2: str | None,
     mode: str,
-    dataset_id: str | None,
-    checksum: bool,
-    skip_symlinks: bool,
+    audit_json_out: Path | None,
     as_json: bool,
     show_all: bool,
+    **selection: Any,
 ) -> None:
     """Show what differs between TARGET and REMOTE, in both directions. Changes nothing.
 
     Exit 0 when in sync, 1 when something differs. With two git revisions instead of a
     remote (`tether diff TARGET REV1 REV2`), compare the snapshots tether.lock names at each.
     """
-    common = {"dataset_id": dataset_id, "checksum": checksum, "as_json": as_json, "show_all": show_all}
+    common = {
+        "dataset_id": selection["dataset_id"],
+        "checksum": selection["checksum"],
+        "as_json": as_json,
+        "show_all": show_all,
+    }
     if rev2 is not None:
         cli_versioned.diff_revisions(state, target, remote_name, rev2, **common)
         return
     if cli_versioned.is_versioned(remote_name):
-        cli_versioned.diff_remote(state, target, remote_name, skip_symlinks=skip_symlinks, **common)
+        cli_versioned.diff_remote(
+            state, target, remote_name, skip_symlinks=selection["skip_symlinks"], **common
+        )
         return
     progress = _progress(state, as_json)
     try:
         result = sync.diff(
             target,
             remote_name,
-            dataset_id=dataset_id,
             progress=progress,
-            checksum=checksum,
-            skip_symlinks=skip_symlinks,
             mode=sync.Mode(mode),
+            audit_out=audit_json_out,
+            **_selection(**selection),
         )
     finally:
         progress.close()
@@ -580,6 +631,14 @@ def _sync_command(direction: str) -> Callable[..., None]:
     )
     @click.option("--jobs", type=click.IntRange(1, 256), help="Parallel transfers.")
     @click.option(
+        "--verify",
+        type=click.Choice(["sha256", "size", "parquet", "auto"]),
+        default="sha256",
+        show_default=True,
+        help="How transferred files are checked afterwards (parquet: also compare Parquet footers; "
+        "auto: the strongest available, with a warning when it falls back).",
+    )
+    @click.option(
         "--audit-json-out",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Also write the audit record to this file.",
@@ -597,11 +656,10 @@ def _sync_command(direction: str) -> Callable[..., None]:
         prefer: str | None,
         jobs: int | None,
         audit_json_out: Path | None,
-        dataset_id: str | None,
-        checksum: bool,
-        skip_symlinks: bool,
+        verify: str,
         as_json: bool,
         show_all: bool,
+        **selection: Any,
     ) -> None:
         if cli_versioned.is_versioned(remote_name):
             cli_versioned.sync_command(
@@ -616,9 +674,9 @@ def _sync_command(direction: str) -> Callable[..., None]:
                 prefer=prefer,
                 jobs=jobs,
                 audit_json_out=audit_json_out,
-                dataset_id=dataset_id,
-                checksum=checksum,
-                skip_symlinks=skip_symlinks,
+                dataset_id=selection["dataset_id"],
+                checksum=selection["checksum"],
+                skip_symlinks=selection["skip_symlinks"],
                 as_json=as_json,
                 show_all=show_all,
             )
@@ -641,7 +699,6 @@ def _sync_command(direction: str) -> Callable[..., None]:
             result = run(
                 target,
                 remote_name,
-                dataset_id=dataset_id,
                 mode=mode,
                 prefer=prefer,
                 max_delete=max_delete,
@@ -649,9 +706,9 @@ def _sync_command(direction: str) -> Callable[..., None]:
                 dry_run=dry_run,
                 confirm=confirm,
                 progress=progress,
-                checksum=checksum,
-                skip_symlinks=skip_symlinks,
                 audit_out=audit_json_out,
+                verify=verify,
+                **_selection(**selection),
             )
         except Interrupted:
             raise

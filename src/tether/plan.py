@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -99,12 +99,23 @@ class MaxDelete:
         return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
 
 
+class Growth(StrEnum):
+    """How two differing copies of an append-only ledger relate (found by tether.ledger)."""
+
+    LOCAL_AHEAD = "local_ahead"  # the remote copy is a prefix of the local one
+    REMOTE_AHEAD = "remote_ahead"  # the local copy is a prefix of the remote one
+    DIVERGED = "diverged"  # neither is a prefix of the other
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     direction: Direction = Direction.PUSH
     mode: Mode = Mode.UPDATE
     prefer: Side | None = None
     max_delete: MaxDelete = field(default_factory=MaxDelete)
+    # Append-only ledgers whose copies differ: path -> how they relate. A ledger is only ever
+    # extended, never replaced, whatever --prefer says.
+    ledgers: Mapping[str, Growth] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -232,6 +243,23 @@ def decide(
             return delete, f"{what}; deleted on {src_side}, --prefer {src_side} deletes it"
         return Action.SKIP, f"{what}; deleted on {src_side}, kept (--mode mirror would delete it)"
     raise AssertionError(f"unhandled status {status}")  # pragma: no cover
+
+
+def decide_ledger(growth: Growth, options: PlanOptions) -> tuple[Action, str]:
+    """Override the generic decision for an append-only ledger whose copies differ: send only
+    to a destination that is a prefix of the source; a destination that already extends the
+    source keeps its copy; copies that diverged are refused (nothing is overwritten)."""
+    push = options.direction == Direction.PUSH
+    send = Action.UPLOAD if push else Action.DOWNLOAD
+    src, dst = ("local", "remote") if push else ("remote", "local")
+    if growth == Growth.DIVERGED:
+        return Action.REFUSE, "append-only ledger diverged: neither copy is a prefix of the other"
+    if options.mode == Mode.NEW:
+        return Action.SKIP, "append-only ledger grew; --mode new only creates missing files"
+    if growth == (Growth.LOCAL_AHEAD if push else Growth.REMOTE_AHEAD):
+        return send, f"append-only ledger grew on {src}; the {dst} copy is a prefix of it"
+    other = "pull" if push else "push"
+    return Action.SKIP, f"append-only ledger: the {dst} copy already extends the {src} one ({other} it)"
 
 
 def merge3(
@@ -406,6 +434,9 @@ def make_plan(
             plan.unchanged_bytes += lo.size if lo else 0
             continue
         action, reason = decide(status, options, local_exists=lo is not None, remote_exists=re_ is not None)
+        growth = options.ledgers.get(path) if lo is not None and re_ is not None else None
+        if growth is not None:
+            action, reason = decide_ledger(growth, options)
         plan.changes.append(Change(path, status, action, lo, re_, ba, reason))
     return plan
 
@@ -424,6 +455,9 @@ def replan(plan: Plan, options: PlanOptions) -> Plan:
         action, reason = decide(
             c.status, options, local_exists=c.local is not None, remote_exists=c.remote is not None
         )
+        growth = options.ledgers.get(c.path) if c.local is not None and c.remote is not None else None
+        if growth is not None:
+            action, reason = decide_ledger(growth, options)
         out.changes.append(Change(c.path, c.status, action, c.local, c.remote, c.base, reason))
     return out
 

@@ -10,6 +10,7 @@ and a plan that went stale is refused, not applied.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -18,6 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypedDict, Unpack
+
+import pathspec
 
 from tether import audit, faults
 from tether.errors import (
@@ -27,17 +31,22 @@ from tether.errors import (
     RefusedError,
     StalePlanError,
     TetherError,
+    UsageError,
     VerificationError,
 )
 from tether.fileio import write_bytes_atomic
 from tether.hashing import HashCache, hash_entries
+from tether.ledger import LedgerCheck, check_ledger, local_reader
 from tether.lock import Lease, break_lock, clear_dead_lock, read_lock
 from tether.lock import LockRecord as LockRecord
 from tether.manifest import Entry, Manifest, ManifestFormatError
 from tether.paths import check_relpath
 from tether.plan import (
+    TRANSFERS,
     Action,
+    Change,
     Direction,
+    Growth,
     MaxDelete,
     Mode,
     Plan,
@@ -47,11 +56,22 @@ from tether.plan import (
     make_plan,
     replan,
 )
+from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
 from tether.scan import ScanReport, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
-from tether.verify import VerifyReport, raise_if_failed, verify_transfers
+from tether.verify import (
+    VERIFY_MODES,
+    NotParquet,
+    VerifyReport,
+    check_parquet,
+    check_sidecars,
+    is_parquet_name,
+    parquet_shape,
+    raise_if_failed,
+    verify_transfers,
+)
 from tether.workspace import Dataset, Workspace
 
 DEFAULT_JOBS = 8
@@ -64,6 +84,17 @@ def index_path(dataset_id: str) -> str:
 
 
 # -- resolve ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scope:
+    """Which part of the dataset this run touches (verification covers exactly that part)."""
+
+    primary_only: bool = False
+    skip: tuple[str, ...] = ()  # sidecar folders left out
+
+    def describe(self) -> dict[str, object]:
+        return {"primary_only": self.primary_only, "skip": list(self.skip)}
+
+
 @dataclass
 class Context:
     """Everything one command works on, resolved once."""
@@ -78,33 +109,77 @@ class Context:
     skip_symlinks: bool = False
     scan_report: ScanReport = field(default_factory=ScanReport)
     index_cache: tuple[bytes, Manifest] | None = None  # the remote index as last read and parsed
+    profile: DatasetProfile = field(default_factory=DatasetProfile)
+    scope: Scope = field(default_factory=lambda: Scope())
+    verify: str = "sha256"
+    verify_sidecars: bool = True
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
-        """Ownership rules, applied to both sides: a file tether does not own locally (excluded,
-        git-tracked) is not tether's to download, overwrite or delete remotely either."""
-        return self.workspace.ownership(self.dataset)
+        """Ownership rules and this run's scope, applied to both sides: a file tether does not
+        own locally (excluded, git-tracked) is not tether's to download, overwrite or delete
+        remotely either; a file outside the scope (--primary-only, --skip) is left alone on
+        both sides and kept in the remote index."""
+        owned = self.workspace.ownership(self.dataset)
+        in_scope = self.in_scope
+        if not self.profile.exclude:
+            return lambda rel: owned(rel) and in_scope(rel)
+        excluded = pathspec.GitIgnoreSpec.from_lines(self.profile.exclude)
+        return lambda rel: owned(rel) and in_scope(rel) and not excluded.match_file(rel)
+
+    def in_scope(self, rel: str) -> bool:
+        scope = self.scope
+        if self.dataset.only is not None:
+            return rel == self.dataset.only
+        if scope.primary_only:
+            return rel == self.profile.primary
+        return not any(rel.startswith(f"{skipped}/") for skipped in scope.skip)
+
+    def remote_reader(self, rel: str) -> Callable[[int, int], bytes]:
+        path = f"{self.dataset.id}/{rel}"
+        return lambda offset, length: self.remote.read_range(path, offset, length)
+
+    def local_reader(self, rel: str) -> Callable[[int, int], bytes]:
+        return local_reader(self.dataset.path / rel)
 
     def close(self) -> None:
         self.remote.close()
 
 
+class ContextOptions(TypedDict, total=False):
+    """What every command accepts besides TARGET and REMOTE (the Python API's keywords)."""
+
+    workspace: Workspace | Path | None
+    dataset_id: str | None
+    progress: Progress
+    jobs: int | None
+    checksum: bool
+    skip_symlinks: bool
+    strict_id: bool  # TARGET must be an explicit namespace/name id (also TETHER_STRICT_ID=1)
+    primary_only: bool
+    skip: tuple[str, ...] | list[str]  # sidecar folders to leave out
+    verify: str  # sha256 | size | parquet | auto
+    verify_sidecars: bool
+
+
 @contextlib.contextmanager
-def open_context(
-    target: str,
-    remote_name: str,
-    *,
-    workspace: Workspace | Path | None = None,
-    dataset_id: str | None = None,
-    progress: Progress = NO_PROGRESS,
-    jobs: int | None = None,
-    checksum: bool = False,
-    skip_symlinks: bool = False,
-) -> Iterator[Context]:
+def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions]) -> Iterator[Context]:
+    workspace = options.get("workspace")
     ws = workspace if isinstance(workspace, Workspace) else Workspace.find(workspace)
+    strict = options.get("strict_id", False) or os.environ.get("TETHER_STRICT_ID", "") not in ("", "0")
     # A caller that names the workspace (the Python API) means ids and relative paths in it,
     # not in whatever folder the process happens to run in.
-    dataset = ws.resolve(target, dataset_id=dataset_id, cwd=None if workspace is None else ws.root)
+    dataset = ws.resolve(
+        target,
+        dataset_id=options.get("dataset_id"),
+        cwd=None if workspace is None else ws.root,
+        strict=strict,
+    )
+    profile = profile_for(ws.settings.raw, dataset.id)
+    scope = _scope(dataset, profile, options.get("primary_only", False), tuple(options.get("skip", ())))
+    verify = options.get("verify", "sha256")
+    if verify not in VERIFY_MODES:
+        raise UsageError(f"--verify {verify!r} is not one of {', '.join(VERIFY_MODES)}")
     remote = open_remote(ws.remote(remote_name), workspace_root=ws.root)
     try:
         remote.check()
@@ -116,15 +191,38 @@ def open_context(
         dataset,
         remote_name,
         remote,
-        progress,
-        jobs or remote.capabilities.parallel_connections,
-        checksum,
-        skip_symlinks,
+        options.get("progress", NO_PROGRESS),
+        options.get("jobs") or remote.capabilities.parallel_connections,
+        options.get("checksum", False),
+        options.get("skip_symlinks", False),
+        profile=profile,
+        scope=scope,
+        verify=verify,
+        verify_sidecars=options.get("verify_sidecars", True),
     )
     try:
         yield ctx
     finally:
         ctx.close()
+
+
+def _scope(dataset: Dataset, profile: DatasetProfile, primary_only: bool, skip: tuple[str, ...]) -> Scope:
+    """Check --primary-only and --skip against the dataset's profile (usage errors, exit 2)."""
+    if primary_only and profile.primary is None:
+        raise UsageError(
+            f"--primary-only: dataset {dataset.id!r} declares no primary file",
+            hint='Declare one in tether.toml, e.g. [profiles.NAME] primary = "records.parquet" and '
+            '[datasets] "ns/*" = "NAME".',
+        )
+    if primary_only and dataset.only is not None:
+        raise UsageError("--primary-only and a file TARGET cannot be combined")
+    for name in skip:
+        name = name.strip("/")
+        if profile.sidecars and name not in profile.sidecars:
+            declared = ", ".join(profile.sidecars)
+            raise UsageError(f"--skip {name!r} is not a sidecar of {dataset.id!r} (sidecars: {declared})")
+        check_relpath(name, what="--skip folder")
+    return Scope(primary_only, tuple(sorted({n.strip("/") for n in skip})))
 
 
 # -- scan both sides ----------------------------------------------------------------------------
@@ -248,7 +346,11 @@ def load_base(ctx: Context) -> Manifest:
 
 
 def save_base(ctx: Context, local: Manifest, remote: Manifest, old_base: Manifest) -> None:
-    new = Manifest(list(agreed_base(local, remote, old_base)))
+    """Record what both sides now agree on. Paths outside this run's scope (--skip,
+    --primary-only, a file TARGET) keep their old base entry: a partial sync forgets nothing."""
+    in_scope = [e for e in old_base.entries if ctx.keep(e.path)]
+    untouched = [e for e in old_base.entries if not ctx.keep(e.path)]
+    new = Manifest.from_entries([*agreed_base(local, remote, in_scope), *untouched])
     if new.entries == old_base.entries:
         return
     path = ctx.workspace.base_path(ctx.remote_name, ctx.dataset.id)
@@ -265,6 +367,8 @@ class DiffResult:
     pull: Plan
     local_exists: bool
     remote_exists: bool
+    ledgers: list[LedgerCheck] = field(default_factory=list)
+    record: audit.AuditRecord | None = None
 
     @property
     def in_sync(self) -> bool:
@@ -283,28 +387,27 @@ class SyncResult:
         return self.record.state
 
 
+class SyncOptions(ContextOptions, total=False):
+    mode: Mode | str
+    prefer: Side | str | None
+    max_delete: MaxDelete | str | None
+    dry_run: bool
+    confirm: Confirm | None
+    audit_out: Path | None
+
+
 # -- commands -----------------------------------------------------------------------------------
 def diff(
     target: str,
     remote: str,
     *,
-    workspace: Workspace | Path | None = None,
-    dataset_id: str | None = None,
-    progress: Progress = NO_PROGRESS,
-    checksum: bool = False,
-    skip_symlinks: bool = False,
-    mode: Mode = Mode.UPDATE,
+    mode: Mode | str = Mode.UPDATE,
+    audit_out: Path | None = None,
+    **options: Unpack[ContextOptions],
 ) -> DiffResult:
     """What push and pull would do, without changing anything."""
-    with open_context(
-        target,
-        remote,
-        workspace=workspace,
-        dataset_id=dataset_id,
-        progress=progress,
-        checksum=checksum,
-        skip_symlinks=skip_symlinks,
-    ) as ctx:
+    started = time.time()
+    with open_context(target, remote, **options) as ctx:
         local_exists = ctx.dataset.path.is_dir()
         local = scan_local(ctx)
         remote_state = scan_remote(ctx)
@@ -312,8 +415,14 @@ def diff(
         if not local_exists and not remote_exists:
             raise _missing_everywhere(ctx)
         base = load_base(ctx)
-        push_plan = make_plan(local, remote_m, base, PlanOptions(direction=Direction.PUSH, mode=mode))
-        pull_plan = replan(push_plan, PlanOptions(direction=Direction.PULL, mode=mode))
+        ledgers = check_ledgers(ctx, local, remote_m)
+        push_options = PlanOptions(direction=Direction.PUSH, mode=Mode(mode), ledgers=_growths(ledgers))
+        push_plan = make_plan(local, remote_m, base, push_options)
+        pull_plan = replan(push_plan, dataclasses.replace(push_options, direction=Direction.PULL))
+        record = _new_record(ctx, "diff", Mode(mode), started, state="diff-only")
+        record.unchanged = push_plan.unchanged_files
+        record.parts = audit.parts_of(ctx.profile, push_plan, [], None)
+        _finish(ctx, push_plan, record, None, audit_out)
         return DiffResult(
             ctx.dataset,
             ctx.remote_name,
@@ -322,6 +431,8 @@ def diff(
             pull_plan,
             local_exists,
             remote_exists,
+            list(ledgers.values()),
+            record,
         )
 
 
@@ -332,78 +443,14 @@ def _missing_everywhere(ctx: Context) -> DatasetNotFound:
     )
 
 
-def push(
-    target: str,
-    remote: str,
-    *,
-    workspace: Workspace | Path | None = None,
-    dataset_id: str | None = None,
-    mode: Mode | str = Mode.UPDATE,
-    prefer: Side | str | None = None,
-    max_delete: MaxDelete | str | None = None,
-    jobs: int | None = None,
-    dry_run: bool = False,
-    confirm: Confirm | None = None,
-    progress: Progress = NO_PROGRESS,
-    checksum: bool = False,
-    skip_symlinks: bool = False,
-    audit_out: Path | None = None,
-) -> SyncResult:
+def push(target: str, remote: str, **options: Unpack[SyncOptions]) -> SyncResult:
     """Make the remote hold the local dataset's changes (see the planner for the rules)."""
-    return _run(
-        Direction.PUSH,
-        target,
-        remote,
-        workspace=workspace,
-        dataset_id=dataset_id,
-        mode=mode,
-        prefer=prefer,
-        max_delete=max_delete,
-        jobs=jobs,
-        dry_run=dry_run,
-        confirm=confirm,
-        progress=progress,
-        checksum=checksum,
-        skip_symlinks=skip_symlinks,
-        audit_out=audit_out,
-    )
+    return _run(Direction.PUSH, target, remote, **options)
 
 
-def pull(
-    target: str,
-    remote: str,
-    *,
-    workspace: Workspace | Path | None = None,
-    dataset_id: str | None = None,
-    mode: Mode | str = Mode.UPDATE,
-    prefer: Side | str | None = None,
-    max_delete: MaxDelete | str | None = None,
-    jobs: int | None = None,
-    dry_run: bool = False,
-    confirm: Confirm | None = None,
-    progress: Progress = NO_PROGRESS,
-    checksum: bool = False,
-    skip_symlinks: bool = False,
-    audit_out: Path | None = None,
-) -> SyncResult:
+def pull(target: str, remote: str, **options: Unpack[SyncOptions]) -> SyncResult:
     """Bring the remote's changes into the local dataset, staged and verified before promotion."""
-    return _run(
-        Direction.PULL,
-        target,
-        remote,
-        workspace=workspace,
-        dataset_id=dataset_id,
-        mode=mode,
-        prefer=prefer,
-        max_delete=max_delete,
-        jobs=jobs,
-        dry_run=dry_run,
-        confirm=confirm,
-        progress=progress,
-        checksum=checksum,
-        skip_symlinks=skip_symlinks,
-        audit_out=audit_out,
-    )
+    return _run(Direction.PULL, target, remote, **options)
 
 
 def _options(
@@ -419,53 +466,53 @@ def _options(
     )
 
 
+def _new_record(
+    ctx: Context, operation: str, mode: Mode, started: float, state: str = "no-op"
+) -> audit.AuditRecord:
+    return audit.AuditRecord(
+        operation=operation,
+        dataset=ctx.dataset.id,
+        remote=ctx.remote_name,
+        remote_url=ctx.remote.url,
+        mode=mode.value,
+        state=state,
+        started=started,
+        finished=started,
+        profile=ctx.profile.name,
+        scope={**ctx.scope.describe(), "file": ctx.dataset.only},
+        verify=ctx.verify,
+        sidecar_check=ctx.verify_sidecars,
+    )
+
+
 def _run(
     direction: Direction,
     target: str,
     remote: str,
     *,
-    workspace: Workspace | Path | None,
-    dataset_id: str | None,
-    mode: Mode | str,
-    prefer: Side | str | None,
-    max_delete: MaxDelete | str | None,
-    jobs: int | None,
-    dry_run: bool,
-    confirm: Confirm | None,
-    progress: Progress,
-    checksum: bool,
-    skip_symlinks: bool,
-    audit_out: Path | None,
+    mode: Mode | str = Mode.UPDATE,
+    prefer: Side | str | None = None,
+    max_delete: MaxDelete | str | None = None,
+    dry_run: bool = False,
+    confirm: Confirm | None = None,
+    audit_out: Path | None = None,
+    **context_options: Unpack[ContextOptions],
 ) -> SyncResult:
     options = _options(direction, mode, prefer, max_delete)
     started = time.time()
-    with open_context(
-        target,
-        remote,
-        workspace=workspace,
-        dataset_id=dataset_id,
-        progress=progress,
-        jobs=jobs,
-        checksum=checksum,
-        skip_symlinks=skip_symlinks,
-    ) as ctx:
-        record = audit.AuditRecord(
-            operation=direction.value,
-            dataset=ctx.dataset.id,
-            remote=ctx.remote_name,
-            remote_url=ctx.remote.url,
-            mode=options.mode.value,
-            state="no-op",
-            started=started,
-            finished=started,
-        )
+    with open_context(target, remote, **context_options) as ctx:
+        record = _new_record(ctx, direction.value, options.mode, started)
         # -- scan both sides, plan
         local_exists = ctx.dataset.path.is_dir()
         if direction == Direction.PUSH and not local_exists:
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
+        if direction == Direction.PUSH:
+            _require_local_primary(ctx)
         local = scan_local(ctx)
         remote_state = scan_remote(ctx)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
+        if direction == Direction.PULL:
+            _require_remote_primary(ctx, remote_m)
         if direction == Direction.PULL and not remote_exists:
             if not local_exists:
                 raise _missing_everywhere(ctx)
@@ -474,11 +521,14 @@ def _run(
             )
             return _finish(ctx, Plan(options), record, None, audit_out)
         base = load_base(ctx)
+        ledgers = check_ledgers(ctx, local, remote_m)
+        options = dataclasses.replace(options, ledgers=_growths(ledgers))
         plan = make_plan(local, remote_m, base, options)
         record.unchanged = plan.unchanged_files
         record.skipped = len(plan.with_action(Action.SKIP))
         record.skipped_symlinks = list(ctx.scan_report.skipped_symlinks)
         try:
+            _refuse_ledgers(plan, ledgers)
             plan.check_safe()
         except RefusedError as exc:
             if not dry_run:
@@ -491,10 +541,17 @@ def _run(
         if not plan.has_work:
             save_base(ctx, local, remote_m, base)  # local bookkeeping only
             _finish_killed_run(ctx, direction, remote_state)
-            return _finish(ctx, plan, record, None, audit_out)
+            # Nothing to move, but a sidecar that differs is still not in step (exit 4).
+            verification = _verify(ctx, [], local, remote_m)
+            if not verification.ok:
+                record.error = "sidecar verification failed"
+            finished = _finish(ctx, plan, record, verification, audit_out)
+            raise_if_failed(verification)
+            return finished
         if dry_run:
             record.state = "dry-run"
             return _finish(ctx, plan, record, None, audit_out)
+        _precheck_parquet(ctx, plan)
         if confirm is not None and not confirm(plan):
             raise Interrupted("Declined; nothing was changed.")
 
@@ -530,8 +587,123 @@ def _run(
         return finished
 
 
+# -- dataset fidelity: primary, ledgers, verification modes -------------------------------------
+def _require_local_primary(ctx: Context) -> None:
+    primary = ctx.profile.primary
+    if primary is None or ctx.dataset.only not in (None, primary):
+        return
+    if not (ctx.dataset.path / primary).is_file():
+        raise RefusedError(
+            f"dataset {ctx.dataset.id!r} has no primary file {primary} locally ({ctx.dataset.path})",
+            hint="A dataset without its primary table is incomplete; nothing was locked or sent. "
+            "Create or restore it, or fix `primary` in its profile.",
+        )
+
+
+def _require_remote_primary(ctx: Context, remote: Manifest) -> None:
+    primary = ctx.profile.primary
+    if primary is None or ctx.dataset.only not in (None, primary):
+        return
+    if not any(e.path == primary for e in remote.entries):
+        raise RefusedError(
+            f"remote {ctx.remote_name!r} has no primary file {primary} for {ctx.dataset.id!r} "
+            f"({ctx.remote.url}/{ctx.dataset.id})",
+            hint="Nothing was locked or downloaded. Check the dataset id, or push the dataset there first.",
+        )
+
+
+def check_ledgers(ctx: Context, local: Manifest, remote: Manifest) -> dict[str, LedgerCheck]:
+    """How the two copies of each declared append-only ledger relate (in scope and owned)."""
+    checks: dict[str, LedgerCheck] = {}
+    ledgers = [ledger for ledger in ctx.profile.append_only if ctx.keep(ledger.path)]
+    if not ledgers:
+        return checks
+    local_by, remote_by = local.by_path(), remote.by_path()
+    for ledger in ledgers:
+        check = check_ledger(
+            ledger,
+            local_by.get(ledger.path),
+            remote_by.get(ledger.path),
+            ctx.local_reader(ledger.path),
+            ctx.remote_reader(ledger.path),
+        )
+        if check is not None:
+            checks[ledger.path] = check
+    return checks
+
+
+def _growths(checks: dict[str, LedgerCheck]) -> dict[str, Growth]:
+    return {path: c.growth for path, c in checks.items() if c.growth is not None}
+
+
+def _refuse_ledgers(plan: Plan, checks: dict[str, LedgerCheck]) -> None:
+    """A diverged ledger, or one whose part to be sent is not whole, stops the run (exit 3)."""
+    for change in plan.changes:
+        check = checks.get(change.path)
+        if check is None:
+            continue
+        if check.growth == Growth.DIVERGED:
+            raise RefusedError(
+                f"append-only ledger {change.path} has diverged: neither copy extends the other "
+                f"(first difference at {check.divergence})",
+                paths=[change.path],
+                hint="Either transfer would drop the other side's records, so nothing was changed. "
+                "Reconcile by hand: start from the remote copy, append the records only yours has, "
+                "then push.",
+            )
+        if check.problems and change.action in TRANSFERS:
+            raise RefusedError(
+                f"append-only ledger {change.path}: {check.problems[0]}",
+                paths=[change.path],
+                hint="Nothing was transferred. If a job is still writing it, rerun when the record "
+                "is complete; otherwise repair the file (each line one JSON object).",
+            )
+
+
+def _precheck_parquet(ctx: Context, plan: Plan) -> None:
+    """--verify parquet on a file that is not Parquet is an error before anything moves."""
+    if ctx.verify != "parquet":
+        return
+    push = plan.direction == Direction.PUSH
+    for change in plan.transfers:
+        if change.path != ctx.profile.primary and not is_parquet_name(change.path):
+            continue
+        entry = change.local if push else change.remote
+        read = ctx.local_reader(change.path) if push else ctx.remote_reader(change.path)
+        try:
+            parquet_shape(read, entry.size)  # type: ignore[union-attr]
+        except NotParquet as exc:
+            raise UsageError(
+                f"--verify parquet cannot check {change.path}: {exc}",
+                hint="Use --verify sha256 (the default) or auto for files that are not Parquet.",
+            ) from None
+
+
+def _verify(ctx: Context, done: list[Change], local: Manifest, remote: Manifest) -> VerifyReport:
+    """Check what was transferred in the requested mode, then the sidecars' fidelity."""
+    report = verify_transfers(done, local, remote, mode="size" if ctx.verify == "size" else "sha256")
+    report.mode = ctx.verify
+    if ctx.verify in ("parquet", "auto"):
+        tables = [
+            c.path
+            for c in done
+            if c.action in TRANSFERS and (c.path == ctx.profile.primary or is_parquet_name(c.path))
+        ]
+        check_parquet(
+            tables, ctx.local_reader, ctx.remote_reader, local, remote, report, strict=ctx.verify == "parquet"
+        )
+        for note in report.fallbacks:
+            ctx.progress.message(f"--verify auto fell back: {note}")
+    if ctx.verify_sidecars:
+        report.sidecars = check_sidecars(ctx.profile, ctx.in_scope, local, remote) or None
+    else:
+        report.sidecar_check = False
+    return report
+
+
 def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification: VerifyReport) -> None:
     record.state = "transferred"
+    record.done_changes = list(result.done)
     record.reused_staged = result.reused
     for change in result.done:
         record.done[change.action.value] += 1
@@ -568,7 +740,7 @@ def _execute_push(
     ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), after.index().dumps(dataset=ctx.dataset.id))
     faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)
-    return result, verify_transfers(result.done, local, remote_after)
+    return result, _verify(ctx, result.done, local, remote_after)
 
 
 def _execute_pull(
@@ -589,7 +761,7 @@ def _execute_pull(
     faults.checkpoint("before_base")
     local_after = scan_local(ctx)
     save_base(ctx, local_after, remote_m, base)
-    return result, verify_transfers(result.done, local_after, remote_m)
+    return result, _verify(ctx, result.done, local_after, remote_m)
 
 
 def _remember_digests(ctx: Context, result: BatchResult) -> None:
@@ -670,7 +842,11 @@ def _finish(
     for notice in getattr(ctx.remote, "notices", ()):  # a backend's warnings (e.g. a weaker lock)
         ctx.progress.message(notice)
     record.finished = time.time()
-    log = None if record.state == "dry-run" else ctx.workspace.audit_log
+    if verification is not None:
+        record.verification = verification.as_json()
+    if record.operation != "diff":
+        record.parts = audit.parts_of(ctx.profile, plan, record.done_changes, verification)
+    log = None if record.state in ("dry-run", "diff-only") else ctx.workspace.audit_log
     audit.append(log, record, audit_out)
     return SyncResult(plan, record, verification)
 

@@ -49,10 +49,14 @@ def find_root(start: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A directory synced as one unit, addressed remotely as ``<remote>/<id>/``."""
+    """A directory synced as one unit, addressed remotely as ``<remote>/<id>/``.
+
+    ``only`` narrows a run to one file of it (file mode: TARGET was a file).
+    """
 
     id: str
     path: Path
+    only: str | None = None
 
 
 class Workspace:
@@ -121,8 +125,17 @@ class Workspace:
         return config
 
     # -- datasets --------------------------------------------------------------------------
-    def resolve(self, target: str, *, dataset_id: str | None = None, cwd: Path | None = None) -> Dataset:
-        """A dataset id (``ns/name`` under the data root) or a path to a dataset directory."""
+    def resolve(
+        self, target: str, *, dataset_id: str | None = None, cwd: Path | None = None, strict: bool = False
+    ) -> Dataset:
+        """A dataset id (``ns/name`` under the data root), a path to a dataset directory, a path
+        to one file in a dataset (file mode), or a bare name that matches one local dataset.
+
+        ``strict`` (``--strict-id``, ``TETHER_STRICT_ID=1``) accepts only an explicit
+        ``namespace/name`` id: scripts that run from anywhere must never sync a guessed dataset.
+        """
+        if strict:
+            return self._strict(target, dataset_id)
         cwd = cwd or Path.cwd()
         if len(target) > 1:
             target = target.rstrip("/")  # a tab-completed `ns/ds/` means `ns/ds`
@@ -132,8 +145,41 @@ class Workspace:
             return self._dataset_from_dir(as_path.resolve(), dataset_id)
         if target == ".":
             return self._dataset_from_dir(cwd.resolve(), dataset_id)
+        if as_path.is_file() and not as_path.is_symlink():
+            return self._dataset_from_file(as_path.resolve(), dataset_id)
+        if dataset_id is None and "/" not in target and not self._is_id_dir(target):
+            matches = [ds for ds in self.list_datasets() if ds.id.rsplit("/", 1)[-1] == target]
+            if len(matches) > 1:
+                raise UsageError(
+                    f"{target!r} matches {len(matches)} datasets: {', '.join(ds.id for ds in matches)}",
+                    hint="Name the one you mean with its full `namespace/name` id.",
+                )
+            if matches:
+                return matches[0]
         ds_id = check_dataset_id(dataset_id or target)
         return Dataset(ds_id, self.data_root / ds_id)
+
+    def _strict(self, target: str, dataset_id: str | None) -> Dataset:
+        ds_id = dataset_id or target
+        if "/" not in ds_id or ds_id.startswith(("/", ".", "~")) or ds_id.endswith("/"):
+            raise UsageError(
+                f"--strict-id needs an explicit `namespace/name` dataset id, not {ds_id!r}",
+                hint="Name the dataset by its id, e.g. `densegen/my_dataset` (no paths, no bare names).",
+            )
+        check_dataset_id(ds_id)
+        return Dataset(ds_id, self.data_root / ds_id)
+
+    def _dataset_from_file(self, path: Path, dataset_id: str | None) -> Dataset:
+        """File mode: the dataset holding ``path`` (by its place under the data root, else its
+        folder), narrowed to that one file."""
+        if dataset_id is not None:
+            folder = self.data_root / check_dataset_id(dataset_id)
+            if folder not in path.parents:
+                folder = path.parent
+        else:
+            folder = next((ds.path for ds in self.list_datasets() if ds.path in path.parents), path.parent)
+        dataset = self._dataset_from_dir(folder, dataset_id)
+        return Dataset(dataset.id, dataset.path, path.relative_to(folder).as_posix())
 
     def _is_id_dir(self, target: str) -> bool:
         return (self.data_root / target).is_dir()

@@ -117,6 +117,10 @@ class Remote(Protocol):
 
     def open_read(self, path: str) -> BinaryIO: ...
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end of the file): footers and ledger
+        prefixes are checked without moving whole files."""
+
     def delete(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""
 

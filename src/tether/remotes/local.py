@@ -133,6 +133,11 @@ class LocalRemote:
     def open_read(self, path: str) -> BinaryIO:
         return open(self._abs(path), "rb")
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        with open(self._abs(path), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
     def delete(self, path: str) -> None:
         target = self._abs(path)
         try:

@@ -835,6 +835,10 @@ class SshRemote:
     def open_read(self, path: str) -> BinaryIO:
         return io.BytesIO(self.read_bytes(path))
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        _, data = self._call("read", path=check_relpath(path), offset=offset, length=length)
+        return data
+
     def hash_files(self, paths: Iterable[str], *, use_cache: bool = True) -> dict[str, str]:
         """SHA-256 computed on the remote, in parallel there, reusing its per-dataset cache
         (keyed by inode, size, mtime and ctime) unless ``use_cache`` is False (``--checksum``)."""

@@ -351,6 +351,9 @@ class Helper:
 
     def op_read(self, h: dict, data: bytes) -> tuple[dict, bytes]:
         with open(self.base.parent_ok(h["path"], False), "rb") as f:
+            if "offset" in h:
+                f.seek(int(h["offset"]))
+                return {}, f.read(int(h["length"]))
             return {}, f.read()
 
     def op_write(self, h: dict, data: bytes) -> dict:
