@@ -146,11 +146,15 @@ def find_missing(remote: Remote, needed: set[str], inv: Inventory, *, trust_inve
         present = set(list_objects(remote))
         inv.objects = present
         listed = 0
+        seen = needed
     else:
         present = set(list_objects(remote, folders))
         inv.replace_folders(folders, present)
         listed = len(folders)
-    return Lookup((candidates - present) | suspect, listed, full)
+        seen = {d for d in needed if fanout(d) in folders}
+    # Every needed object in a listed folder is judged by the listing, including ones the
+    # inventory vouched for: a lost object the listing reveals is sent again.
+    return Lookup((seen - present) | suspect, listed, full)
 
 
 # -- push markers and the gc state ---------------------------------------------------------------
