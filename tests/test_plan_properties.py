@@ -15,6 +15,7 @@ from tether.paths import sort_key
 from tether.plan import (
     Action,
     Direction,
+    Growth,
     MaxDelete,
     Mode,
     Plan,
@@ -411,3 +412,38 @@ def test_agreed_base_streams_too(n: int) -> None:
     out = agreed_base(synthetic(n), synthetic(n), synthetic(0))
     assert iter(out) is out  # a generator, not a list
     assert sum(1 for _ in out) == n
+
+
+# -- append-only ledgers ------------------------------------------------------------------------
+growths = st.dictionaries(st.sampled_from(PATHS), st.sampled_from(list(Growth)), max_size=len(PATHS))
+
+
+@SETTINGS
+@given(entries_st, entries_st, entries_st, modes, directions, prefers, growths)
+def test_a_ledger_is_only_ever_extended(
+    local: Manifest,
+    remote: Manifest,
+    base: Manifest,
+    mode: Mode,
+    direction: Direction,
+    prefer: Side | None,
+    ledgers: dict[str, Growth],
+) -> None:
+    """Whatever the statuses, mode and --prefer: a ledger whose copies differ is sent only to a
+    destination that is a prefix of the source (or, on --prefer, a destination the source is
+    longer than after a cut), never deleted by the relation, and a divergence is always refused."""
+    plan = make_plan(local, remote, base, PlanOptions(direction, mode, prefer, ALL, ledgers))
+    push = direction == Direction.PUSH
+    for c in plan.changes:
+        growth = ledgers.get(c.path)
+        if growth is None or c.local is None or c.remote is None:
+            continue
+        if growth == Growth.DIVERGED:
+            assert c.action == Action.REFUSE
+        if c.action in (Action.UPLOAD, Action.DOWNLOAD):
+            assert c.action == (Action.UPLOAD if push else Action.DOWNLOAD)
+            ahead = Growth.LOCAL_AHEAD if push else Growth.REMOTE_AHEAD
+            src, dst = (c.local, c.remote) if push else (c.remote, c.local)
+            restored = growth == Growth.REWRITTEN and prefer == (Side.LOCAL if push else Side.REMOTE)
+            assert growth == ahead or (restored and src.size > dst.size)
+        assert c.action not in (Action.DELETE_LOCAL, Action.DELETE_REMOTE)

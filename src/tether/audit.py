@@ -124,13 +124,16 @@ def parts_of(
             p["deleted"] += 1
     if verification is not None:
         mismatched = set(verification.mismatches)
+        bytes_check = "size" if verification.mode == "size" else "sha256"
         for p in parts.values():
-            p["verified"] = verification.mode if p["transferred_files"] else None
+            p["verified"] = bytes_check if p["transferred_files"] else None
         for change in done:
             if change.path in mismatched:
                 parts[profile.part_of(change.path)]["ok"] = False
-        if profile.primary in verification.parquet:
-            parts["primary"]["parquet"] = verification.parquet[profile.primary]
+        for path, footers in verification.parquet.items():
+            p = parts[profile.part_of(path)]
+            p["verified"] = "sha256+parquet"
+            p.setdefault("parquet", {})[path] = footers
         for sidecar, result in (verification.sidecars or {}).items():
             p = parts[f"sidecar:{sidecar}"]
             p["sidecar_files"] = result["files"]

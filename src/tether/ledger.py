@@ -119,12 +119,27 @@ def jsonl_problems(read: ReadRange, start: int, end: int) -> list[str]:
     return problems
 
 
+def cut_since_base(local: Entry, remote: Entry, base: Entry | None, read_local: ReadRange) -> str | None:
+    """For copies where one extends the other: did either do anything but append since the last
+    sync? Only local bytes are read: the shorter copy is a prefix of the longer, so both extend
+    the base exactly when the shorter is at least as long and the local prefix matches it."""
+    if base is None:
+        return None
+    for side, entry in (("remote", remote), ("local", local)):
+        if entry.size < base.size:
+            return f"the {side} copy is shorter than at the last sync ({entry.size} < {base.size} bytes)"
+    if prefix_digest(read_local, base.size) != base.digest:
+        return "the copies no longer start with what both held at the last sync (edited)"
+    return None
+
+
 def check_ledger(
     ledger: Ledger,
     local: Entry | None,
     remote: Entry | None,
     read_local: ReadRange,
     read_remote: ReadRange,
+    base: Entry | None = None,
 ) -> LedgerCheck | None:
     """Everything planning needs to know about one declared ledger (None: both copies agree or
     neither exists)."""
@@ -134,6 +149,10 @@ def check_ledger(
         if local.same_content(remote):
             return None
         growth, divergence = relate(local, remote, read_local, read_remote)
+        if growth != Growth.DIVERGED:
+            cut = cut_since_base(local, remote, base, read_local)
+            if cut is not None:
+                growth, divergence = Growth.REWRITTEN, cut
     else:
         growth, divergence = None, None
     problems: list[str] = []

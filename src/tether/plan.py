@@ -105,6 +105,10 @@ class Growth(StrEnum):
     LOCAL_AHEAD = "local_ahead"  # the remote copy is a prefix of the local one
     REMOTE_AHEAD = "remote_ahead"  # the local copy is a prefix of the remote one
     DIVERGED = "diverged"  # neither is a prefix of the other
+    # One copy extends the other, but a copy was truncated or edited since the last sync: an
+    # append-only file did something other than append. Refused unless --prefer names the
+    # longer copy (which then loses nothing by replacing the shorter).
+    REWRITTEN = "rewritten"
 
 
 @dataclass(frozen=True)
@@ -245,15 +249,20 @@ def decide(
     raise AssertionError(f"unhandled status {status}")  # pragma: no cover
 
 
-def decide_ledger(growth: Growth, options: PlanOptions) -> tuple[Action, str]:
+def decide_ledger(growth: Growth, options: PlanOptions, local: Entry, remote: Entry) -> tuple[Action, str]:
     """Override the generic decision for an append-only ledger whose copies differ: send only
     to a destination that is a prefix of the source; a destination that already extends the
-    source keeps its copy; copies that diverged are refused (nothing is overwritten)."""
+    source keeps its copy; copies that diverged are refused whatever --prefer says."""
     push = options.direction == Direction.PUSH
     send = Action.UPLOAD if push else Action.DOWNLOAD
-    src, dst = ("local", "remote") if push else ("remote", "local")
+    src, dst = (Side.LOCAL, Side.REMOTE) if push else (Side.REMOTE, Side.LOCAL)
     if growth == Growth.DIVERGED:
         return Action.REFUSE, "append-only ledger diverged: neither copy is a prefix of the other"
+    if growth == Growth.REWRITTEN:
+        src_longer = (local.size > remote.size) if push else (remote.size > local.size)
+        if options.prefer == src and src_longer:
+            return send, f"append-only ledger cut on {dst} since last sync; --prefer {src} restores it"
+        return Action.REFUSE, "append-only ledger was truncated or edited since the last sync"
     if options.mode == Mode.NEW:
         return Action.SKIP, "append-only ledger grew; --mode new only creates missing files"
     if growth == (Growth.LOCAL_AHEAD if push else Growth.REMOTE_AHEAD):
@@ -436,7 +445,7 @@ def make_plan(
         action, reason = decide(status, options, local_exists=lo is not None, remote_exists=re_ is not None)
         growth = options.ledgers.get(path) if lo is not None and re_ is not None else None
         if growth is not None:
-            action, reason = decide_ledger(growth, options)
+            action, reason = decide_ledger(growth, options, lo, re_)  # type: ignore[arg-type]
         plan.changes.append(Change(path, status, action, lo, re_, ba, reason))
     return plan
 
@@ -457,7 +466,7 @@ def replan(plan: Plan, options: PlanOptions) -> Plan:
         )
         growth = options.ledgers.get(c.path) if c.local is not None and c.remote is not None else None
         if growth is not None:
-            action, reason = decide_ledger(growth, options)
+            action, reason = decide_ledger(growth, options, c.local, c.remote)  # type: ignore[arg-type]
         out.changes.append(Change(c.path, c.status, action, c.local, c.remote, c.base, reason))
     return out
 

@@ -73,6 +73,16 @@ def diff_json(result: DiffResult) -> dict[str, Any]:
             "remote_files": result.push.remote_files,
         },
         "changes": changes,
+        "ledgers": [
+            {
+                "path": check.path,
+                "growth": check.growth.value if check.growth else None,
+                "divergence": check.divergence,
+                "problems": list(check.problems),
+            }
+            for check in result.ledgers
+        ],
+        "parts": result.record.parts if result.record else {},
     }
 
 
@@ -87,6 +97,22 @@ def sync_json(result: SyncResult) -> dict[str, Any]:
         "changes": [change_json(c) for c in result.plan.changes],
         "audit": rec.as_json(),
     }
+
+
+def _sidecar_lines(v: dict[str, Any]) -> list[str]:
+    if not v.get("sidecar_check", True):
+        return ["Sidecar verification skipped (--no-verify-sidecars)."]
+    sidecars = v.get("sidecars") or {}
+    if not sidecars:
+        return []
+    good = [f"{name} ({r['files']} files)" for name, r in sidecars.items() if r["ok"]]
+    bad = [f"{name}: {len(r['mismatches'])} differ" for name, r in sidecars.items() if not r["ok"]]
+    return [
+        "Sidecars identical on both sides: "
+        + (", ".join(good) or "none")
+        + (f"; DIFFERENT: {', '.join(bad)}" if bad else "")
+        + "."
+    ]
 
 
 def sync_summary_lines(result: SyncResult) -> list[str]:
@@ -120,8 +146,10 @@ def sync_summary_lines(result: SyncResult) -> list[str]:
             lines.append(
                 f"Verified ({v['mode']}): {v['files_verified']} file(s), "
                 f"{human_bytes(v['bytes_verified'])}; "
-                + ("all match." if v["ok"] else f"{len(v['mismatches'])} MISMATCH(ES).")
+                + ("all match." if not v["mismatches"] else f"{len(v['mismatches'])} MISMATCH(ES).")
             )
+    if rec.state in ("transferred", "failed", "no-op") and rec.verification:
+        lines += _sidecar_lines(rec.verification)
         rate = rec.bytes_transferred / rec.seconds
         lines.append(
             f"{rec.seconds:.2f} s, {human_bytes(rate)}/s."

@@ -415,7 +415,7 @@ def diff(
         if not local_exists and not remote_exists:
             raise _missing_everywhere(ctx)
         base = load_base(ctx)
-        ledgers = check_ledgers(ctx, local, remote_m)
+        ledgers = check_ledgers(ctx, local, remote_m, base)
         push_options = PlanOptions(direction=Direction.PUSH, mode=Mode(mode), ledgers=_growths(ledgers))
         push_plan = make_plan(local, remote_m, base, push_options)
         pull_plan = replan(push_plan, dataclasses.replace(push_options, direction=Direction.PULL))
@@ -521,7 +521,7 @@ def _run(
             )
             return _finish(ctx, Plan(options), record, None, audit_out)
         base = load_base(ctx)
-        ledgers = check_ledgers(ctx, local, remote_m)
+        ledgers = check_ledgers(ctx, local, remote_m, base)
         options = dataclasses.replace(options, ledgers=_growths(ledgers))
         plan = make_plan(local, remote_m, base, options)
         record.unchanged = plan.unchanged_files
@@ -612,13 +612,13 @@ def _require_remote_primary(ctx: Context, remote: Manifest) -> None:
         )
 
 
-def check_ledgers(ctx: Context, local: Manifest, remote: Manifest) -> dict[str, LedgerCheck]:
+def check_ledgers(ctx: Context, local: Manifest, remote: Manifest, base: Manifest) -> dict[str, LedgerCheck]:
     """How the two copies of each declared append-only ledger relate (in scope and owned)."""
     checks: dict[str, LedgerCheck] = {}
     ledgers = [ledger for ledger in ctx.profile.append_only if ctx.keep(ledger.path)]
     if not ledgers:
         return checks
-    local_by, remote_by = local.by_path(), remote.by_path()
+    local_by, remote_by, base_by = local.by_path(), remote.by_path(), base.by_path()
     for ledger in ledgers:
         check = check_ledger(
             ledger,
@@ -626,6 +626,7 @@ def check_ledgers(ctx: Context, local: Manifest, remote: Manifest) -> dict[str, 
             remote_by.get(ledger.path),
             ctx.local_reader(ledger.path),
             ctx.remote_reader(ledger.path),
+            base_by.get(ledger.path),
         )
         if check is not None:
             checks[ledger.path] = check
@@ -642,6 +643,20 @@ def _refuse_ledgers(plan: Plan, checks: dict[str, LedgerCheck]) -> None:
         check = checks.get(change.path)
         if check is None:
             continue
+        if check.growth == Growth.REWRITTEN and change.action == Action.REFUSE:
+            longer = (
+                "local"
+                if change.local and change.remote and change.local.size > change.remote.size
+                else "remote"
+            )
+            raise RefusedError(
+                f"append-only ledger {change.path} was truncated or edited since the last sync: "
+                f"{check.divergence}",
+                paths=[change.path],
+                hint="An append-only file only grows, so nothing was changed. Look at both copies; "
+                f"if the longer one ({longer}) is right, `tether {'push' if longer == 'local' else 'pull'} "
+                f"... --prefer {longer}` restores the other side from it.",
+            )
         if check.growth == Growth.DIVERGED:
             raise RefusedError(
                 f"append-only ledger {change.path} has diverged: neither copy extends the other "

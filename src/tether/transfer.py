@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -408,10 +409,16 @@ def pull_changes(
 
 
 def _staged_ok(path: Path, entry: Entry) -> bool:
+    """A staged file from an earlier run counts only if it is a plain file with the right bytes:
+    a link or FIFO put into the staging folder is never promoted into the dataset."""
     try:
-        if path.stat().st_size != entry.size:
-            return False
+        st = path.lstat()
     except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        path.unlink(missing_ok=True)
+        return False
+    if st.st_size != entry.size:
         return False
     if digest_file(path) == entry.digest:
         return True
