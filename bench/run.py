@@ -87,7 +87,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each timed run: read the inputs once (warm, default) or drop the page cache "
         "(drop, root only)",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds before one command is killed")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds before a timed command is killed; the row then reads '> N' (no further repeats)",
+    )
+    p.add_argument(
+        "--setup-timeout", type=float, help="seconds for untimed set-up commands (default: --timeout)"
+    )
+    p.add_argument(
+        "--tool-repeat",
+        nargs="+",
+        default=[],
+        metavar="TOOL=N",
+        help="fewer repeats for slow tools, e.g. dvc=1 rclone=1 (at most --repeat)",
+    )
     p.add_argument("--keep", action="store_true", help="keep each case's scratch folders for inspection")
     p.add_argument(
         "--fail-on-target", action="store_true", help=f"exit {EXIT_TARGET_FAILED} when a target fails"
@@ -96,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     args.scale = args.scale or ("quick" if args.quick else "full")
+    try:
+        args.tool_repeat = {
+            name: int(n) for item in args.tool_repeat for name, n in [item.split("=", 1)] if int(n) >= 1
+        }
+    except ValueError:
+        p.error("--tool-repeat takes TOOL=N with N >= 1, e.g. dvc=1")
     args.cases = _names(args.cases, CASE_NAMES, CASE_NAMES, "case")
     args.tools = _names(args.tools, KNOWN_TOOLS, DEFAULT_TOOLS, "tool")
     args.remotes = _names(args.remotes, tuple(REMOTE_KINDS), ("local",), "remote kind")
@@ -126,6 +147,8 @@ def meta_info(
         "cases": args.cases,
         "remotes": args.remotes,
         "cache": args.cache,
+        "timeout_s": args.timeout,
+        "tool_repeat": args.tool_repeat,
         "host": platform.node(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -153,12 +176,22 @@ def run_kind(
 ) -> list[Result]:
     """Every selected case against one remote kind; the kind's servers live only this long."""
     opts = RunOptions(
-        args.repeat, args.work / "runs", args.work / "logs", args.timeout, args.cache, args.keep, log
+        args.repeat,
+        args.work / "runs",
+        args.work / "logs",
+        args.timeout,
+        args.cache,
+        args.keep,
+        log,
+        args.tool_repeat,
+        args.setup_timeout,
     )
     if why := kind.missing():
         log(f"remote kind {kind.name}: skipped ({why})")
         unavailable = {t.name: f"remote kind {kind.name} unavailable: {why}" for t in tools}
-    kind.start(args.work)
+    else:
+        log(f"remote kind {kind.name}: starting ({kind.description})")
+        kind.start(args.work)
     try:
         results = []
         for case in (c for c in CASES if c.name in args.cases):
@@ -192,9 +225,10 @@ def footer(args: argparse.Namespace, data: dict[str, datasets.Dataset], elapsed:
         else " Targets are defined for the full sizes: verdicts are indicative only."
     )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    fewer = "".join(f", {n} for {t}" for t, n in args.tool_repeat.items() if n < args.repeat)
     return (
-        f"scale {args.scale} ({sizes}); median of {args.repeat} run(s) per tool; × tether = tool median / "
-        f"tether median.{scale_note}\n"
+        f"scale {args.scale} ({sizes}); median of {args.repeat} run(s) per tool{fewer}; "
+        f"× tether = tool median / tether median; '> N' = killed after --timeout N s.{scale_note}\n"
         f"peak RSS: {rss_method()}; "
         "CPU s: user+sys of the tree; bg cores: CPU other processes used meanwhile, in cores (median; "
         f"above ~0.3 the machine was shared and timings are noisy); cache: {cache}.\n"

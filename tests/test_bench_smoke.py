@@ -41,3 +41,30 @@ def test_bench_runs_at_tiny_scale_and_writes_medians(tmp_path: Path) -> None:
     assert by_key[("large-push", "cp")]["throughput_mib_s"] > 0
     assert by_key[("small-noop", "cp")]["status"] == "n/a"
     assert {t["verdict"] for t in doc["targets"]} <= {"PASS", "FAIL", "info", "n/a"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(), reason="sshd not installed")
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync not installed (bash bench/setup.sh)")
+def test_bench_ssh_and_s3_kinds_through_the_latency_proxy(tmp_path: Path) -> None:
+    """The SSH and S3 remote kinds start their servers and the 20 ms proxy, run tether and the
+    baselines, and count the no-op's traffic at the proxy."""
+    out = tmp_path / "results.json"
+    tether = Path(sys.executable).parent / "tether"
+    cmd = [sys.executable, str(RUN), "--scale", "tiny", "--repeat", "1", "--remotes", "ssh-20ms", "s3-20ms"]
+    cmd += ["--cases", "small-noop", "large-push", "--tools", "tether,rsync,ssh-cat,obstore-mp"]
+    cmd += ["--work", str(tmp_path / "work"), "--json-out", str(out), "--tether", str(tether)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    by_key = {(r["remote"], r["case"], r["tool"]): r for r in doc["results"]}
+    for kind in ("ssh-20ms", "s3-20ms"):
+        for case in ("small-noop", "large-push"):
+            row = by_key[(kind, case, "tether")]
+            assert row["status"] == "ok", row["reason"]
+            assert row["samples"][0]["traffic"]["connections"] >= 1
+    assert by_key[("ssh-20ms", "small-noop", "tether")]["median_traffic"]["ssh_logins"] == 1
+    assert by_key[("ssh-20ms", "large-push", "ssh-cat")]["status"] == "ok"
+    assert by_key[("s3-20ms", "large-push", "obstore-mp")]["status"] == "ok"
+    assert by_key[("s3-20ms", "small-noop", "rsync")]["status"] == "n/a"

