@@ -412,13 +412,15 @@ class DvcTool(Tool):
         ]
 
     def seed(self, slot: Slot) -> None:
-        # Over ssh or S3 DVC spends ~0.4 s per small file through the 20 ms proxy (about two
-        # hours for 20,000), so the untimed set-up push of the pull, no-op and change cases goes
-        # to the same folder as a local-path remote instead: DVC lays out a local remote exactly
-        # as its ssh and S3 remotes (files/md5/xx/...), and the server serves that folder. The
-        # timed commands still use the configured ssh/S3 remote.
+        # Over ssh DVC spends ~0.4 s per small file through the 20 ms proxy (about two hours for
+        # 20,000), so the untimed set-up push of the pull, no-op and change cases goes to the
+        # same folder as a local-path remote instead: DVC lays out a local remote exactly as its
+        # ssh remote (files/md5/xx/...), and sshd serves that folder. The timed commands still
+        # use the configured ssh remote.
         root = slot.remote.local_path()
-        if slot.kind == "local" or root is None:
+        if not slot.kind.startswith("ssh") or root is None:
+            # S3: objects written behind `rclone serve s3`'s back stay invisible to it for its
+            # directory-cache time, so the seed is a real `dvc push`.
             super().seed(slot)
             return
         self.reset_push(slot)
