@@ -50,6 +50,7 @@ from tether.versioned.lockfile import LockEntry
 from tether.versioned.scrub import scrub
 from tether.versioned.store import (
     Inventory,
+    download_objects,
     fetch_objects,
     latest_remote_snapshot,
     list_remote_snapshots,
@@ -446,7 +447,6 @@ def _pull(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                 snap = latest
                 which = f"the remote's latest snapshot {_short(snap.id)} (tether.lock has no entry for it)"
             plan = _plan_checkout(env, snap, options, progress)
-            needed = {t.digest: t.size for t in plan.create + [t for _, t in plan.replace]}
             if options.get("dry_run"):
                 progress.close()
                 _checkout_summary(env, snap, plan, None, which, as_json, options, dry_run=True)
@@ -458,15 +458,20 @@ def _pull(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                     hint="Commit them (`tether commit TARGET`) or discard them with "
                     "`tether checkout TARGET --force` after `tether fetch`.",
                 )
-            fetch_objects(
-                remote,
-                env.cache,
-                needed,
-                jobs=options.get("jobs") or remote.capabilities.parallel_connections,
-                progress=progress,
-            )
+            jobs = options.get("jobs") or remote.capabilities.parallel_connections
+
+            def download(dests: dict[str, Path], sizes: dict[str, int]) -> None:
+                download_objects(remote, dests, sizes, jobs=jobs, progress=progress)
+
             result = apply_checkout(
-                env.dataset.path, plan, env.cache, links=parse_links(None), force=False, progress=progress
+                env.dataset.path,
+                plan,
+                env.cache,
+                links=parse_links(None),
+                force=False,
+                progress=progress,
+                download=download,
+                staging=env.ws.staging_dir / "versioned" / env.dataset.id,
             )
             remember_digests(env.ws, env.dataset, result.written)
             if entry is None:

@@ -190,6 +190,9 @@ class CheckoutResult:
     written: list[Entry]
 
 
+Download = Callable[[dict[str, Path], dict[str, int]], None]
+
+
 def apply_checkout(
     root: Path,
     plan: CheckoutPlan,
@@ -198,7 +201,12 @@ def apply_checkout(
     links: Sequence[str],
     force: bool,
     progress: Progress = NO_PROGRESS,
+    download: Download | None = None,
+    staging: Path | None = None,
 ) -> CheckoutResult:
+    """Apply ``plan``. Objects the cache lacks come from ``download`` when given (``pull``):
+    they are downloaded and verified into ``staging`` first, so a failed download changes
+    nothing, and then renamed into place: one write per file instead of cache + workspace."""
     if plan.unsafe and not force:
         raise RefusedError(
             f"checkout would overwrite or delete {len(plan.unsafe)} uncommitted local change(s)",
@@ -206,13 +214,19 @@ def apply_checkout(
             hint="Commit them first (`tether commit TARGET`), or pass --force to discard them.",
         )
     targets = plan.create + [t for _, t in plan.replace]
-    lacking = sorted({t.digest for t in targets if not cache.has(t.digest)})
-    if lacking:
+    lacking = {t.digest: t.size for t in targets if not cache.has(t.digest)}
+    if lacking and (download is None or staging is None):
         raise RefusedError(
             f"{len(lacking)} object(s) of the snapshot are not in the cache",
-            paths=lacking,
+            paths=sorted(lacking),
             hint="Fetch them first: `tether fetch TARGET REMOTE` (or use `tether pull`).",
         )
+    staged: dict[str, Path] = {}
+    if lacking:
+        assert download is not None and staging is not None
+        staging.mkdir(parents=True, exist_ok=True)
+        staged = {d: staging / d for d in lacking}
+        download({d: p for d, p in staged.items() if not _staged_ok(p, d, lacking[d])}, lacking)
     for e in plan.preserve:  # committed content that exists nowhere else: keep it in the cache
         path = root / check_relpath(e.path)
         if not cache.insert_move(path, e.digest):
@@ -224,12 +238,47 @@ def apply_checkout(
         _prune_empty(path.parent, root)
         progress.advance(files=1)
     linker = Linker(links)
+    placed: dict[str, Path] = {}
     for t in targets:
         final = root / check_relpath(t.path)
-        linker.place(cache.object_file(t.digest), final)
+        if t.digest in staged and t.digest not in placed:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _move(staged[t.digest], final)
+            placed[t.digest] = final
+            linker.used["download"] += 1
+        elif t.digest in placed:
+            linker.place(placed[t.digest], final)  # the same bytes at a second path
+        else:
+            linker.place(cache.object_file(t.digest), final)
         faults.checkpoint("vcheckout_file")
         progress.advance(files=1, bytes=t.size)
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
     return CheckoutResult(plan, dict(linker.used), targets)
+
+
+def _staged_ok(path: Path, digest: str, size: int) -> bool:
+    """A verified file a killed pull left in staging is reused, not downloaded again."""
+    from tether.hashing import digest_file
+
+    try:
+        if path.stat().st_size != size:
+            return False
+    except FileNotFoundError:
+        return False
+    return digest_file(path) == digest
+
+
+def _move(source: Path, final: Path) -> None:
+    try:
+        os.replace(source, final)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = temp_sibling(final)
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, final)
+        source.unlink()
 
 
 def _prune_empty(folder: Path, stop: Path) -> None:

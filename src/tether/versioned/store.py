@@ -500,12 +500,7 @@ def fetch_objects(
             faults.checkpoint("vfetch_object")
         else:
             item.local.unlink(missing_ok=True)
-            if isinstance(error, FileNotFoundError) and not isinstance(error, TetherError):
-                error = VerificationError(
-                    f"object {item.digest[:12]}… is missing on {remote.url}",
-                    hint="Run `tether verify TARGET REMOTE`; a push from a workspace that has the "
-                    "data re-uploads it.",
-                )
+            error = _missing_as_verification(remote, item, error)
             with lock:
                 failures.append((item.path, error))
 
@@ -515,3 +510,39 @@ def fetch_objects(
     report.downloaded = len(items)
     report.downloaded_bytes = sum(i.size for i in items)
     return report
+
+
+def download_objects(
+    remote: Remote,
+    dests: dict[str, Path],
+    sizes: dict[str, int],
+    *,
+    jobs: int,
+    progress: Progress = NO_PROGRESS,
+) -> None:
+    """Download objects straight to ``dests`` (digest -> path), each verified before its rename."""
+    now = time.time_ns()
+    items = [TransferItem(object_path(d), p, sizes[d], d, now) for d, p in sorted(dests.items())]
+    failures: list[tuple[str, BaseException]] = []
+    lock = threading.Lock()
+
+    def done(item: TransferItem, error: BaseException | None) -> None:
+        if error is None:
+            faults.checkpoint("vfetch_object")
+            return
+        with lock:
+            failures.append((item.path, _missing_as_verification(remote, item, error)))
+
+    progress.stage("downloading objects", files=len(items), bytes=sum(i.size for i in items))
+    _transfer(remote, items, up=False, jobs=jobs, progress=progress, done=done)
+    _raise_failures(failures, "downloading")
+
+
+def _missing_as_verification(remote: Remote, item: TransferItem, error: BaseException) -> BaseException:
+    if isinstance(error, FileNotFoundError) and not isinstance(error, TetherError):
+        return VerificationError(
+            f"object {item.digest[:12]}… is missing on {remote.url}",
+            hint="Run `tether verify TARGET REMOTE`; a push from a workspace that has the data "
+            "re-uploads it.",
+        )
+    return error
