@@ -14,7 +14,6 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from tether import faults
 from tether.errors import DiskFullError, RemotePermissionError, VerificationError
@@ -81,26 +80,35 @@ def copy_verified(
     tmp = temp_sibling(final)
     hasher = new_hasher()
     try:
-        with open(source, "rb", buffering=0) as src, _create(tmp) as dst:
-            while True:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-                faults.checkpoint("mid_file")
-                view = memoryview(chunk)
-                while view:
-                    view = view[dst.write(view) :]
-        got = hasher.hexdigest()
-        if got != digest:
-            raise VerificationError(
-                f"{label}: content hash mismatch (expected {digest[:12]}…, got {got[:12]}…)",
-                paths=[label],
-            )
-        if mtime_ns is not None:
-            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        # Raw descriptors: for 20,000 small files the buffered-file objects (and the fstat each
+        # open() does) cost more than the copying.
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dst = _create(tmp)
+            try:
+                while True:
+                    chunk = os.read(src, CHUNK)
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                    faults.checkpoint("mid_file")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(dst, view) :]
+                got = hasher.hexdigest()
+                if got != digest:
+                    raise VerificationError(
+                        f"{label}: content hash mismatch (expected {digest[:12]}…, got {got[:12]}…)",
+                        paths=[label],
+                    )
+                if mtime_ns is not None:
+                    os.utime(dst, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
         faults.checkpoint("before_rename")
         os.replace(tmp, final)
     except OSError as exc:
@@ -114,13 +122,16 @@ def copy_verified(
         raise
 
 
-def _create(tmp: Path) -> BinaryIO:
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+def _create(tmp: Path) -> int:
     try:
-        return open(tmp, "xb", buffering=0)
+        return os.open(tmp, CREATE_FLAGS, 0o666)
     except FileNotFoundError:  # the folder was removed since we made it
         _known_dirs.discard(tmp.parent)
         ensure_dir(tmp.parent)
-        return open(tmp, "xb", buffering=0)
+        return os.open(tmp, CREATE_FLAGS, 0o666)
 
 
 def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> None:

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +40,12 @@ def digest_stream(stream: BinaryIO, algorithm: str = DEFAULT_ALGORITHM) -> str:
 def digest_file(path: Path, algorithm: str = DEFAULT_ALGORITHM) -> str:
     with open(path, "rb", buffering=0) as f:
         return digest_stream(f, algorithm)
+
+
+def digest_file_stat(path: Path) -> tuple[str, os.stat_result]:
+    """The digest and the file's state right after reading it (to notice a write during the read)."""
+    with open(path, "rb", buffering=0) as f:
+        return digest_stream(f), os.fstat(f.fileno())
 
 
 def digest_bytes(data: bytes, algorithm: str = DEFAULT_ALGORITHM) -> str:
@@ -123,6 +129,22 @@ class HashCache:
 
 ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
 
+BATCH_FILES = 64  # small files per hashing task: a task (future, GIL hand-off) per file costs
+BATCH_BYTES = 8 * 1024 * 1024  # more than hashing a 4 KiB file; large files go one per task
+
+
+def _batches(todo: list[int], entries: Sequence[StatEntry]) -> Iterator[list[int]]:
+    batch: list[int] = []
+    size = 0
+    for i in todo:
+        batch.append(i)
+        size += entries[i].size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
 
 def hash_entries(
     root: Path,
@@ -148,28 +170,31 @@ def hash_entries(
         cached = [e for e, d in zip(entries, digests, strict=True) if d is not None]
         on_hashed(len(cached), sum(e.size for e in cached))
 
-    def work(i: int) -> tuple[int, str]:
-        e = entries[i]
-        started = time.time_ns()
-        try:
-            digest = digest_file(root / e.path)
-        except FileNotFoundError:
-            raise StalePlanError(f"{e.path} disappeared while it was being scanned") from None
-        # A file changed while we read it: hash it again from its new state on the next run.
-        st = os.stat(root / e.path)
-        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (e.size, e.mtime_ns, e.ctime_ns):
-            cache.put(
-                cache_prefix + e.path, e.inode, e.size, e.mtime_ns, digest, started, ctime_ns=e.ctime_ns
-            )
-        return i, digest
+    def work(batch: list[int]) -> list[tuple[int, str]]:
+        out = []
+        for i in batch:
+            e = entries[i]
+            started = time.time_ns()
+            try:
+                digest, st = digest_file_stat(root / e.path)
+            except FileNotFoundError:
+                raise StalePlanError(f"{e.path} disappeared while it was being scanned") from None
+            # A file changed while we read it: hash it again from its new state on the next run.
+            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (e.size, e.mtime_ns, e.ctime_ns):
+                cache.put(
+                    cache_prefix + e.path, e.inode, e.size, e.mtime_ns, digest, started, ctime_ns=e.ctime_ns
+                )
+            out.append((i, digest))
+        return out
 
     if todo:
         try:
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-                for i, digest in pool.map(work, todo):
-                    digests[i] = digest
+                for done in pool.map(work, _batches(todo, entries)):
+                    for i, digest in done:
+                        digests[i] = digest
                     if on_hashed:
-                        on_hashed(1, entries[i].size)
+                        on_hashed(len(done), sum(entries[i].size for i, _ in done))
         finally:
             cache.flush()  # keep what was hashed even if one file vanished
     return [Entry(e.path, e.size, e.mtime_ns, d) for e, d in zip(entries, digests, strict=True)]  # type: ignore[arg-type]

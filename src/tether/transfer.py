@@ -129,6 +129,11 @@ def _run_parallel(
                 result.bytes_done += change.bytes
             progress.advance(files=1)
 
+    if jobs <= 1:
+        worker()  # one worker: no thread, no hand-offs of the GIL per file
+        if fatal:
+            raise fatal[0]
+        return
     threads = [
         threading.Thread(target=worker, name=f"tether-transfer-{i}", daemon=True)
         for i in range(max(1, min(jobs, len(items))))
