@@ -301,6 +301,8 @@ class Relay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.bytes_up = 0
+        self.bytes_down = 0
+        self.down_limit: int | None = None  # cut once this many bytes went server -> client
         self.connections = 0
         self.limit: int | None = None
         self.stall = False
@@ -313,6 +315,10 @@ class Relay:
 
     def cut_after(self, n: int) -> None:
         self.limit, self.stall = n, False
+
+    def cut_after_down(self, n: int) -> None:
+        """Drop every connection once ``n`` bytes went from server to client (a download cut)."""
+        self.down_limit = n
 
     def stall_after(self, n: int) -> None:
         self.limit, self.stall = n, True
@@ -344,6 +350,13 @@ class Relay:
                         if self.stall:
                             self.stalled.set()
                             self.cut.wait()
+                        self.drop()
+                        return
+                else:
+                    with self._lock:
+                        self.bytes_down += len(data)
+                        over = self.down_limit is not None and self.bytes_down >= self.down_limit
+                    if over:
                         self.drop()
                         return
                 dst.sendall(data)

@@ -264,6 +264,64 @@ def test_interrupted_large_upload_resumes_from_its_verified_prefix(
     assert _temp_files(root) == []
 
 
+def test_interrupted_large_download_resumes_from_what_arrived(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
+    data = os.urandom(12 * 1024 * 1024)
+    root = tmp_path / "remote-root"
+    (root / "ds").mkdir(parents=True)
+    (root / "ds" / "big.bin").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    staged = tmp_path / "staging" / "big.bin"
+    item = TransferItem("ds/big.bin", staged, len(data), digest, 1_650_000_000_123_456_789)
+
+    def get(relay: Relay) -> list[BaseException | None]:
+        r = _relay_remote(tmp_path, sshd, relay)
+        outcomes: list[BaseException | None] = []
+        try:
+            r.get_many([item], on_bytes=lambda n: None, on_done=lambda i, e: outcomes.append(e))
+        finally:
+            r.close()
+            relay.close()
+        return outcomes
+
+    first = Relay(sshd.port)
+    first.cut_after_down(5 * 1024 * 1024)  # the link dies mid-file
+    with pytest.raises(RemoteUnavailable):
+        get(first)
+    sshd.wait_sessions_closed()
+    assert not staged.exists()  # nothing torn under the real name
+    (part,) = [p for p in staged.parent.iterdir() if p.name.endswith(".part")]
+    have = part.stat().st_size
+    assert 0 < have < len(data)
+
+    second = Relay(sshd.port)
+    assert get(second) == [None]
+    assert staged.read_bytes() == data
+    assert second.bytes_down < len(data) - have + 1024 * 1024  # only the rest crossed the link
+    assert _temp_files(staged.parent) == []
+
+
+def test_a_download_partial_of_other_bytes_is_not_resumed(
+    tmp_path: Path, remote: SshRemote, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
+    data = os.urandom(3 * 1024 * 1024)
+    folder = remote_root(remote) / "ds"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(data)
+    staged = tmp_path / "staging" / "big.bin"
+    staged.parent.mkdir()
+    item = TransferItem("ds/big.bin", staged, len(data), hashlib.sha256(data).hexdigest(), 1)
+    part = staged.with_name(f".big.bin{TEMP_MARKER}{item.digest[:16]}.part")
+    part.write_bytes(b"garbage" * 1000)  # not a prefix of the remote file
+    outcomes: list[BaseException | None] = []
+    remote.get_many([item], on_bytes=lambda n: None, on_done=lambda i, e: outcomes.append(e))
+    assert outcomes == [None] and staged.read_bytes() == data  # the helper sent it all
+    assert not part.exists()
+
+
 def test_a_partial_that_does_not_match_is_not_resumed(
     remote: SshRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1128,12 +1128,19 @@ class _GetStream:
         self.on_bytes, self.on_done = on_bytes, on_done
         self.made: set[Path] = set()
         self.completed = 0
+        # Large files resume from the bytes an interrupted run left in a partial file, if the
+        # helper finds they are a prefix of the file it has (it hashes its own first bytes).
+        self.partials = {i.path: _partial_prefix(i) for i in items if i.size >= RESUME_MIN}
 
     def run(self) -> None:
         rid = next(self.ch.ids)
+        asked: list[list[Any]] = []
+        for i in self.items:
+            offset, hasher = self.partials.get(i.path, (0, None))
+            asked.append([i.path, i.size, offset, hasher.hexdigest() if hasher else ""])
         try:
             self.ch.start()
-            self.ch.send({"op": "get", "id": rid, "items": [[i.path, i.size] for i in self.items]})
+            self.ch.send({"op": "get", "id": rid, "items": asked})
             while True:
                 header, n = self.ch.recv_head()
                 if header.get("end"):
@@ -1141,6 +1148,9 @@ class _GetStream:
                 item = self.items[header["i"]]
                 if "error" in header:
                     self.finish(item, self.remote.error_from(header["error"]))
+                    continue
+                if item.path in self.partials:
+                    self.finish(item, self.receive_resumable(item, n, int(header.get("offset", 0))))
                     continue
                 self.finish(item, self.receive(item, n))
         except (EOFError, BrokenPipeError, ConnectionError):
@@ -1211,6 +1221,69 @@ class _GetStream:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def receive_resumable(self, item: TransferItem, n: int, offset: int) -> BaseException | None:
+        """Append the ``n`` bytes that follow ``offset`` to the item's partial file, which keeps
+        what arrived if the link drops; promote it only once the whole file hashes right."""
+        final, part = item.local, _partial_path(item)
+        have, prefix = self.partials[item.path]
+        left = n
+        try:
+            if final.parent not in self.made:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.made.add(final.parent)
+            if offset and offset != have:
+                part.unlink(missing_ok=True)
+                self.ch.skip(left)
+                return VerificationError(
+                    f"{item.path}: partial download out of step; rerun", paths=[item.path]
+                )
+            hasher = prefix.copy() if offset and prefix is not None else hashlib.sha256()
+            self.on_bytes(offset)
+            with open(part, "ab" if offset else "wb", buffering=0) as dst:
+                while left:
+                    chunk = self.ch.read_exact(min(CHUNK, left))
+                    left -= len(chunk)
+                    hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[dst.write(view) :]
+                    self.on_bytes(len(chunk))
+            if hasher.hexdigest() != item.digest:
+                part.unlink(missing_ok=True)
+                return _mismatch(item, hasher.hexdigest())
+            os.utime(part, ns=(item.mtime_ns, item.mtime_ns))
+            os.replace(part, final)
+            return None
+        except OSError as exc:
+            self.ch.skip(left)
+            error = os_error_to_tether(exc, final)
+            if isinstance(error, (DiskFullError, RemotePermissionError)):
+                raise error from exc
+            return error
+
+
+def _partial_path(item: TransferItem) -> Path:
+    """Where a large download collects its bytes: named by the digest it must end with, so a
+    partial of another version of the file is never resumed."""
+    return item.local.with_name(f".{item.local.name}{TEMP_MARKER}{item.digest[:16]}.part")
+
+
+def _partial_prefix(item: TransferItem) -> tuple[int, Any]:
+    """(bytes a partial download holds, a SHA-256 state over them); (0, None) if none."""
+    part = _partial_path(item)
+    try:
+        have = part.stat().st_size
+    except OSError:
+        return 0, None
+    if not 0 < have < item.size:  # cannot be a proper prefix: start over
+        part.unlink(missing_ok=True)
+        return 0, None
+    hasher = hashlib.sha256()
+    with open(part, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return have, hasher
 
 
 _TEMP_TAG = secrets.token_hex(4)

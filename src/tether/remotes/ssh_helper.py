@@ -176,6 +176,20 @@ class Conn:
 
 
 # -- paths --------------------------------------------------------------------------------------
+def prefix_sha256(f, n: int) -> str:
+    """SHA-256 of the first ``n`` bytes of an open file."""
+    h = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left:
+        chunk = f.read(min(CHUNK, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
 def error_info(exc: BaseException, rel: str = "") -> dict:
     if isinstance(exc, Refused):
         return {"kind": exc.kind, "msg": str(exc), "path": rel}
@@ -635,17 +649,19 @@ class Helper:
             i = next(todo, None)
             if i is None:
                 return
-            rel, size = items[i]
-            fut = self.pool.submit(read_small, rel) if 0 <= size <= SMALL else None  # -1: unknown
-            window.append((i, rel, fut))
+            rel, size = items[i][0], items[i][1]
+            # [rel, size, offset, prefix digest]: resume a partial download from offset
+            resume = (items[i][2], items[i][3]) if len(items[i]) > 3 else (0, "")
+            fut = self.pool.submit(read_small, rel) if 0 <= size <= SMALL and not resume[0] else None
+            window.append((i, rel, fut, resume))
 
         for _ in range(WORKERS * 4):  # read ahead: small files arrive while others are sent
             refill()
         while window:
-            i, rel, fut = window.popleft()
+            i, rel, fut, resume = window.popleft()
             refill()
             if fut is None:
-                self.send_large(rid, i, rel)
+                self.send_large(rid, i, rel, resume)
                 continue
             try:
                 body, mtime = fut.result()
@@ -655,16 +671,21 @@ class Helper:
             self.conn.send({"id": rid, "i": i, "mtime_ns": mtime}, body)
         self.conn.send({"id": rid, "ok": True, "end": True})
 
-    def send_large(self, rid: int, i: int, rel: str) -> None:
+    def send_large(self, rid: int, i: int, rel: str, resume: tuple = (0, "")) -> None:
+        offset, prefix_digest = resume
         try:
             f = open(self.base.parent_ok(rel, False), "rb", buffering=0)  # noqa: SIM115 (closed below)
             st = os.fstat(f.fileno())
+            if offset and (offset >= st.st_size or prefix_sha256(f, offset) != prefix_digest):
+                offset = 0  # the client's partial is not a prefix of this file: send it all
+            f.seek(offset)
         except BaseException as exc:
             self.conn.send({"id": rid, "i": i, "error": error_info(exc, rel)})
             return
         with f:
-            self.conn.send_head({"id": rid, "i": i, "mtime_ns": st.st_mtime_ns}, st.st_size)
-            left = st.st_size
+            header = {"id": rid, "i": i, "mtime_ns": st.st_mtime_ns, "offset": offset}
+            self.conn.send_head(header, st.st_size - offset)
+            left = st.st_size - offset
             while left:
                 try:
                     chunk = f.read(min(CHUNK, left))
