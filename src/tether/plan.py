@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from tether.errors import RefusedError, UsageError
-from tether.manifest import Entry
+from tether.manifest import Entry, Manifest
 from tether.paths import sort_key
 
 
@@ -432,6 +432,12 @@ def make_plan(
 ) -> Plan:
     """Compare the three manifests and decide an action per path."""
     plan = Plan(options=options)
+    if isinstance(local, Manifest) and isinstance(remote, Manifest) and local.entries == remote.entries:
+        # Both sides hold the same entries: every path is unchanged whatever the base says
+        # (one C-level list comparison instead of a three-way merge of 20,000 paths).
+        plan.local_files = plan.remote_files = plan.unchanged_files = len(local.entries)
+        plan.unchanged_bytes = sum(e.size for e in local.entries)
+        return plan
     for path, lo, re_, ba in merge3(local, remote, base):
         plan.local_files += lo is not None
         plan.remote_files += re_ is not None

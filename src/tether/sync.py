@@ -35,6 +35,7 @@ from tether.errors import (
     VerificationError,
 )
 from tether.fileio import write_bytes_atomic
+from tether.foreign import SIZE_ONLY, Compared, compare_with_local
 from tether.hashing import HashCache, hash_entries
 from tether.ledger import LedgerCheck, check_ledger, local_reader
 from tether.lock import Lease, break_lock, clear_dead_lock, read_lock
@@ -59,6 +60,7 @@ from tether.plan import (
 from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
+from tether.remotes.base import RemoteStat
 from tether.scan import ScanReport, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
@@ -281,6 +283,10 @@ class RemoteState:
     exists: bool  # the remote has this dataset at all (files or an index)
     index_current: bool  # the stored index already vouches for exactly this state
     unowned: list[Entry]  # entries of files our rules leave alone, kept in the next index
+    # Listed objects judged equal to their local file without a download (object stores, no
+    # index to vouch, no --checksum): path -> "exact" (MD5 ETag) or "size-only" (tether.foreign).
+    # Their entries carry the local SHA-256; every other entry's digest was computed remotely.
+    comparisons: dict[str, str] = field(default_factory=dict)
 
     def index(self) -> Manifest:
         return Manifest.from_entries(self.manifest.entries + self.unowned)
@@ -320,6 +326,12 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
             entries.append(old)  # type: ignore[arg-type]
         else:
             unknown.append(st)
+    comparisons: dict[str, str] = {}
+    if unknown and not ctx.checksum and not ctx.remote.capabilities.server_side_hashing:
+        compared, unknown = _compare_foreign(ctx, unknown)
+        for c in compared:
+            entries.append(c.entry)
+            comparisons[c.entry.path] = c.comparison
     if unknown:
         ctx.progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
         digests = ctx.remote.hash_files(
@@ -330,7 +342,28 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
             ctx.progress.advance(files=1, bytes=st.size)
     manifest = Manifest.from_entries(entries)
     current = index is not None and index.entries == Manifest.from_entries(entries + unowned).entries
-    return RemoteState(manifest, bool(listing) or index is not None, current, unowned)
+    return RemoteState(manifest, bool(listing) or index is not None, current, unowned, comparisons)
+
+
+def _compare_foreign(ctx: Context, unknown: list[RemoteStat]) -> tuple[list[Compared], list[RemoteStat]]:
+    """Objects the index cannot vouch for, on a store that cannot hash them for us: judge those
+    whose local file has the same size by the ETag (MD5) or by size alone, reading only local
+    bytes (see tether.foreign). The rest is hashed by download, as before."""
+    ctx.progress.stage("comparing remote by ETag", files=len(unknown))
+    cache = HashCache(ctx.workspace.hash_cache_path)
+    try:
+        compared, rest = compare_with_local(
+            ctx.dataset.path, unknown, cache, cache_prefix=f"{ctx.dataset.path}/", jobs=HASH_THREADS
+        )
+    finally:
+        cache.close()
+    size_only = sum(c.comparison == SIZE_ONLY for c in compared)
+    notices = getattr(ctx.remote, "notices", None)
+    note = "object(s) without an MD5 ETag (multipart uploads) were compared by size only"
+    if size_only and isinstance(notices, list) and not any(note in n for n in notices):
+        # Said once per run, with the other notices at its end (scan_remote runs up to 3 times).
+        notices.append(f"{size_only} {note}; --checksum downloads and hashes them")
+    return compared, rest
 
 
 def load_base(ctx: Context) -> Manifest:
@@ -414,7 +447,8 @@ def diff(
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         if not local_exists and not remote_exists:
             raise _missing_everywhere(ctx)
-        base = load_base(ctx)
+        # In step (the common no-op): the base cannot change any status, so it is not read.
+        base = Manifest() if local.entries == remote_m.entries else load_base(ctx)
         ledgers = check_ledgers(ctx, local, remote_m, base)
         push_options = PlanOptions(direction=Direction.PUSH, mode=Mode(mode), ledgers=_growths(ledgers))
         push_plan = make_plan(local, remote_m, base, push_options)
