@@ -25,6 +25,9 @@ from tether.scan import StatEntry
 
 CHUNK = 1024 * 1024
 RACY_WINDOW_NS = 50_000_000  # 50 ms: well above the mtime granularity of common filesystems
+# One table per digest kind, same key and rules. MD5 is only ever compared with an object store's
+# plain ETag (foreign prefixes, tether.foreign); it never names content in a manifest.
+TABLES = {"sha256": "digests_v2", "md5": "md5_v1"}
 
 
 def new_hasher(algorithm: str = DEFAULT_ALGORITHM) -> hashlib._Hash:
@@ -59,7 +62,7 @@ class HashCache:
 
     def __init__(self, db_path: Path | None) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, int, int, int, int, str, int]] = []
+        self._pending: dict[str, list[tuple[str, int, int, int, int, str, int]]] = {t: [] for t in TABLES}
         if db_path is None:
             self._db = sqlite3.connect(":memory:", check_same_thread=False)
         else:
@@ -67,14 +70,16 @@ class HashCache:
             self._db = sqlite3.connect(db_path, check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS digests_v2 (path TEXT PRIMARY KEY, inode INTEGER, "
-            "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT, hashed_at_ns INTEGER)"
-        )
+        for table in TABLES.values():
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (path TEXT PRIMARY KEY, inode INTEGER, "
+                "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT, hashed_at_ns INTEGER)"
+            )
         self._db.commit()
 
-    def get_many(self, keys: Sequence[tuple[int | str, ...]]) -> dict[str, str]:
+    def get_many(self, keys: Sequence[tuple[int | str, ...]], *, kind: str = "sha256") -> dict[str, str]:
         """Digests for the (path, inode, size, mtime_ns[, ctime_ns]) keys that hit and are not racy."""
+        table = TABLES[kind]
         found: dict[str, str] = {}
         with self._lock:
             rows = {}
@@ -82,7 +87,7 @@ class HashCache:
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 for row in self._db.execute(
-                    "SELECT path, inode, size, mtime_ns, ctime_ns, digest, hashed_at_ns FROM digests_v2 "
+                    f"SELECT path, inode, size, mtime_ns, ctime_ns, digest, hashed_at_ns FROM {table} "
                     f"WHERE path IN ({marks})",
                     [k[0] for k in chunk],
                 ):
@@ -108,19 +113,22 @@ class HashCache:
         hashed_at_ns: int | None = None,
         *,
         ctime_ns: int = 0,
+        kind: str = "sha256",
     ) -> None:
         stamp = hashed_at_ns or time.time_ns()
         with self._lock:
-            self._pending.append((path, inode, size, mtime_ns, ctime_ns, digest, stamp))
+            self._pending[kind].append((path, inode, size, mtime_ns, ctime_ns, digest, stamp))
 
     def flush(self) -> None:
         with self._lock:
-            if self._pending:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO digests_v2 VALUES (?,?,?,?,?,?,?)", self._pending
-                )
+            if any(self._pending.values()):
+                for kind, rows in self._pending.items():
+                    if rows:
+                        self._db.executemany(
+                            f"INSERT OR REPLACE INTO {TABLES[kind]} VALUES (?,?,?,?,?,?,?)", rows
+                        )
+                        rows.clear()
                 self._db.commit()
-                self._pending.clear()
 
     def close(self) -> None:
         self.flush()
