@@ -273,7 +273,9 @@ def test_pull_killed_then_rerun_converges(
 
     assert_whole(tree(dataset), V1, V2, f"local after kill at {spec}")
     if spec.startswith("before_rename"):
-        assert temp_files(ws2.workspace().staging_dir), "expected a temporary file in staging"
+        # Staging is written in place (never a real name): the verified file waits there.
+        staged = [p for p in ws2.workspace().staging_dir.rglob("*") if p.is_file()]
+        assert staged, "expected a staged file"
     if spec in BEFORE_PROMOTION:
         # Interrupted before promotion: the previous local dataset is exactly as it was.
         assert snapshot(dataset) == before
@@ -289,7 +291,7 @@ def test_pull_killed_then_rerun_converges(
     assert_lock_released(ws)
 
 
-@pytest.mark.parametrize(("spec", "staged"), [("downloaded:5", 5), ("before_rename:6", 5)])
+@pytest.mark.parametrize(("spec", "staged"), [("downloaded:5", 5), ("before_rename:6", 6)])
 def test_pull_rerun_reuses_verified_staged_files(
     ws: WorkspaceFixture, ws2: WorkspaceFixture, tether, spec: str, staged: int
 ) -> None:
@@ -528,3 +530,19 @@ def test_rerun_after_same_size_rewrite_converges_without_checksum(
     r = tether("push", DS, "store", "-y", cwd=ws.root)
     assert r.exit_code == 0, r.output
     assert ws.remote_file("data.bin").read_bytes() == b"C" * 4096
+
+
+def test_a_staged_file_with_wrong_bytes_is_never_reused(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether
+) -> None:
+    """Staging is written in place; a torn or tampered staged file fails its rehash and is
+    downloaded again instead of promoted."""
+    dataset = setup_pull(tether, ws, ws2)
+    run_killed([*MIRROR_PULL, "--jobs", "1"], ws2, "downloaded:5")
+    staged = sorted(p for p in ws2.workspace().staging_dir.rglob("*") if p.is_file())
+    assert len(staged) == 5
+    size = staged[0].stat().st_size
+    staged[0].write_bytes(b"\0" * size)  # same size, wrong bytes (a torn write)
+    r = ok(tether, ws2, [*MIRROR_PULL, "--jobs", "1", "--json"])
+    assert json.loads(r.stdout)["audit"]["reused_staged"] == 4
+    assert_tree_equal(tree(dataset), V2, "local after rerun")

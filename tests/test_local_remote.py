@@ -244,14 +244,17 @@ def test_get_file_into_staging(remote: LocalRemote, root: Path, tmp_path: Path) 
     assert temp_files(dest.parent) == []
 
 
-def test_get_file_wrong_digest_keeps_existing_dest(remote: LocalRemote, root: Path, tmp_path: Path) -> None:
+def test_get_file_wrong_digest_leaves_no_bytes_at_the_staging_path(
+    remote: LocalRemote, root: Path, tmp_path: Path
+) -> None:
+    """get_file writes its staging destination in place (Remote.get_file): on a mismatch the
+    unverified bytes are removed, never left for promotion."""
     put(root / "ds" / "f", b"corrupted on the remote")
-    dest = put(tmp_path / "local" / "f", b"local copy")
+    dest = put(tmp_path / "staging" / "f", b"an earlier staged copy")
     with pytest.raises(VerificationError) as info:
         remote.get_file("ds/f", dest, digest=sha(b"what the index says"), mtime_ns=MTIME)
     assert info.value.exit_code == 4
-    assert dest.read_bytes() == b"local copy"
-    assert sorted(os.listdir(dest.parent)) == ["f"]
+    assert os.listdir(dest.parent) == []
 
 
 def test_copy_verified_without_mtime_keeps_current_time(tmp_path: Path) -> None:

@@ -70,14 +70,19 @@ def copy_verified(
     mtime_ns: int | None,
     label: str,
     on_bytes: Callable[[int], None] | None = None,
+    in_place: bool = False,
 ) -> None:
     """Copy ``source`` to ``final`` through a temporary sibling, hashing on the way.
 
     The final name appears only if the bytes written hash to ``digest``; on any failure the
-    temporary file is removed and ``final`` is untouched.
+    temporary file is removed and ``final`` is untouched. ``in_place`` writes ``final`` itself
+    (and removes it on failure): only for staging paths, which are never real names and are
+    rehashed before any reuse, so the extra rename per file buys nothing there.
     """
     ensure_dir(final.parent)
-    tmp = temp_sibling(final)
+    if in_place:
+        final.unlink(missing_ok=True)  # whatever is there (even a planted link) is not ours
+    tmp = final if in_place else temp_sibling(final)
     hasher = new_hasher()
     try:
         # Raw descriptors: for 20,000 small files the buffered-file objects (and the fstat each
@@ -110,7 +115,8 @@ def copy_verified(
         finally:
             os.close(src)
         faults.checkpoint("before_rename")
-        os.replace(tmp, final)
+        if not in_place:
+            os.replace(tmp, final)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         mapped = os_error_to_tether(exc, final)
@@ -122,7 +128,7 @@ def copy_verified(
         raise
 
 
-CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _create(tmp: Path) -> int:

@@ -113,7 +113,8 @@ class Remote(Protocol):
         self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
     ) -> None:
         """Download ``path`` into ``dest`` (a staging path), raising VerificationError if the
-        bytes read do not hash to ``digest``."""
+        bytes read do not hash to ``digest``. A backend may write ``dest`` in place: a staging
+        path is never a real name, is removed on failure, and is rehashed before any reuse."""
 
     def open_read(self, path: str) -> BinaryIO: ...
 
