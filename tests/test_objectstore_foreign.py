@@ -98,6 +98,8 @@ def test_equal_foreign_prefix_diffs_in_sync_without_downloading(
     assert r.exit_code == 0, r.output
     assert _object_gets(proxy) == []
     assert "size only" not in r.output  # every object had an MD5 ETag: all exact
+    r = tether("diff", DS, "s3", "--json", cwd=ws.root)
+    assert json.loads(r.stdout)["comparisons"] == {path: "exact" for path in files}
 
 
 def test_one_changed_object_of_the_same_size_is_found_by_md5(
@@ -138,6 +140,8 @@ def test_multipart_objects_compare_by_size_unless_checksum(
     assert _object_gets(proxy) == []
     assert "6 object(s) without an MD5 ETag (multipart uploads) were compared by size only" in r.stderr
     assert "--checksum" in r.stderr
+    r = tether("diff", DS, "s3", "--json", cwd=ws.root)
+    assert json.loads(r.stdout)["comparisons"] == {path: "size-only" for path in files}
 
     proxy.requests.clear()
     r = tether("diff", DS, "s3", "--checksum", "--json", cwd=ws.root)

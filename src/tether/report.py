@@ -83,6 +83,7 @@ def diff_json(result: DiffResult) -> dict[str, Any]:
             for check in result.ledgers
         ],
         "parts": result.record.parts if result.record else {},
+        "comparisons": result.comparisons,
     }
 
 
@@ -95,6 +96,7 @@ def sync_json(result: SyncResult) -> dict[str, Any]:
         "state": rec.state,
         "summary": plan_summary(result.plan),
         "changes": [change_json(c) for c in result.plan.changes],
+        "comparisons": result.comparisons,
         "audit": rec.as_json(),
     }
 

@@ -115,6 +115,7 @@ class Context:
     scope: Scope = field(default_factory=lambda: Scope())
     verify: str = "sha256"
     verify_sidecars: bool = True
+    comparisons: dict[str, str] = field(default_factory=dict)  # foreign objects: path -> exact|size-only
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
@@ -402,6 +403,7 @@ class DiffResult:
     remote_exists: bool
     ledgers: list[LedgerCheck] = field(default_factory=list)
     record: audit.AuditRecord | None = None
+    comparisons: dict[str, str] = field(default_factory=dict)  # compared without SHA-256
 
     @property
     def in_sync(self) -> bool:
@@ -414,6 +416,7 @@ class SyncResult:
     record: audit.AuditRecord
     verification: VerifyReport | None = None
     refusal: RefusedError | None = None  # a dry run shows the plan, then why a real run would stop
+    comparisons: dict[str, str] = field(default_factory=dict)  # compared without SHA-256
 
     @property
     def state(self) -> str:
@@ -467,6 +470,7 @@ def diff(
             remote_exists,
             list(ledgers.values()),
             record,
+            remote_state.comparisons,
         )
 
 
@@ -545,6 +549,7 @@ def _run(
         local = scan_local(ctx)
         remote_state = scan_remote(ctx)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
+        ctx.comparisons = remote_state.comparisons
         if direction == Direction.PULL:
             _require_remote_primary(ctx, remote_m)
         if direction == Direction.PULL and not remote_exists:
@@ -897,7 +902,7 @@ def _finish(
         record.parts = audit.parts_of(ctx.profile, plan, record.done_changes, verification)
     log = None if record.state in ("dry-run", "diff-only") else ctx.workspace.audit_log
     audit.append(log, record, audit_out)
-    return SyncResult(plan, record, verification)
+    return SyncResult(plan, record, verification, comparisons=ctx.comparisons)
 
 
 # -- lock commands ------------------------------------------------------------------------------
