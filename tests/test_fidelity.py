@@ -555,3 +555,29 @@ def test_a_symlink_planted_in_staging_is_never_promoted(
     ok(tether, s.ws2, "pull", DS, "r", "-y")
     landed = s.ws2.data / DS / "_auxiliary" / "notes.txt"
     assert not landed.is_symlink() and landed.read_text() == "aux\n"
+
+
+def test_ledger_growing_on_the_remote_during_pull_is_not_torn(
+    local_site: Site, tmp_path: Path, tether: Tether
+) -> None:
+    s = local_site
+    fill(s.ws, tmp_path)
+    ok(tether, s.ws, "push", DS, "r", "-y")
+    ok(tether, s.ws2, "pull", DS, "r", "-y")
+    s.write(".events.log", events(1, 2, 3))
+    from tether import sync
+    from tether.errors import TetherError
+    from tether.progress import Progress
+
+    class ClusterAppendsWhileDownloading(Progress):
+        def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+            if name == "downloading":
+                with open(s.ws.remote_dir / DS / ".events.log", "ab") as f:
+                    f.write(events(4))
+
+    with pytest.raises(TetherError) as info:
+        sync.pull(DS, "r", workspace=s.ws2.root, progress=ClusterAppendsWhileDownloading())
+    assert ".events.log" in str(info.value)
+    assert (s.ws2.data / DS / ".events.log").read_bytes() == events(1, 2)  # nothing promoted
+    ok(tether, s.ws2, "pull", DS, "r", "-y")
+    assert (s.ws2.data / DS / ".events.log").read_bytes() == events(1, 2, 3, 4)
