@@ -23,7 +23,7 @@ from typing import TypedDict, Unpack
 
 import pathspec
 
-from tether import audit, faults
+from tether import audit, faults, fidelity
 from tether.errors import (
     DatasetNotFound,
     Interrupted,
@@ -37,17 +37,14 @@ from tether.errors import (
 from tether.fileio import write_bytes_atomic
 from tether.foreign import SIZE_ONLY, Compared, compare_with_local
 from tether.hashing import HashCache, hash_entries
-from tether.ledger import LedgerCheck, check_ledger, local_reader
+from tether.ledger import LedgerCheck, local_reader
 from tether.lock import Lease, break_lock, clear_dead_lock, read_lock
 from tether.lock import LockRecord as LockRecord
 from tether.manifest import Entry, Manifest, ManifestFormatError
 from tether.paths import check_relpath
 from tether.plan import (
-    TRANSFERS,
     Action,
-    Change,
     Direction,
-    Growth,
     MaxDelete,
     Mode,
     Plan,
@@ -65,14 +62,8 @@ from tether.scan import ScanReport, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
     VERIFY_MODES,
-    NotParquet,
     VerifyReport,
-    check_parquet,
-    check_sidecars,
-    is_parquet_name,
-    parquet_shape,
     raise_if_failed,
-    verify_transfers,
 )
 from tether.workspace import Dataset, Workspace
 
@@ -452,8 +443,10 @@ def diff(
             raise _missing_everywhere(ctx)
         # In step (the common no-op): the base cannot change any status, so it is not read.
         base = Manifest() if local.entries == remote_m.entries else load_base(ctx)
-        ledgers = check_ledgers(ctx, local, remote_m, base)
-        push_options = PlanOptions(direction=Direction.PUSH, mode=Mode(mode), ledgers=_growths(ledgers))
+        ledgers = fidelity.check_ledgers(ctx, local, remote_m, base)
+        push_options = PlanOptions(
+            direction=Direction.PUSH, mode=Mode(mode), ledgers=fidelity.growths(ledgers)
+        )
         push_plan = make_plan(local, remote_m, base, push_options)
         pull_plan = replan(push_plan, dataclasses.replace(push_options, direction=Direction.PULL))
         record = _new_record(ctx, "diff", Mode(mode), started, state="diff-only")
@@ -545,13 +538,13 @@ def _run(
         if direction == Direction.PUSH and not local_exists:
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
         if direction == Direction.PUSH:
-            _require_local_primary(ctx)
+            fidelity.require_local_primary(ctx)
         local = scan_local(ctx)
         remote_state = scan_remote(ctx)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         ctx.comparisons = remote_state.comparisons
         if direction == Direction.PULL:
-            _require_remote_primary(ctx, remote_m)
+            fidelity.require_remote_primary(ctx, remote_m)
         if direction == Direction.PULL and not remote_exists:
             if not local_exists:
                 raise _missing_everywhere(ctx)
@@ -560,14 +553,14 @@ def _run(
             )
             return _finish(ctx, Plan(options), record, None, audit_out)
         base = load_base(ctx)
-        ledgers = check_ledgers(ctx, local, remote_m, base)
-        options = dataclasses.replace(options, ledgers=_growths(ledgers))
+        ledgers = fidelity.check_ledgers(ctx, local, remote_m, base)
+        options = dataclasses.replace(options, ledgers=fidelity.growths(ledgers))
         plan = make_plan(local, remote_m, base, options)
         record.unchanged = plan.unchanged_files
         record.skipped = len(plan.with_action(Action.SKIP))
         record.skipped_symlinks = list(ctx.scan_report.skipped_symlinks)
         try:
-            _refuse_ledgers(plan, ledgers)
+            fidelity.refuse_ledgers(plan, ledgers)
             plan.check_safe()
         except RefusedError as exc:
             if not dry_run:
@@ -581,7 +574,7 @@ def _run(
             save_base(ctx, local, remote_m, base)  # local bookkeeping only
             _finish_killed_run(ctx, direction, remote_state)
             # Nothing to move, but a sidecar that differs is still not in step (exit 4).
-            verification = _verify(ctx, [], local, remote_m)
+            verification = fidelity.verify_run(ctx, [], local, remote_m)
             if not verification.ok:
                 record.error = "sidecar verification failed"
             finished = _finish(ctx, plan, record, verification, audit_out)
@@ -590,7 +583,7 @@ def _run(
         if dry_run:
             record.state = "dry-run"
             return _finish(ctx, plan, record, None, audit_out)
-        _precheck_parquet(ctx, plan)
+        fidelity.precheck_parquet(ctx, plan)
         if confirm is not None and not confirm(plan):
             raise Interrupted("Declined; nothing was changed.")
 
@@ -624,135 +617,6 @@ def _run(
         result.raise_first()
         raise_if_failed(verification)
         return finished
-
-
-# -- dataset fidelity: primary, ledgers, verification modes -------------------------------------
-def _require_local_primary(ctx: Context) -> None:
-    primary = ctx.profile.primary
-    if primary is None or ctx.dataset.only not in (None, primary):
-        return
-    if not (ctx.dataset.path / primary).is_file():
-        raise RefusedError(
-            f"dataset {ctx.dataset.id!r} has no primary file {primary} locally ({ctx.dataset.path})",
-            hint="A dataset without its primary table is incomplete; nothing was locked or sent. "
-            "Create or restore it, or fix `primary` in its profile.",
-        )
-
-
-def _require_remote_primary(ctx: Context, remote: Manifest) -> None:
-    primary = ctx.profile.primary
-    if primary is None or ctx.dataset.only not in (None, primary):
-        return
-    if not any(e.path == primary for e in remote.entries):
-        raise RefusedError(
-            f"remote {ctx.remote_name!r} has no primary file {primary} for {ctx.dataset.id!r} "
-            f"({ctx.remote.url}/{ctx.dataset.id})",
-            hint="Nothing was locked or downloaded. Check the dataset id, or push the dataset there first.",
-        )
-
-
-def check_ledgers(ctx: Context, local: Manifest, remote: Manifest, base: Manifest) -> dict[str, LedgerCheck]:
-    """How the two copies of each declared append-only ledger relate (in scope and owned)."""
-    checks: dict[str, LedgerCheck] = {}
-    ledgers = [ledger for ledger in ctx.profile.append_only if ctx.keep(ledger.path)]
-    if not ledgers:
-        return checks
-    local_by, remote_by, base_by = local.by_path(), remote.by_path(), base.by_path()
-    for ledger in ledgers:
-        check = check_ledger(
-            ledger,
-            local_by.get(ledger.path),
-            remote_by.get(ledger.path),
-            ctx.local_reader(ledger.path),
-            ctx.remote_reader(ledger.path),
-            base_by.get(ledger.path),
-        )
-        if check is not None:
-            checks[ledger.path] = check
-    return checks
-
-
-def _growths(checks: dict[str, LedgerCheck]) -> dict[str, Growth]:
-    return {path: c.growth for path, c in checks.items() if c.growth is not None}
-
-
-def _refuse_ledgers(plan: Plan, checks: dict[str, LedgerCheck]) -> None:
-    """A diverged ledger, or one whose part to be sent is not whole, stops the run (exit 3)."""
-    for change in plan.changes:
-        check = checks.get(change.path)
-        if check is None:
-            continue
-        if check.growth == Growth.REWRITTEN and change.action == Action.REFUSE:
-            longer = (
-                "local"
-                if change.local and change.remote and change.local.size > change.remote.size
-                else "remote"
-            )
-            raise RefusedError(
-                f"append-only ledger {change.path} was truncated or edited since the last sync: "
-                f"{check.divergence}",
-                paths=[change.path],
-                hint="An append-only file only grows, so nothing was changed. Look at both copies; "
-                f"if the longer one ({longer}) is right, `tether {'push' if longer == 'local' else 'pull'} "
-                f"... --prefer {longer}` restores the other side from it.",
-            )
-        if check.growth == Growth.DIVERGED:
-            raise RefusedError(
-                f"append-only ledger {change.path} has diverged: neither copy extends the other "
-                f"(first difference at {check.divergence})",
-                paths=[change.path],
-                hint="Either transfer would drop the other side's records, so nothing was changed. "
-                "Reconcile by hand: start from the remote copy, append the records only yours has, "
-                "then push.",
-            )
-        if check.problems and change.action in TRANSFERS:
-            raise RefusedError(
-                f"append-only ledger {change.path}: {check.problems[0]}",
-                paths=[change.path],
-                hint="Nothing was transferred. If a job is still writing it, rerun when the record "
-                "is complete; otherwise repair the file (each line one JSON object).",
-            )
-
-
-def _precheck_parquet(ctx: Context, plan: Plan) -> None:
-    """--verify parquet on a file that is not Parquet is an error before anything moves."""
-    if ctx.verify != "parquet":
-        return
-    push = plan.direction == Direction.PUSH
-    for change in plan.transfers:
-        if change.path != ctx.profile.primary and not is_parquet_name(change.path):
-            continue
-        entry = change.local if push else change.remote
-        read = ctx.local_reader(change.path) if push else ctx.remote_reader(change.path)
-        try:
-            parquet_shape(read, entry.size)  # type: ignore[union-attr]
-        except NotParquet as exc:
-            raise UsageError(
-                f"--verify parquet cannot check {change.path}: {exc}",
-                hint="Use --verify sha256 (the default) or auto for files that are not Parquet.",
-            ) from None
-
-
-def _verify(ctx: Context, done: list[Change], local: Manifest, remote: Manifest) -> VerifyReport:
-    """Check what was transferred in the requested mode, then the sidecars' fidelity."""
-    report = verify_transfers(done, local, remote, mode="size" if ctx.verify == "size" else "sha256")
-    report.mode = ctx.verify
-    if ctx.verify in ("parquet", "auto"):
-        tables = [
-            c.path
-            for c in done
-            if c.action in TRANSFERS and (c.path == ctx.profile.primary or is_parquet_name(c.path))
-        ]
-        check_parquet(
-            tables, ctx.local_reader, ctx.remote_reader, local, remote, report, strict=ctx.verify == "parquet"
-        )
-        for note in report.fallbacks:
-            ctx.progress.message(f"--verify auto fell back: {note}")
-    if ctx.verify_sidecars:
-        report.sidecars = check_sidecars(ctx.profile, ctx.in_scope, local, remote) or None
-    else:
-        report.sidecar_check = False
-    return report
 
 
 def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification: VerifyReport) -> None:
@@ -794,7 +658,7 @@ def _execute_push(
     ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), after.index().dumps(dataset=ctx.dataset.id))
     faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)
-    return result, _verify(ctx, result.done, local, remote_after)
+    return result, fidelity.verify_run(ctx, result.done, local, remote_after)
 
 
 def _execute_pull(
@@ -815,7 +679,7 @@ def _execute_pull(
     faults.checkpoint("before_base")
     local_after = scan_local(ctx)
     save_base(ctx, local_after, remote_m, base)
-    return result, _verify(ctx, result.done, local_after, remote_m)
+    return result, fidelity.verify_run(ctx, result.done, local_after, remote_m)
 
 
 def _remember_digests(ctx: Context, result: BatchResult) -> None:
