@@ -139,6 +139,9 @@ def test_pull_is_fetch_plus_checkout_and_says_which_snapshot(
     commit_version(vws, tether, V1, "v1")
     assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
     other = clone(vws, tmp_path)
+    r = tether("pull", DS, "store", "--dry-run", "--json", cwd=other.root)
+    assert r.exit_code == 0 and json.loads(r.stdout)["files"] == {"create": 3, "replace": 0, "delete": 0}
+    assert not (other.data / DS).exists()
     r = tether("pull", DS, "store", cwd=other.root)
     assert r.exit_code == 0, r.output
     assert "named by tether.lock" in r.stdout
@@ -288,6 +291,8 @@ def test_checkout_force_rules(vws: WorkspaceFixture, tmp_path: Path, tether: Tet
     (data / "a.txt").write_bytes(b"my uncommitted edit\n")
     (data / "untracked.txt").write_bytes(b"brand new\n")
     before = tree(data)
+    r = tether("checkout", DS, "--rev", c1, "--dry-run", "--force", cwd=other.root)
+    assert r.exit_code == 0 and "would create 0, replace 1, delete 2" in r.stdout, r.output
     r = tether("checkout", DS, "--rev", c1, cwd=other.root)
     assert r.exit_code == 3, r.output
     assert "a.txt" in r.stderr and "--force" in r.stderr
@@ -457,6 +462,8 @@ def test_gc_needs_a_scope_prints_first_and_keeps_what_revisions_need(
     git(vws.root, "gc", "-q", "--prune=now")
     r = tether("gc", "store", "--keep-revs", "all-commits", "--dry-run", cwd=vws.root)
     assert "would delete 1 snapshot(s) and 1 object(s)" in r.stdout, r.output
+    r = tether("gc", "store", "--keep-revs", "30-days", "--dry-run", cwd=vws.root)
+    assert "would delete 0 snapshot(s) and 0 object(s)" in r.stdout, r.output  # made today: kept
     assert tree(vws.remote_dir) == before  # a dry run changes nothing
     r = tether("gc", "store", "--keep-revs", "all-commits", cwd=vws.root)
     assert r.exit_code == 3 and "-y" in r.stderr  # off a terminal, deleting needs -y

@@ -323,3 +323,14 @@ def test_push_repairs_objects_a_concurrent_gc_removed(tmp_path: Path) -> None:
     assert report.uploaded == 1 and report.repaired_after_gc == 1
     for data in files.values():
         assert (remote_root / object_path(sha(data))).read_bytes() == data
+
+
+def test_content_digest_matches_the_documented_formula() -> None:
+    """docs/format.md: SHA-256 over json.dumps([path, size, digest], ensure_ascii=False) + "\\n"."""
+    from tether.versioned.layout import content_digest, snapshot_id
+
+    entries = [Entry('a/ü "q"\u2028\\x', 3, 0, "0" * 64), Entry("b", 10**12, 0, "f" * 64)]
+    text = "".join(json.dumps([e.path, e.size, e.digest], ensure_ascii=False) + "\n" for e in entries)
+    assert content_digest(entries) == sha(text.encode())
+    canon = json.dumps({"content": "c" * 64, "dataset": "ns/ds", "parent": None}, sort_keys=True)
+    assert snapshot_id("ns/ds", None, "c" * 64) == sha(canon.encode())

@@ -89,11 +89,11 @@ def snapshot_id_from_listing(rel: str) -> str | None:
 # -- the snapshot record -------------------------------------------------------------------------
 def content_digest(entries: Iterable[Entry]) -> str:
     """SHA-256 of the canonical file list: equal data gives an equal digest, whatever its history."""
-    h = hashlib.sha256()
-    for e in entries:
-        h.update(json.dumps([e.path, e.size, e.digest], ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    # Byte for byte what json.dumps([path, size, digest], ensure_ascii=False) + "\n" gives, built
+    # without a json.dumps call per entry (20,000 entries: milliseconds, not a quarter second).
+    quote = json.JSONEncoder(ensure_ascii=False).encode
+    text = "".join(f'[{quote(e.path)}, {e.size}, "{e.digest}"]\n' for e in entries)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def snapshot_id(dataset_id: str, parent: str | None, digest: str) -> str:

@@ -433,8 +433,10 @@ def push_snapshot(
     """Missing objects first (verified), then the snapshot record, under a push marker."""
     report = PushReport(snap, needed=len(snap.digests()))
     sizes = {e.digest: e.size for e in snap.entries}
+    # Read before the marker exists: a gc that starts after this read either sees the marker
+    # (and spares our uploads) or rewrites the state, which we notice at the end.
+    gc_before = read_gc_state(remote)
     with PushMarker(remote, host=host, dataset=snap.dataset):
-        gc_before = read_gc_state(remote)
         progress.stage("listing remote objects")
         missing, lookup = plan_push(remote, snap, inv, trust_inventory=trust_inventory)
         report.listed_folders, report.full_listing = lookup.listed_folders, lookup.full_listing
