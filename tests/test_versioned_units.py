@@ -226,9 +226,26 @@ def test_gc_scope_parsing() -> None:
 
 
 # -- finding missing objects: listing only what is needed ------------------------------------------
-class CountingRemote(LocalRemote):
-    """A local remote that records every listing (what a push costs in requests)."""
+class CountingRemote:
+    """A remote that pays per listing, like SSH or S3 (a local folder underneath), recording every
+    listing and existence check (what a push costs in requests)."""
 
+    def __init__(self, root: Path) -> None:
+        self.inner = LocalRemote(str(root), root)
+        self.url = self.inner.url
+        self.listed: list[str] = []
+        self.checked: list[str] = []
+
+    def list_files(self, prefix: str) -> Iterator[RemoteStat]:
+        self.listed.append(prefix)
+        return self.inner.list_files(prefix)
+
+    def exists(self, path: str) -> bool:
+        self.checked.append(path)
+        return self.inner.exists(path)
+
+
+class CountingLocal(LocalRemote):
     def __init__(self, root: Path) -> None:
         super().__init__(str(root), root)
         self.listed: list[str] = []
@@ -277,6 +294,23 @@ def test_find_missing_lists_only_the_folders_the_inventory_cannot_vouch_for(tmp_
     remote.listed.clear()
     find_missing(remote, {sha(blobs[1])}, inv, trust_inventory=False)
     assert remote.listed == ["objects"]
+    assert remote.checked == []  # never one request per object
+
+
+def test_find_missing_on_a_local_path_stats_only_the_candidates(tmp_path: Path) -> None:
+    remote_root = tmp_path / "remote"
+    remote_root.mkdir()
+    blobs = [f"object {i}".encode() for i in range(2500)]  # more than LOCAL_STAT_LIMIT
+    _put_objects(remote_root, blobs)
+    remote = CountingLocal(remote_root)
+    inv = Inventory.load(tmp_path / "state", remote.url)
+    needed = {sha(b) for b in blobs}
+    assert find_missing(remote, needed, inv).missing == set()
+    assert remote.listed == ["objects"]  # nothing known yet: one listing
+    remote.listed.clear()
+    new = {sha(f"new {i}".encode()) for i in range(20)}
+    assert find_missing(remote, needed | new, inv).missing == new
+    assert remote.listed == []  # 20 candidates: 20 stats, no listing
 
 
 def test_inventory_survives_a_round_trip_and_ignores_damage(tmp_path: Path) -> None:

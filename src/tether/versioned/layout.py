@@ -173,9 +173,15 @@ class Snapshot:
             "host": self.host,
             "time": self.time,
             "message": self.message,
-            "entries": [{"path": e.path, "size": e.size, "digest": e.digest} for e in self.entries],
         }
-        return (json.dumps(record, ensure_ascii=False, indent=0) + "\n").encode("utf-8")
+        # One entry per line (readable, diffable), built with the C encoder: 20,000 entries in
+        # milliseconds (json.dumps with indent falls back to the pure-Python encoder).
+        quote = json.JSONEncoder(ensure_ascii=False).encode
+        head = json.dumps(record, ensure_ascii=False)[:-1]
+        lines = ",\n".join(
+            f'{{"path": {quote(e.path)}, "size": {e.size}, "digest": "{e.digest}"}}' for e in self.entries
+        )
+        return f'{head}, "entries": [\n{lines}\n]}}\n'.encode()
 
     @classmethod
     def loads(cls, data: bytes, *, source: str, expect_id: str | None = None) -> Snapshot:

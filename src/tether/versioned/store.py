@@ -39,6 +39,7 @@ from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, Remote, TransferItem
+from tether.remotes.local import LocalRemote
 from tether.versioned.cache import Cache
 from tether.versioned.layout import (
     GC_LOCK_ID,
@@ -58,6 +59,7 @@ from tether.versioned.layout import (
 INVENTORY_FORMAT = "tether-inventory"
 INVENTORY_VERSION = 1
 LIST_PAGE = 1000  # objects per listing request on S3-like stores: the whole prefix costs n/1000
+LOCAL_STAT_LIMIT = 2000  # candidates checked one by one on a local path rather than by listing
 
 
 # -- inventory ----------------------------------------------------------------------------------
@@ -142,6 +144,12 @@ def find_missing(remote: Remote, needed: set[str], inv: Inventory, *, trust_inve
     full = not trust_inventory or len(folders) > max(8, len(inv.objects) // LIST_PAGE)
     if not candidates:
         return Lookup(set(suspect), 0, False)
+    if trust_inventory and isinstance(remote, LocalRemote) and len(candidates) <= LOCAL_STAT_LIMIT:
+        # On a local or NFS path a stat per candidate is cheaper than listing (and statting) every
+        # object of its folder: a 1% change checks its 1% and nothing else.
+        present = {d for d in candidates if remote.exists(object_path(d))}
+        inv.objects |= present
+        return Lookup((candidates - present) | suspect, 0, False)
     if full:
         present = set(list_objects(remote))
         inv.objects = present
