@@ -518,3 +518,18 @@ def test_versioned_commands_refuse_a_mirror_remote(ws: WorkspaceFixture, tether:
         r = tether(*args, cwd=ws.root)
         assert r.exit_code == 2, r.output
         assert "mirror remote" in r.stderr
+
+
+def test_push_refuses_data_that_changed_after_commit(vws: WorkspaceFixture, tether: Tether) -> None:
+    commit_version(vws, tether, V1, "v1")
+    vws.write("a.txt", b"edited after the commit\n")
+    (vws.data / DS / "sub/c.txt").unlink()
+    r = tether("push", DS, "store", cwd=vws.root)
+    assert r.exit_code == 3, r.output
+    assert "changed or disappeared after `tether commit`" in r.stderr
+    assert "a.txt" in r.stderr and "sub/c.txt" in r.stderr
+    assert remote_snapshots(vws.remote_dir) == set()  # no record without its objects
+    assert tether("commit", DS, cwd=vws.root).exit_code == 0
+    r = tether("push", DS, "store", cwd=vws.root)
+    assert r.exit_code == 0, r.output
+    assert tether("verify", DS, "store", "--remote-data", cwd=vws.root).exit_code == 0

@@ -333,11 +333,9 @@ def _push(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                     hint="It was committed elsewhere and not pushed: push it from there, or commit "
                     "this workspace's data with `tether commit TARGET`.",
                 )
-            local: list[Entry] = []
-            if env.dataset.path.is_dir():
-                local = _scan(env, skip_symlinks=bool(options.get("skip_symlinks")), progress=progress)
-            by_digest = {e.digest: env.dataset.path / e.path for e in local}
-            uncommitted = content_digest([Entry(e.path, e.size, 0, e.digest) for e in local]) != snap.digest
+            # No scan of the dataset: an object the cache lacks is read from the path the snapshot
+            # gives it, and the backend's digest check refuses bytes that changed since the commit.
+            by_digest = {e.digest: env.dataset.path / e.path for e in snap.entries}
 
             def source_for(digest: str) -> Path | None:
                 if env.cache.has(digest):
@@ -359,7 +357,6 @@ def _push(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                     sum(sizes[d] for d in missing),
                     None,
                     as_json,
-                    uncommitted,
                 )
                 return
             report = push_snapshot(
@@ -374,9 +371,7 @@ def _push(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
             )
     finally:
         progress.close()
-    _push_summary(
-        env, remote_name, snap, report.uploaded, report.uploaded_bytes, report, as_json, uncommitted
-    )
+    _push_summary(env, remote_name, snap, report.uploaded, report.uploaded_bytes, report, as_json)
 
 
 def _push_summary(
@@ -387,7 +382,6 @@ def _push_summary(
     size: int,
     report: Any,
     as_json: bool,
-    uncommitted: bool,
 ) -> None:
     if as_json:
         data: dict[str, Any] = {
@@ -399,7 +393,6 @@ def _push_summary(
             else ("transferred" if n or report.snapshot_written else "no-op"),
             "snapshot": _snapshot_json(snap),
             "objects": {"needed": len(snap.digests()), "upload": n, "upload_bytes": size},
-            "uncommitted_changes": uncommitted,
         }
         if report is not None:
             data["snapshot_written"] = report.snapshot_written
@@ -421,8 +414,6 @@ def _push_summary(
         )
         if report.repaired_after_gc:
             _say(f"A gc ran meanwhile: re-uploaded {report.repaired_after_gc} object(s) it had removed.")
-    if uncommitted:
-        _say("note: the workspace has changes since `tether commit`; they were not pushed.")
 
 
 def _pull(state: State, env: _Env, remote_name: str, options: dict[str, Any]) -> None:

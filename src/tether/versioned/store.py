@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tether import faults
-from tether.errors import LockHeld, RefusedError, TetherError, VerificationError
+from tether.errors import LockHeld, RefusedError, StalePlanError, TetherError, VerificationError
 from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
@@ -423,6 +423,19 @@ def upload_objects(
     finally:
         remote.flush()  # durable before the snapshot that lists them (invariant 2)
         inv.save()
+    stale = [
+        path
+        for path, error in failures
+        if isinstance(error, VerificationError | StalePlanError)
+        or (isinstance(error, FileNotFoundError) and not isinstance(error, TetherError))
+    ]
+    if stale and len(stale) == len(failures):
+        sources = {i.path: i.local for i in items}
+        raise RefusedError(
+            f"{len(stale)} committed file(s) changed or disappeared after `tether commit`",
+            paths=[str(sources[p]) for p in stale],
+            hint="Commit the current state again (`tether commit TARGET`), then push.",
+        )
     _raise_failures(failures, "uploading")
     return len(items)
 
