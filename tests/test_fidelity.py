@@ -479,6 +479,13 @@ def test_file_mode_syncs_one_file(local_site: Site, tmp_path: Path, tether: Teth
     ok(tether, s.ws, "pull", str(s.ws.data / DS / "_derived" / "gc_content.bin"), "r", "-y")
     assert (s.ws.data / DS / "_derived" / "gc_content.bin").read_bytes() == b"from the cluster"
     assert (s.ws.data / DS / "_auxiliary" / "notes.txt").read_text() == "aux\n"
+    # A file that is not here yet comes down by its path inside the dataset; a typo is an error.
+    s.write("_derived/new_column.bin", b"computed on the cluster")
+    ok(tether, s.ws, "pull", str(s.ws.data / DS / "_derived" / "new_column.bin"), "r", "-y")
+    assert (s.ws.data / DS / "_derived" / "new_column.bin").read_bytes() == b"computed on the cluster"
+    assert (s.ws.data / DS / "_auxiliary" / "notes.txt").read_text() == "aux\n"  # still untouched
+    r = run(tether, s.ws, "pull", str(s.ws.data / DS / "_derived" / "new_colum.bin"), "r", "-y")
+    refused(r, 2, "new_colum.bin", "exists neither")
 
 
 def test_bare_names_strict_ids_and_bootstrap(local_site: Site, tmp_path: Path, tether: Tether) -> None:

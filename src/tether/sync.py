@@ -543,6 +543,11 @@ def _run(
         remote_state = scan_remote(ctx)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         ctx.comparisons = remote_state.comparisons
+        if ctx.dataset.only is not None and not local.entries and not remote_m.entries:
+            raise DatasetNotFound(
+                f"{ctx.dataset.only} exists neither in {ctx.dataset.path} nor in the copy of "
+                f"{ctx.dataset.id!r} on {ctx.remote_name!r}"
+            )
         if direction == Direction.PULL:
             fidelity.require_remote_primary(ctx, remote_m)
         if direction == Direction.PULL and not remote_exists:

@@ -147,6 +147,12 @@ class Workspace:
             return self._dataset_from_dir(cwd.resolve(), dataset_id)
         if as_path.is_file() and not as_path.is_symlink():
             return self._dataset_from_file(as_path.resolve(), dataset_id)
+        if os.sep in target and not as_path.exists() and self._looks_like_path(target, cwd):
+            # A file not here yet, inside a dataset that is: file mode, so it can be pulled.
+            wanted = Path(os.path.normpath(as_path))
+            for ds in self.list_datasets():
+                if ds.path in wanted.parents:
+                    return Dataset(ds.id, ds.path, wanted.relative_to(ds.path).as_posix())
         if dataset_id is None and "/" not in target and not self._is_id_dir(target):
             matches = [ds for ds in self.list_datasets() if ds.id.rsplit("/", 1)[-1] == target]
             if len(matches) > 1:
@@ -158,6 +164,13 @@ class Workspace:
                 return matches[0]
         ds_id = check_dataset_id(dataset_id or target)
         return Dataset(ds_id, self.data_root / ds_id)
+
+    @staticmethod
+    def _looks_like_path(target: str, cwd: Path) -> bool:
+        """``ns/ds`` is an id; ``data/ns/ds/x.bin`` (its first part exists here), ``./x`` or an
+        absolute path is a path."""
+        first = target.split(os.sep, 1)[0]
+        return target.startswith((os.sep, "~")) or first in (".", "..") or (cwd / first).is_dir()
 
     def _strict(self, target: str, dataset_id: str | None) -> Dataset:
         ds_id = dataset_id or target
