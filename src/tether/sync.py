@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -358,6 +359,21 @@ def _compare_foreign(ctx: Context, unknown: list[RemoteStat]) -> tuple[list[Comp
     return compared, rest
 
 
+def scan_both(ctx: Context) -> tuple[Manifest, RemoteState]:
+    """Both sides at once: the remote's listing is mostly waiting on the network (or the
+    cluster's disk) while the local scan is mostly this machine's, so they overlap well."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-scan-remote") as pool:
+        remote = pool.submit(scan_remote, ctx)
+        try:
+            local = scan_local(ctx)
+        except BaseException:
+            remote.cancel()
+            with contextlib.suppress(BaseException):
+                remote.result()  # let the remote scan end before the error leaves the context
+            raise
+        return local, remote.result()
+
+
 def load_base(ctx: Context) -> Manifest:
     path = ctx.workspace.base_path(ctx.remote_name, ctx.dataset.id)
     try:
@@ -436,8 +452,7 @@ def diff(
     started = time.time()
     with open_context(target, remote, **options) as ctx:
         local_exists = ctx.dataset.path.is_dir()
-        local = scan_local(ctx)
-        remote_state = scan_remote(ctx)
+        local, remote_state = scan_both(ctx)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         if not local_exists and not remote_exists:
             raise _missing_everywhere(ctx)
@@ -539,8 +554,7 @@ def _run(
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
         if direction == Direction.PUSH:
             fidelity.require_local_primary(ctx)
-        local = scan_local(ctx)
-        remote_state = scan_remote(ctx)
+        local, remote_state = scan_both(ctx)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         ctx.comparisons = remote_state.comparisons
         if ctx.dataset.only is not None and not local.entries and not remote_m.entries:
