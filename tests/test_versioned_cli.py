@@ -533,3 +533,32 @@ def test_push_refuses_data_that_changed_after_commit(vws: WorkspaceFixture, teth
     r = tether("push", DS, "store", cwd=vws.root)
     assert r.exit_code == 0, r.output
     assert tether("verify", DS, "store", "--remote-data", cwd=vws.root).exit_code == 0
+
+
+def test_fetch_by_branches_and_tags(vws: WorkspaceFixture, tmp_path: Path, tether: Tether) -> None:
+    c1 = commit_version(vws, tether, V1, "v1")
+    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
+    git(vws.root, "tag", "-a", "release-1", "-m", "first release", c1)
+    commit_version(vws, tether, V2, "v2")
+    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
+    commit_version(vws, tether, V3 := {"z.txt": b"only on main's tip\n"}, "v3")
+    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
+    other = clone(vws, tmp_path)
+    cached = other.root / ".tether" / "cache" / "objects"
+
+    def cached_digests() -> set[str]:
+        return (
+            {p.parent.name + p.name for p in cached.rglob("*") if p.is_file()} if cached.exists() else set()
+        )
+
+    r = tether("fetch", DS, "store", "--all-tags", "--json", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["snapshots"]) == 1
+    assert cached_digests() == {hashlib.sha256(b).hexdigest() for b in V1.values()}
+    r = tether("fetch", DS, "store", "--all-branches", "--json", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert len(out["snapshots"]) == 1 and out["objects"]["cached"] == 2  # a.txt(v1) was replaced
+    assert hashlib.sha256(V3["z.txt"]).hexdigest() in cached_digests()
+    r = tether("fetch", DS, "store", "--rev", "nonsense-rev", cwd=other.root)
+    assert r.exit_code == 2 and "not a commit" in r.stderr
