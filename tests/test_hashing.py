@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import random
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -334,3 +335,30 @@ def test_rewrite_with_restored_mtime_is_rehashed(tmp_path: Path, reads: Counter[
     (entry,) = run(tmp_path, cache)
     assert reads == Counter({"f": 1})
     assert entry.digest == sha(b"new!")
+
+
+def test_many_connections_opening_one_cache_at_once(tmp_path: Path) -> None:
+    """The local scan and a foreign comparison (or two runs in one workspace) open the cache
+    together: none of them fails with "database is locked"."""
+    db = tmp_path / "cache.sqlite"
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def open_and_write(i: int) -> None:
+        try:
+            start.wait()
+            cache = HashCache(db)
+            cache.put(f"/f{i}", 1, 2, 3, "d" * 64)
+            cache.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    cache = HashCache(db)
+    assert len(cache._db.execute("SELECT path FROM digests_v2").fetchall()) == 8
+    cache.close()

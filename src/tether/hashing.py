@@ -68,14 +68,33 @@ class HashCache:
         else:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(db_path, check_same_thread=False, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        for table in TABLES.values():
-            self._db.execute(
-                f"CREATE TABLE IF NOT EXISTS {table} (path TEXT PRIMARY KEY, inode INTEGER, "
-                "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT, hashed_at_ns INTEGER)"
-            )
-        self._db.commit()
+        self._setup(file_backed=db_path is not None)
+
+    def _setup(self, *, file_backed: bool) -> None:
+        """WAL mode and the tables, only where missing: switching the journal mode or changing
+        the schema needs an exclusive lock that sqlite reports as "database is locked" at once
+        (no busy wait) while another connection is open, as when the local scan and a foreign
+        comparison, or two tether runs in one workspace, open the cache together."""
+        for attempt in range(50):
+            try:
+                if file_backed:
+                    if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+                have = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                for table in TABLES.values():
+                    if table not in have:
+                        self._db.execute(
+                            f"CREATE TABLE IF NOT EXISTS {table} (path TEXT PRIMARY KEY, inode INTEGER, "
+                            "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, digest TEXT, "
+                            "hashed_at_ns INTEGER)"
+                        )
+                self._db.commit()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.1)  # back off while the other connection finishes its set-up
 
     def get_many(self, keys: Sequence[tuple[int | str, ...]], *, kind: str = "sha256") -> dict[str, str]:
         """Digests for the (path, inode, size, mtime_ns[, ctime_ns]) keys that hit and are not racy."""
