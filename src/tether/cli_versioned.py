@@ -99,9 +99,7 @@ def _versioned_config(ws: Workspace, remote_name: str) -> RemoteConfig:
 @contextlib.contextmanager
 def _open(ws: Workspace, remote_name: str) -> Iterator[Remote]:
     cfg = _versioned_config(ws, remote_name)
-    # `layout` is tether's option, not the backend's (the SSH backend refuses keys it does not know).
-    backend_options = {k: v for k, v in cfg.options.items() if k != "layout"}
-    remote = open_remote(RemoteConfig(cfg.name, cfg.url, backend_options, cfg.layer), workspace_root=ws.root)
+    remote = open_remote(cfg, workspace_root=ws.root)  # open_remote keeps `layout` from the backend
     try:
         remote.check()
         yield remote

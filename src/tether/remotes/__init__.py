@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -80,6 +81,10 @@ def parse_url(url: str, *, base_dir: Path | None = None) -> ParsedURL:
 
 
 def open_remote(config: RemoteConfig, *, workspace_root: Path | None = None) -> Remote:
+    if "layout" in config.options:  # tether's own option (mirror/versioned), not the backend's
+        config = dataclasses.replace(
+            config, options={k: v for k, v in config.options.items() if k != "layout"}
+        )
     parsed = parse_url(config.url, base_dir=workspace_root)
     if parsed.scheme == "file":
         return LocalRemote(config.url, Path(parsed.path))
