@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import getpass
 import os
 import sys
@@ -24,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tether.config import RemoteConfig
-from tether.errors import DatasetNotFound, LockHeld, RefusedError, UsageError, VerificationError
+from tether.errors import DatasetNotFound, RefusedError, UsageError, VerificationError
+from tether.lock import local_flock
 from tether.manifest import Entry
 from tether.progress import Progress
 from tether.remotes import Remote, open_remote
@@ -107,20 +107,12 @@ def _open(ws: Workspace, remote_name: str) -> Iterator[Remote]:
         remote.close()
 
 
-@contextlib.contextmanager
-def _local_lock(env: _Env) -> Iterator[None]:
+def _local_lock(env: _Env) -> contextlib.AbstractContextManager[None]:
     """Two runs on this machine never change the same dataset folder at once."""
-    path = env.ws.state_dir / "locks" / "versioned" / f"{env.dataset.id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeld(
-                f"another tether run on this machine is working on {env.dataset.id!r}",
-                hint="Wait for it to finish.",
-            ) from None
-        yield
+    return local_flock(
+        env.ws.state_dir / "locks" / "versioned" / f"{env.dataset.id}.lock",
+        f"another tether run on this machine is working on {env.dataset.id!r}",
+    )
 
 
 def _say(text: str) -> None:

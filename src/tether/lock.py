@@ -8,13 +8,17 @@ invariant 7). A live lock held by someone else is broken only by ``tether lock b
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import json
 import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import TracebackType
 
 from tether.errors import LockHeld, TetherError
@@ -272,3 +276,19 @@ def clear_dead_lock(remote: Remote, dataset_id: str, *, host: str) -> LockRecord
     if read_lock(remote, dataset_id) == current:
         remote.delete(lock_path(dataset_id))
     return current
+
+
+@contextmanager
+def local_flock(path: Path, busy: str) -> Iterator[None]:
+    """An exclusive flock on ``path`` for the block, or LockHeld(``busy``) at once: two runs on
+    this machine never change the same dataset together (the remote lease covers other hosts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(busy, hint="Wait for it to finish.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import shutil
 import time
@@ -28,7 +27,6 @@ from tether import audit, faults, fidelity
 from tether.errors import (
     DatasetNotFound,
     Interrupted,
-    LockHeld,
     RefusedError,
     StalePlanError,
     TetherError,
@@ -39,7 +37,7 @@ from tether.fileio import write_bytes_atomic
 from tether.foreign import SIZE_ONLY, Compared, compare_with_local
 from tether.hashing import HashCache, hash_entries
 from tether.ledger import LedgerCheck, local_reader
-from tether.lock import Lease, break_lock, clear_dead_lock, read_lock
+from tether.lock import Lease, break_lock, clear_dead_lock, local_flock, read_lock
 from tether.lock import LockRecord as LockRecord
 from tether.manifest import Entry, Manifest, ManifestFormatError
 from tether.paths import check_relpath
@@ -750,23 +748,12 @@ def _staging_dir(ctx: Context) -> Path:
     return ctx.workspace.staging_dir / ctx.remote_name / ctx.dataset.id
 
 
-@contextlib.contextmanager
-def _local_lock(ctx: Context) -> Iterator[None]:
+def _local_lock(ctx: Context) -> contextlib.AbstractContextManager[None]:
     """Two runs on this machine never work on the same dataset and remote at once."""
-    path = ctx.workspace.state_dir / "locks" / ctx.remote_name / f"{ctx.dataset.id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeld(
-                f"another tether run on this machine is syncing {ctx.dataset.id!r} with {ctx.remote_name!r}",
-                hint="Wait for it to finish.",
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return local_flock(
+        ctx.workspace.state_dir / "locks" / ctx.remote_name / f"{ctx.dataset.id}.lock",
+        f"another tether run on this machine is syncing {ctx.dataset.id!r} with {ctx.remote_name!r}",
+    )
 
 
 def _finish(

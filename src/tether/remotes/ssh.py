@@ -1128,6 +1128,7 @@ class _GetStream:
         self.on_bytes, self.on_done = on_bytes, on_done
         self.made: set[Path] = set()
         self.completed = 0
+        self.unread = 0
         # Large files resume from the bytes an interrupted run left in a partial file, if the
         # helper finds they are a prefix of the file it has (it hashes its own first bytes).
         self.partials = {i.path: _partial_prefix(i) for i in items if i.size >= RESUME_MIN}
@@ -1172,7 +1173,7 @@ class _GetStream:
         hashed as they are written. Either way the final name appears only after the check.
         """
         final = item.local
-        left = n
+        self.unread = n  # payload bytes still in the stream: skipped on a local error
         tmp = _temp_sibling(final)
         try:
             if final.parent not in self.made:
@@ -1181,7 +1182,7 @@ class _GetStream:
             hasher = hashlib.sha256()
             if n <= SMALL:
                 data = self.ch.read_exact(n)
-                left = 0
+                self.unread = 0
                 hasher.update(data)
                 self.on_bytes(n)
                 if hasher.hexdigest() != item.digest:
@@ -1197,14 +1198,7 @@ class _GetStream:
                 os.replace(tmp, final)
                 return None
             with open(tmp, "xb", buffering=0) as dst:
-                while left:
-                    chunk = self.ch.read_exact(min(CHUNK, left))
-                    left -= len(chunk)
-                    hasher.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[dst.write(view) :]
-                    self.on_bytes(len(chunk))
+                self._pour(dst, n, hasher)
             if hasher.hexdigest() != item.digest:
                 tmp.unlink(missing_ok=True)
                 return _mismatch(item, hasher.hexdigest())
@@ -1213,7 +1207,7 @@ class _GetStream:
             return None
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            self.ch.skip(left)  # keep the stream in step
+            self.ch.skip(self.unread)  # keep the stream in step
             error = os_error_to_tether(exc, final)
             if isinstance(error, (DiskFullError, RemotePermissionError)):
                 raise error from exc  # a full local disk will not fix itself for the next file
@@ -1222,33 +1216,40 @@ class _GetStream:
             tmp.unlink(missing_ok=True)
             raise
 
+    def _pour(self, dst: BinaryIO, n: int, hasher: Any) -> None:
+        """Move the next ``n`` payload bytes into ``dst``, hashing them; ``self.unread`` says how
+        many are still in the stream if a write fails (the caller skips them to stay in step)."""
+        self.unread = n
+        while self.unread:
+            chunk = self.ch.read_exact(min(CHUNK, self.unread))
+            self.unread -= len(chunk)
+            hasher.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[dst.write(view) :]
+            self.on_bytes(len(chunk))
+
     def receive_resumable(self, item: TransferItem, n: int, offset: int) -> BaseException | None:
         """Append the ``n`` bytes that follow ``offset`` to the item's partial file, which keeps
         what arrived if the link drops; promote it only once the whole file hashes right."""
         final, part = item.local, _partial_path(item)
         have, prefix = self.partials[item.path]
-        left = n
+        self.unread = n
         try:
             if final.parent not in self.made:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 self.made.add(final.parent)
             if offset and offset != have:
                 part.unlink(missing_ok=True)
-                self.ch.skip(left)
+                self.ch.skip(self.unread)
+                self.unread = 0
                 return VerificationError(
                     f"{item.path}: partial download out of step; rerun", paths=[item.path]
                 )
             hasher = prefix.copy() if offset and prefix is not None else hashlib.sha256()
             self.on_bytes(offset)
             with open(part, "ab" if offset else "wb", buffering=0) as dst:
-                while left:
-                    chunk = self.ch.read_exact(min(CHUNK, left))
-                    left -= len(chunk)
-                    hasher.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[dst.write(view) :]
-                    self.on_bytes(len(chunk))
+                self._pour(dst, n, hasher)
             if hasher.hexdigest() != item.digest:
                 part.unlink(missing_ok=True)
                 return _mismatch(item, hasher.hexdigest())
@@ -1256,7 +1257,7 @@ class _GetStream:
             os.replace(part, final)
             return None
         except OSError as exc:
-            self.ch.skip(left)
+            self.ch.skip(self.unread)
             error = os_error_to_tether(exc, final)
             if isinstance(error, (DiskFullError, RemotePermissionError)):
                 raise error from exc
