@@ -584,7 +584,8 @@ def test_ledger_growing_on_the_remote_during_pull_is_not_torn(
 
     with pytest.raises(TetherError) as info:
         sync.pull(DS, "r", workspace=s.ws2.root, progress=ClusterAppendsWhileDownloading())
-    assert ".events.log" in str(info.value)
+    assert "ledger .events.log grew while it was transferred" in str(info.value)
+    assert info.value.exit_code == 4
     assert (s.ws2.data / DS / ".events.log").read_bytes() == events(1, 2)  # nothing promoted
     ok(tether, s.ws2, "pull", DS, "r", "-y")
     assert (s.ws2.data / DS / ".events.log").read_bytes() == events(1, 2, 3, 4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tether.errors import RefusedError, UsageError
+from tether.errors import RefusedError, UsageError, VerificationError
 from tether.ledger import LedgerCheck, check_ledger
 from tether.manifest import Manifest
 from tether.plan import TRANSFERS, Action, Change, Direction, Growth, Plan
@@ -25,6 +25,7 @@ from tether.verify import (
 
 if TYPE_CHECKING:
     from tether.sync import Context
+    from tether.transfer import Failure
 
 
 def require_local_primary(ctx: Context) -> None:
@@ -153,3 +154,16 @@ def verify_run(ctx: Context, done: list[Change], local: Manifest, remote: Manife
     else:
         report.sidecar_check = False
     return report
+
+
+def explain_ledger_failures(ctx: Context, failed: list[Failure]) -> None:
+    """A ledger whose bytes no longer match the scan was appended to during the transfer (a job
+    is still writing it): say that, not just "hash mismatch"."""
+    for failure in failed:
+        if ctx.profile.ledger(failure.path) is not None and isinstance(failure.error, VerificationError):
+            raise VerificationError(
+                f"append-only ledger {failure.path} grew while it was transferred (a job is appending "
+                "to it); nothing was promoted",
+                paths=[failure.path],
+                hint="Both copies are as they were. Rerun: the next run sends the ledger as it is then.",
+            )

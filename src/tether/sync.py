@@ -631,6 +631,7 @@ def _run(
         # -- audit (what was actually done, measured after the transfer)
         _record_outcome(record, result, verification)
         finished = _finish(ctx, plan, record, verification, audit_out)
+        fidelity.explain_ledger_failures(ctx, result.failed)
         result.raise_first()
         raise_if_failed(verification)
         return finished
