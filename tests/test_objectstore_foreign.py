@@ -263,6 +263,36 @@ def test_pull_from_a_foreign_prefix_verifies_and_never_promotes_a_changed_object
     assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
 
 
+def test_first_pull_from_a_foreign_prefix_downloads_each_object_once(
+    tmp_path: Path, tether: Tether, proxied: Callable[[S3Server], ThrottlingProxy]
+) -> None:
+    """A pull needs the bytes anyway: objects it will download are not hashed beforehand (that
+    cost a second download each); the download is checked against the listed ETag instead."""
+    rclone = get_server("rclone")
+    proxy = proxied(rclone)
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
+    files = _files(12)
+    _foreign(rclone, prefix, files)
+    proxy.requests.clear()
+    r = tether("pull", DS, "s3", "-y", "--json", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert sorted(_object_gets(proxy)) == sorted(f"/{rclone.bucket}/{prefix}/{DS}/{rel}" for rel in files)
+    got = {
+        p.relative_to(ws.data / DS).as_posix(): p.read_bytes()
+        for p in (ws.data / DS).rglob("*")
+        if p.is_file()
+    }
+    assert got == files
+    base = Manifest.loads(ws.workspace().base_path("s3", DS).read_bytes())  # real SHA-256s only
+    assert {e.path: e.digest for e in base.entries} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()
+    }
+    proxy.requests.clear()
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0  # compared by MD5, no download
+    assert _object_gets(proxy) == []
+
+
 def test_pull_raises_verification_error_through_the_api(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

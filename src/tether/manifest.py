@@ -24,6 +24,23 @@ MANIFEST_VERSION = 1
 DEFAULT_ALGORITHM = "sha256"
 DIGEST_LENGTHS = {"sha256": 64}
 _HEX = re.compile(r"[0-9a-f]+")
+# A foreign object that a pull downloads anyway is not hashed beforehand: its entry carries this
+# stand-in (the listing's ETag and size), which never equals a digest, is checked by the download
+# (ETag pinned, MD5 where the ETag is one) and replaced by the SHA-256 of the bytes received. It
+# is never written into an index or a base (their parser refuses it).
+PROVISIONAL = "unverified:"
+
+
+def provisional_digest(etag: str | None, size: int) -> str:
+    return f"{PROVISIONAL}{(etag or '').strip().strip(chr(34))}:{size}"
+
+
+def parse_provisional(digest: str) -> tuple[str, int] | None:
+    """(ETag, size) of a stand-in digest, or None for a real one."""
+    if not digest.startswith(PROVISIONAL):
+        return None
+    etag, _, size = digest[len(PROVISIONAL) :].rpartition(":")
+    return etag, int(size)
 
 
 class Entry(NamedTuple):

@@ -39,7 +39,7 @@ from tether.hashing import HashCache, hash_entries
 from tether.ledger import LedgerCheck, local_reader
 from tether.lock import Lease, break_lock, clear_dead_lock, local_flock, read_lock
 from tether.lock import LockRecord as LockRecord
-from tether.manifest import Entry, Manifest, ManifestFormatError
+from tether.manifest import Entry, Manifest, ManifestFormatError, provisional_digest
 from tether.paths import check_relpath
 from tether.plan import (
     Action,
@@ -106,6 +106,9 @@ class Context:
     verify: str = "sha256"
     verify_sidecars: bool = True
     comparisons: dict[str, str] = field(default_factory=dict)  # foreign objects: path -> exact|size-only
+    # A pull downloads foreign objects it needs anyway: it need not hash them first (see
+    # manifest.PROVISIONAL); a push or diff does (the index and --json carry real digests).
+    defer_foreign_hashing: bool = False
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
@@ -323,6 +326,11 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
         for c in compared:
             entries.append(c.entry)
             comparisons[c.entry.path] = c.comparison
+    if unknown and ctx.defer_foreign_hashing and not ctx.remote.capabilities.server_side_hashing:
+        entries += [
+            Entry(st.path, st.size, st.mtime_ns, provisional_digest(st.etag, st.size)) for st in unknown
+        ]
+        unknown = []
     if unknown:
         ctx.progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
         digests = ctx.remote.hash_files(
@@ -546,6 +554,7 @@ def _run(
     started = time.time()
     with open_context(target, remote, **context_options) as ctx:
         record = _new_record(ctx, direction.value, options.mode, started)
+        ctx.defer_foreign_hashing = direction == Direction.PULL
         # -- scan both sides, plan
         local_exists = ctx.dataset.path.is_dir()
         if direction == Direction.PUSH and not local_exists:
@@ -693,6 +702,11 @@ def _execute_pull(
         jobs=ctx.jobs,
         progress=ctx.progress,
     )
+    if result.resolved:  # provisional digests of foreign objects, now known from their bytes
+        remote_m = Manifest(
+            [e._replace(digest=result.resolved.get(e.path, e.digest)) for e in remote_m.entries],
+            remote_m.algorithm,
+        )
     _remember_digests(ctx, result)
     faults.checkpoint("before_base")
     local_after = scan_local(ctx)
@@ -707,6 +721,7 @@ def _remember_digests(ctx: Context, result: BatchResult) -> None:
         for change in result.done:
             if change.action != Action.DOWNLOAD or change.remote is None:
                 continue
+            digest = result.resolved.get(change.path, change.remote.digest)
             path = ctx.dataset.path / change.path
             try:
                 st = path.stat()
@@ -717,7 +732,7 @@ def _remember_digests(ctx: Context, result: BatchResult) -> None:
                 st.st_ino,
                 st.st_size,
                 st.st_mtime_ns,
-                change.remote.digest,
+                digest,
                 ctime_ns=st.st_ctime_ns,
             )
     finally:

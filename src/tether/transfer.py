@@ -27,7 +27,7 @@ from tether.errors import (
 )
 from tether.fileio import syncfs
 from tether.hashing import digest_file
-from tether.manifest import Entry
+from tether.manifest import Entry, parse_provisional
 from tether.plan import Action, Change
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, ErrorKind, Remote, TransferItem
@@ -53,6 +53,8 @@ class BatchResult:
     bytes_done: int = 0
     reused: int = 0  # staged files from an interrupted run that were verified and kept
     staged: int = 0  # verified in staging but not promoted, because another file failed
+    # SHA-256s learnt by downloading files whose listed digest was provisional (foreign objects)
+    resolved: dict[str, str] = field(default_factory=dict)
 
     def raise_first(self) -> None:
         """Raise the most telling failure: verification first, then a stale source."""
@@ -336,16 +338,24 @@ def pull_changes(
                 result.reused += 1
             on_bytes(change.remote.size)
             return
+        got: list[str | None] = []
         _with_retries(
             remote,
-            lambda: remote.get_file(
-                f"{dataset_id}/{change.path}",
-                target,
-                digest=change.remote.digest,  # type: ignore[union-attr]
-                mtime_ns=change.remote.mtime_ns,  # type: ignore[union-attr]
-                on_bytes=on_bytes,
+            lambda: got.append(
+                remote.get_file(
+                    f"{dataset_id}/{change.path}",
+                    target,
+                    digest=change.remote.digest,  # type: ignore[union-attr]
+                    mtime_ns=change.remote.mtime_ns,  # type: ignore[union-attr]
+                    on_bytes=on_bytes,
+                )
             ),
         )
+        if parse_provisional(change.remote.digest) is not None:
+            if not got or got[-1] is None:
+                raise VerificationError(f"{change.path}: the backend could not compute its digest")
+            with reuse_lock:
+                result.resolved[change.path] = got[-1]  # type: ignore[assignment]
         faults.checkpoint("downloaded")
 
     progress.stage("downloading", files=len(downloads), bytes=sum(c.bytes for c in downloads))

@@ -111,10 +111,12 @@ class Remote(Protocol):
 
     def get_file(
         self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
-    ) -> None:
+    ) -> str | None:
         """Download ``path`` into ``dest`` (a staging path), raising VerificationError if the
         bytes read do not hash to ``digest``. A backend may write ``dest`` in place: a staging
-        path is never a real name, is removed on failure, and is rehashed before any reuse."""
+        path is never a real name, is removed on failure, and is rehashed before any reuse.
+        Object stores also accept a provisional digest (tether.manifest.PROVISIONAL), verify
+        the download against the listed ETag and size, and return the SHA-256 they computed."""
 
     def open_read(self, path: str) -> BinaryIO: ...
 

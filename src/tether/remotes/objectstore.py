@@ -53,7 +53,9 @@ from tether.errors import (
     VerificationError,
 )
 from tether.fileio import temp_sibling
+from tether.foreign import plain_md5
 from tether.hashing import CHUNK
+from tether.manifest import parse_provisional
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
 from tether.remotes import objectstore_multipart as mp
 from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
@@ -686,39 +688,58 @@ class ObjectStoreRemote:
 
     def get_file(
         self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
-    ) -> None:
+    ) -> str:
         key = self.key(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(dest)
+        listed = parse_provisional(digest)
         try:
             result = self._call(lambda: obstore.get(self._store, key), key)
             size = int(result.meta["size"])
+            etag = result.meta.get("e_tag")
+            if listed is not None and (listed[0], listed[1]) != ((etag or "").strip('"'), size):
+                raise VerificationError(
+                    f"{path}: the object changed on the store after it was listed (ETag or size differ)",
+                    paths=[path],
+                )
+            md5 = hashlib.md5(usedforsecurity=False) if listed and plain_md5(listed[0]) else None
             if size > self.settings.multipart_threshold:
-                etag = result.meta.get("e_tag")
+                md5 = None  # ranges arrive out of order; the pinned ETag (If-Match) holds them together
                 del result  # drop the single stream; fetch ranges in parallel instead
                 got = self._get_ranges(key, tmp, size, etag, on_bytes)
             else:
-                got = self._get_stream(result, key, tmp, size, on_bytes)
-            if got != digest:
+                got = self._get_stream(result, key, tmp, size, on_bytes, md5)
+            if listed is None and got != digest:
                 raise _mismatch(path, digest, got)
+            if md5 is not None and md5.hexdigest() != plain_md5(listed[0] if listed else None):
+                raise VerificationError(
+                    f"{path}: the bytes received do not match the object's MD5 ETag", paths=[path]
+                )
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
             os.replace(tmp, dest)
+            return got
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
-    def _get_stream(self, result: Any, key: str, tmp: Path, size: int, on_bytes: OnBytes | None) -> str:
+    def _get_stream(
+        self, result: Any, key: str, tmp: Path, size: int, on_bytes: OnBytes | None, md5: Any = None
+    ) -> str:
         h = hashlib.sha256()
         with open(tmp, "xb", buffering=0) as f:
             if size <= SMALL_READ:
                 data = self._call(result.bytes, key)
                 h.update(data)
+                if md5 is not None:
+                    md5.update(data)
                 f.write(data)
                 if on_bytes is not None:
                     on_bytes(len(data))
             else:
                 for chunk in self._call(lambda: result.stream(min_chunk_size=CHUNK), key):
                     h.update(chunk)
+                    if md5 is not None:
+                        md5.update(chunk)
                     f.write(chunk)
                     if on_bytes is not None:
                         on_bytes(len(chunk))
