@@ -59,7 +59,9 @@ def result_row(r: Result, tether: Result | None) -> list[str]:
 
 
 def result_rows(results: Sequence[Result]) -> list[list[str]]:
-    tether = {(r.kind, r.case.name): r for r in results if r.tool == "tether"}
+    # The reference is tether's mirror row; in a run without it (--tools tether-v dvc), tether-v's.
+    tether = {(r.kind, r.case.name): r for r in results if r.tool == "tether-v"}
+    tether |= {(r.kind, r.case.name): r for r in results if r.tool == "tether"}
     return [result_row(r, tether.get((r.kind, r.case.name))) for r in results]
 
 

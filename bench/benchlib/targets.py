@@ -24,6 +24,7 @@ class Target:
     ref: str | None = None
     limit: float | None = None
     op: str = "<="  # how value compares with limit: "<=", ">=", "<"
+    optional: bool = False  # shown only when both tools were run (a tool outside the defaults)
 
     def value(self, results: dict[tuple[str, str, str], Result]) -> float | None:
         return self.measure(results)[0]
@@ -121,6 +122,11 @@ def _judge(target: Target, value: float | None, direction: int = 0) -> str:
     return "FAIL" if not ok else "n/a"
 
 
+def _ran(r: Result | None) -> bool:
+    """The tool was selected and could run (a failure still counts: its target reads n/a)."""
+    return r is not None and r.status not in ("skipped", "n/a")
+
+
 def evaluate(targets: Iterable[Target], results: list[Result]) -> list[Outcome]:
     by_key = {(r.kind, r.case.name, r.tool): r for r in results}
     ran = {(r.kind, r.case.name) for r in results}
@@ -128,6 +134,8 @@ def evaluate(targets: Iterable[Target], results: list[Result]) -> list[Outcome]:
     for t in targets:
         if (t.kind, t.case) not in ran:
             continue  # case not selected (--cases) or remote kind not run
+        if t.optional and not all(_ran(by_key.get((t.kind, t.case, name))) for name in (t.tool, t.ref)):
+            continue  # e.g. tether-v vs DVC when only one of them was selected
         v, direction = t.measure(by_key)
         if v is None and t.limit is None:
             continue  # an informational ratio whose tools were not run: nothing worth a row
@@ -338,4 +346,22 @@ S3_TARGETS: tuple[Target, ...] = (
     _t("s3-20ms", "small-noop", "small no-op: DVC status HTTP requests", "traffic:http_requests", tool="dvc"),
 )
 
-TARGETS = TARGETS + SSH_TARGETS + S3_TARGETS
+# Issue 7 (versioned remotes): tether-v's commit + push and pull against DVC's add + push and
+# pull, on local-path remotes; shown only when both tether-v and dvc were run.
+VERSIONED_TARGETS: tuple[Target, ...] = tuple(
+    Target("local", case, label, "speedup", "tether-v", "dvc", limit, ">=", optional=True)
+    for case, label, limit in (
+        ("small-push", "small push (commit+push): DVC / tether-v time", 5.0),
+        ("small-pull", "small pull: DVC / tether-v time", 5.0),
+        ("large-push", "large push (commit+push): DVC / tether-v time", 1.0),
+        ("large-pull", "large pull: DVC / tether-v time", 1.0),
+    )
+) + tuple(
+    Target("local", case, label, "speedup", "tether-v", "dvc", optional=True)
+    for case, label in (
+        ("small-change", "small 1% change (commit+push): DVC / tether-v time"),
+        ("small-noop", "small no-op: DVC status / tether-v diff time"),
+    )
+)
+
+TARGETS = TARGETS + SSH_TARGETS + S3_TARGETS + VERSIONED_TARGETS

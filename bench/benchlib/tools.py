@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
@@ -175,18 +176,16 @@ class TetherTool(Tool):
     def _jobs(self) -> list[str]:
         return ["--jobs", str(self.jobs)] if self.jobs else []
 
+    REMOTE_ARGS: tuple[str, ...] = ()  # extra `remote add` arguments (the versioned layout)
+
     def _init_workspace(self, slot: Slot, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         # Options (ssh_config, endpoint, keys) go to .tether/config.local.toml, as a user's would.
         options = slot.remote.tether_options()
         sets = [f"--set={k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
         local = ["--local"] if options else []
-        slot.untimed(
-            [
-                self._cmd(slot, root, "init"),
-                self._cmd(slot, root, "remote", "add", "store", slot.remote.tether_url(), *local, *sets),
-            ]
-        )
+        add = ["remote", "add", "store", slot.remote.tether_url(), *self.REMOTE_ARGS, *local, *sets]
+        slot.untimed([self._cmd(slot, root, "init"), self._cmd(slot, root, *add)])
 
     def _ws(self, slot: Slot) -> Path:
         return slot.scratch / "ws"
@@ -224,6 +223,48 @@ class TetherTool(Tool):
 
     def noop(self, slot: Slot) -> list[Cmd]:
         return [self._cmd(slot, self._ws(slot), "diff", slot.dataset_id, "store")]  # exit 0 = in sync
+
+
+class TetherVersionedTool(TetherTool):
+    """tether against a versioned remote (docs/versioned.md), the job DVC does.
+
+    push = ``tether commit`` + ``tether push`` (DVC: ``dvc add`` + ``dvc push``); pull = a fresh
+    workspace holding only ``tether.toml``, the remote and ``tether.lock`` (what a ``git clone``
+    brings), then ``tether pull``; no-op = ``tether diff ID store``. The remote is
+    content-addressed (``objects/ab/cdef...``), so a push is checked by its snapshot record and
+    object count, a pull byte for byte like every other tool's.
+    """
+
+    name = "tether-v"
+    kinds = frozenset({"local", "s3", "s3-20ms"})
+    STATE = (*TetherTool.STATE, "tether.lock")
+    REMOTE_ARGS = ("--layout", "versioned")
+
+    def push(self, slot: Slot) -> list[Cmd]:
+        ws = self._ws(slot)
+        return [
+            self._cmd(slot, ws, "commit", slot.dataset_id, "-m", "bench"),
+            self._cmd(slot, ws, "push", slot.dataset_id, "store", "-y", *self._jobs()),
+        ]
+
+    def reset_pull(self, slot: Slot) -> None:
+        super().reset_pull(slot)  # init + remote add: tether.toml and the local remote options
+        shutil.copy2(self._ws(slot) / "tether.lock", self._ws2(slot) / "tether.lock")
+
+    def mirror(self, slot: Slot) -> Path | None:
+        return None  # content-addressed: checked by check_remote, and by every pull byte for byte
+
+    def check_remote(self, slot: Slot, files: int) -> str | None:
+        root = slot.remote.local_path()
+        if root is None:
+            return None
+        lock = tomllib.loads((self._ws(slot) / "tether.lock").read_text())
+        snapshot = lock["datasets"][slot.dataset_id]["snapshot"]
+        record = root / "snapshots" / slot.dataset_id / f"{snapshot}.json"
+        if not record.is_file():
+            return f"snapshot {snapshot[:12]} named by tether.lock is not on the remote ({record})"
+        objects = sum(len(names) for _d, _s, names in os.walk(root / "objects"))
+        return None if objects >= files else f"remote holds {objects} objects, expected at least {files}"
 
 
 # -- rsync and cp -------------------------------------------------------------------------------
@@ -614,6 +655,7 @@ class ToolOptions:
 def make_tool(name: str, opts: ToolOptions) -> Tool:
     factories = {
         "tether": lambda: TetherTool(opts.tether, opts.tether_jobs),
+        "tether-v": lambda: TetherVersionedTool(opts.tether, opts.tether_jobs),
         "rsync": lambda: RsyncTool(),
         "cp": lambda: CpTool(),
         "dvc": lambda: DvcTool(opts.dvc),
@@ -628,5 +670,16 @@ def make_tool(name: str, opts: ToolOptions) -> Tool:
     return factories[name]()
 
 
-KNOWN_TOOLS = ("tether", "rsync", "cp", "dvc", "rclone", "ssh-cat", "obstore-mp", "rsync+sync", "cp+sync")
+KNOWN_TOOLS = (
+    "tether",
+    "tether-v",
+    "rsync",
+    "cp",
+    "dvc",
+    "rclone",
+    "ssh-cat",
+    "obstore-mp",
+    "rsync+sync",
+    "cp+sync",
+)
 DEFAULT_TOOLS = ("tether", "rsync", "cp", "dvc", "rclone", "ssh-cat", "obstore-mp")
