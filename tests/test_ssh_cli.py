@@ -319,3 +319,36 @@ def test_remote_test_on_a_local_remote(ws: WorkspaceFixture, tether) -> None:
     r = tether("remote", "test", "store", cwd=ws.root)
     assert r.exit_code == 0, r.output
     assert "PASS  base folder" in r.stdout and "write permission" in r.stdout
+
+
+def test_link_cut_mid_pull_resumes_the_large_file(
+    hpc: WorkspaceFixture, tmp_path: Path, sshd: SshServer, tether
+) -> None:
+    """A pull of a large file over a link that drops: exit 5, nothing torn locally, and the
+    rerun moves only the rest (the partial in staging is resumed, not refetched)."""
+    data = os.urandom(70 * 1024 * 1024)  # above the 64 MiB resume threshold
+    hpc.write("big.bin", data)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    ws2 = make_workspace(tmp_path, "ws2", hpc.remote_dir)
+    for relay_cut in (30 * 1024 * 1024, None):
+        relay = Relay(sshd.port)
+        try:
+            config = sshd.client_config(tmp_path / f"relay_config_{relay.port}", port=relay.port)
+            add_remote(ws2.root, "far", f"ssh://{HOST}{hpc.remote_dir}", sshd.options(config))
+            if relay_cut is not None:
+                relay.cut_after_down(relay_cut)
+            r = run_subprocess(["pull", DS, "far", "-y"], cwd=ws2.root)
+        finally:
+            relay.close()
+        if relay_cut is not None:
+            _clean_error(r, ExitCode.UNREACHABLE, "lost the connection")
+            sshd.wait_sessions_closed()
+            assert not (ws2.data / DS / "big.bin").exists()
+            (part,) = [p for p in ws2.workspace().staging_dir.rglob("*.part")]
+            have = part.stat().st_size
+            assert 0 < have < len(data)
+        else:
+            assert r.exit_code == 0, r.output
+            assert relay.bytes_down < len(data) - have + 8 * 1024 * 1024  # only the rest crossed
+    assert (ws2.data / DS / "big.bin").read_bytes() == data
+    _no_temp_files(ws2.root / "data")
