@@ -942,20 +942,26 @@ def _valid_items(items: Sequence[TransferItem], on_done: OnDone) -> list[Transfe
     return valid
 
 
-def _prefix_digest(path: Path, n: int) -> str | None:
+def _hash_prefix(path: Path, n: int) -> tuple[int, Any]:
+    """(bytes read, SHA-256 state) over the first ``n`` bytes of a local file (fewer if shorter)."""
     hasher = hashlib.sha256()
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        while done < n:
+            chunk = f.read(min(CHUNK, n - done))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            done += len(chunk)
+    return done, hasher
+
+
+def _prefix_digest(path: Path, n: int) -> str | None:
     try:
-        with open(path, "rb", buffering=0) as f:
-            left = n
-            while left:
-                chunk = f.read(min(CHUNK, left))
-                if not chunk:
-                    return None
-                hasher.update(chunk)
-                left -= len(chunk)
+        done, hasher = _hash_prefix(path, n)
     except OSError:
         return None
-    return hasher.hexdigest()
+    return hasher.hexdigest() if done == n else None
 
 
 class _PutStream:
@@ -1280,11 +1286,7 @@ def _partial_prefix(item: TransferItem) -> tuple[int, Any]:
     if not 0 < have < item.size:  # cannot be a proper prefix: start over
         part.unlink(missing_ok=True)
         return 0, None
-    hasher = hashlib.sha256()
-    with open(part, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            hasher.update(chunk)
-    return have, hasher
+    return _hash_prefix(part, have)
 
 
 _TEMP_TAG = secrets.token_hex(4)

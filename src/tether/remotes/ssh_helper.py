@@ -176,18 +176,19 @@ class Conn:
 
 
 # -- paths --------------------------------------------------------------------------------------
-def prefix_sha256(f, n: int) -> str:
-    """SHA-256 of the first ``n`` bytes of an open file."""
+def hash_prefix(f, n: int) -> tuple:
+    """(bytes read, SHA-256 state) over the first ``n`` bytes of an open file (fewer if it is
+    shorter): resumable uploads continue the state, resumable downloads compare its digest."""
     h = hashlib.sha256()
     f.seek(0)
-    left = n
-    while left:
-        chunk = f.read(min(CHUNK, left))
+    done = 0
+    while done < n:
+        chunk = f.read(min(CHUNK, n - done))
         if not chunk:
             break
         h.update(chunk)
-        left -= len(chunk)
-    return h.hexdigest()
+        done += len(chunk)
+    return done, h
 
 
 def error_info(exc: BaseException, rel: str = "") -> dict:
@@ -496,16 +497,8 @@ class Helper:
                 have = min(os.lstat(part).st_size, size)
             except FileNotFoundError:
                 continue
-            hasher = hashlib.sha256()
             with open(part, "rb") as f:
-                left = have
-                while left:
-                    chunk = f.read(min(CHUNK, left))
-                    if not chunk:
-                        break
-                    hasher.update(chunk)
-                    left -= len(chunk)
-            have -= left
+                have, hasher = hash_prefix(f, have)
             self.parts[part] = (have, hasher)
             out[rel] = [have, hasher.hexdigest()]
         return {"parts": out}
@@ -676,7 +669,7 @@ class Helper:
         try:
             f = open(self.base.parent_ok(rel, False), "rb", buffering=0)  # noqa: SIM115 (closed below)
             st = os.fstat(f.fileno())
-            if offset and (offset >= st.st_size or prefix_sha256(f, offset) != prefix_digest):
+            if offset and (offset >= st.st_size or hash_prefix(f, offset)[1].hexdigest() != prefix_digest):
                 offset = 0  # the client's partial is not a prefix of this file: send it all
             f.seek(offset)
         except BaseException as exc:
