@@ -211,6 +211,18 @@ def test_mirror_only_options_are_refused(vws: WorkspaceFixture, tether: Tether) 
         r = tether("push", DS, "store", *args, cwd=vws.root)
         assert r.exit_code == 2, r.output
         assert "only applies to mirror remotes" in r.stderr
+    # Dataset-fidelity options would be ignored on a versioned remote: refused, never silent.
+    for command, args in [
+        ("push", ["--verify", "parquet"]),
+        ("pull", ["--primary-only"]),
+        ("push", ["--skip-snapshots"]),
+        ("pull", ["--no-verify-sidecars"]),
+        ("diff", ["--skip", "_derived"]),
+        ("push", ["--strict-id"]),
+    ]:
+        r = tether(command, DS, "store", *args, cwd=vws.root)
+        assert r.exit_code == 2, r.output
+        assert f"{args[0]}: only for mirror remotes" in r.stderr, r.stderr
 
 
 # -- checkout: link types, read-only cache, --force -----------------------------------------------

@@ -506,6 +506,17 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _refuse_mirror_only(**given: bool) -> None:
+    """Dataset-fidelity options act on mirror remotes; on a versioned one they would be ignored,
+    and an option that cannot be honoured is an error, never a silent no-op."""
+    used = [f"--{name.replace('_', '-')}" for name, on in given.items() if on]
+    if used:
+        raise UsageError(
+            f"{', '.join(used)}: only for mirror remotes; this remote is versioned",
+            hint="A versioned push or pull moves a whole snapshot, verified by SHA-256; drop the option.",
+        )
+
+
 def _selection(
     *,
     dataset_id: str | None,
@@ -567,6 +578,12 @@ def diff(
         cli_versioned.diff_revisions(state, target, remote_name, rev2, **common)
         return
     if cli_versioned.is_versioned(remote_name):
+        _refuse_mirror_only(
+            primary_only=selection["primary_only"],
+            skip=bool(selection["skip"]),
+            skip_snapshots=selection["skip_snapshots"],
+            strict_id=selection["strict_id"],
+        )
         cli_versioned.diff_remote(
             state, target, remote_name, skip_symlinks=selection["skip_symlinks"], **common
         )
@@ -662,6 +679,14 @@ def _sync_command(direction: str) -> Callable[..., None]:
         **selection: Any,
     ) -> None:
         if cli_versioned.is_versioned(remote_name):
+            _refuse_mirror_only(
+                verify=verify != "sha256",
+                primary_only=selection["primary_only"],
+                skip=bool(selection["skip"]),
+                skip_snapshots=selection["skip_snapshots"],
+                no_verify_sidecars=selection["no_verify_sidecars"],
+                strict_id=selection["strict_id"],
+            )
             cli_versioned.sync_command(
                 direction,
                 state,
