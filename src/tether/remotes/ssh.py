@@ -1182,9 +1182,7 @@ class _GetStream:
         self.unread = n  # payload bytes still in the stream: skipped on a local error
         tmp = _temp_sibling(final)
         try:
-            if final.parent not in self.made:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self.made.add(final.parent)
+            self._make_parent(final)
             hasher = hashlib.sha256()
             if n <= SMALL:
                 data = self.ch.read_exact(n)
@@ -1214,13 +1212,24 @@ class _GetStream:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             self.ch.skip(self.unread)  # keep the stream in step
-            error = os_error_to_tether(exc, final)
-            if isinstance(error, (DiskFullError, RemotePermissionError)):
-                raise error from exc  # a full local disk will not fix itself for the next file
-            return error
+            return self._local_error(exc, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def _make_parent(self, final: Path) -> None:
+        if final.parent not in self.made:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.made.add(final.parent)
+
+    @staticmethod
+    def _local_error(exc: OSError, final: Path) -> BaseException:
+        """The item's error; a full local disk or a permission problem ends the whole run (it
+        will not fix itself for the next file)."""
+        error = os_error_to_tether(exc, final)
+        if isinstance(error, (DiskFullError, RemotePermissionError)):
+            raise error from exc
+        return error
 
     def _pour(self, dst: BinaryIO, n: int, hasher: Any) -> None:
         """Move the next ``n`` payload bytes into ``dst``, hashing them; ``self.unread`` says how
@@ -1242,9 +1251,7 @@ class _GetStream:
         have, prefix = self.partials[item.path]
         self.unread = n
         try:
-            if final.parent not in self.made:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                self.made.add(final.parent)
+            self._make_parent(final)
             if offset and offset != have:
                 part.unlink(missing_ok=True)
                 self.ch.skip(self.unread)
@@ -1264,10 +1271,7 @@ class _GetStream:
             return None
         except OSError as exc:
             self.ch.skip(self.unread)
-            error = os_error_to_tether(exc, final)
-            if isinstance(error, (DiskFullError, RemotePermissionError)):
-                raise error from exc
-            return error
+            return self._local_error(exc, final)
 
 
 def _partial_path(item: TransferItem) -> Path:
