@@ -10,6 +10,7 @@ again within the same clock tick, so such an entry is not trusted and is hashed 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tether.errors import StalePlanError
 from tether.manifest import DEFAULT_ALGORITHM, Entry
@@ -28,6 +29,9 @@ RACY_WINDOW_NS = 50_000_000  # 50 ms: well above the mtime granularity of common
 # One table per digest kind, same key and rules. MD5 is only ever compared with an object store's
 # plain ETag (foreign prefixes, tether.foreign); it never names content in a manifest.
 TABLES = {"sha256": "digests_v2", "md5": "md5_v1"}
+COLUMNS = "path, inode, size, mtime_ns, ctime_ns, digest, hashed_at_ns"
+IN_CHUNK = 500  # paths per `WHERE path IN (...)`: well under sqlite's bound-parameter limit
+Row = Sequence[Any]  # COLUMNS, in order: path, inode, size, mtime_ns, ctime_ns, digest, hashed_at_ns
 
 
 def new_hasher(algorithm: str = DEFAULT_ALGORITHM) -> hashlib._Hash:
@@ -62,6 +66,7 @@ class HashCache:
 
     def __init__(self, db_path: Path | None) -> None:
         self._lock = threading.Lock()
+        self._json = True  # sqlite has its JSON functions (see _select)
         self._pending: dict[str, list[tuple[str, int, int, int, int, str, int]]] = {t: [] for t in TABLES}
         if db_path is None:
             self._db = sqlite3.connect(":memory:", check_same_thread=False)
@@ -96,31 +101,80 @@ class HashCache:
                     raise
                 time.sleep(0.1)  # back off while the other connection finishes its set-up
 
-    def get_many(self, keys: Sequence[tuple[int | str, ...]], *, kind: str = "sha256") -> dict[str, str]:
-        """Digests for the (path, inode, size, mtime_ns[, ctime_ns]) keys that hit and are not racy."""
+    def get_many(
+        self, keys: Sequence[tuple[int | str, ...]], *, kind: str = "sha256", prefix: str = ""
+    ) -> dict[str, str]:
+        """Digests for the (path, inode, size, mtime_ns[, ctime_ns]) keys that hit and are not racy.
+
+        ``prefix`` (a dataset's cache prefix, ending in "/") only changes how rows are read, never
+        the answer: many keys under it are read as one ordered range of the primary key instead
+        of a lookup per path (see ``_rows_in_range``); keys outside it are looked up one by one.
+        """
         table = TABLES[kind]
-        found: dict[str, str] = {}
+        paths = [str(k[0]) for k in keys]
         with self._lock:
-            rows = {}
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
-                    f"SELECT path, inode, size, mtime_ns, ctime_ns, digest, hashed_at_ns FROM {table} "
-                    f"WHERE path IN ({marks})",
-                    [k[0] for k in chunk],
-                ):
-                    rows[row[0]] = row
-        for key in keys:
-            path, inode, size, mtime_ns = key[:4]
-            ctime_ns = key[4] if len(key) > 4 else 0
-            row = rows.get(path)
-            if row is None or (row[1], row[2], row[3], row[4]) != (inode, size, mtime_ns, ctime_ns):
-                continue
-            if mtime_ns >= row[6] - RACY_WINDOW_NS:  # type: ignore[operator]
-                continue  # racy: written too close to when it was hashed
-            found[path] = row[5]  # type: ignore[index]
-        return found
+            if prefix.endswith("/") and len(paths) > IN_CHUNK:
+                inside = [p for p in paths if p.startswith(prefix)]
+                rows = self._rows_in_range(table, prefix, inside)
+                if len(inside) < len(paths):
+                    rows.update(self._rows_for(table, [p for p in paths if not p.startswith(prefix)]))
+            else:
+                rows = self._rows_for(table, paths)
+        return _hits(keys, rows)
+
+    def _rows_for(self, table: str, paths: Sequence[str]) -> dict[str, Row]:
+        """Rows by primary-key lookups, IN_CHUNK paths per query."""
+        rows: dict[str, Row] = {}
+        for start in range(0, len(paths), IN_CHUNK):
+            chunk = paths[start : start + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row in self._select(f"FROM {table} WHERE path IN ({marks})", chunk):
+                rows[row[0]] = row
+        return rows
+
+    def _rows_in_range(self, table: str, prefix: str, paths: Sequence[str]) -> dict[str, Row]:
+        """Rows whose path starts with ``prefix`` (which ends in "/"): one pass over the primary
+        key's index instead of a descent per path (20,000 keys, rows stepped one by one: 43 ms
+        instead of 60 ms).
+
+        The range is [prefix, prefix with "/" bumped to "0"): sqlite compares TEXT as UTF-8 bytes
+        and "0" follows "/", so "/a/b/x" is inside and "/a/bc/x" or "/a/b.x" are not. When the
+        cache holds far more under the prefix than was asked (a one-folder target of a large
+        dataset), reading stops after about two rows per path and the paths past the last row
+        read are looked up one by one instead, so the cost stays bounded by the request.
+        """
+        budget = 2 * len(paths) + IN_CHUNK
+        got = self._select(
+            f"FROM {table} WHERE path >= ? AND path < ? ORDER BY path LIMIT ?",
+            (prefix, prefix[:-1] + "0", budget),
+        )
+        rows = {row[0]: row for row in got}
+        if len(got) == budget:  # stopped early: str order is UTF-8 byte order, sqlite's order
+            last = got[-1][0]
+            rows.update(self._rows_for(table, [p for p in paths if p > last]))
+        return rows
+
+    def _select(self, query: str, args: Sequence[object]) -> list[Row]:
+        """The COLUMNS of ``SELECT ... {query}``, as one JSON text built inside sqlite.
+
+        Python's sqlite3 releases the GIL around every row step, and while another thread is
+        busy in Python (``scan_both`` parses the remote index during the local lookup) each
+        release can wait up to the 5 ms switch interval to get it back: 20,000 rows stepped
+        took 0.07-0.3 s in a no-op diff (0.04 s alone), and 6-16 s beside a pure-Python loop.
+        One aggregate row is one release: 0.05 s alone, 0.06-0.11 s beside that loop. Without
+        sqlite's JSON functions (before 3.38, or built without them) rows are stepped.
+        """
+        if self._json:
+            try:
+                (text,) = self._db.execute(
+                    f"SELECT json_group_array(json_array({COLUMNS})) FROM (SELECT * {query})", args
+                ).fetchone()
+                return json.loads(text)  # type: ignore[no-any-return]
+            except sqlite3.OperationalError as exc:
+                if "no such function" not in str(exc):
+                    raise
+                self._json = False
+        return self._db.execute(f"SELECT {COLUMNS} {query}", args).fetchall()
 
     def put(
         self,
@@ -152,6 +206,23 @@ class HashCache:
     def close(self) -> None:
         self.flush()
         self._db.close()
+
+
+def _hits(keys: Sequence[tuple[int | str, ...]], rows: dict[str, Row]) -> dict[str, str]:
+    """The keys whose row matches in every field and was not hashed racily close to its mtime."""
+    found: dict[str, str] = {}
+    get = rows.get
+    for key in keys:
+        row = get(key[0])  # type: ignore[arg-type]
+        if row is None:
+            continue
+        mtime_ns = key[3]
+        if (row[1], row[2], row[3], row[4]) != (key[1], key[2], mtime_ns, key[4] if len(key) > 4 else 0):
+            continue
+        if mtime_ns >= row[6] - RACY_WINDOW_NS:  # type: ignore[operator]
+            continue  # racy: written too close to when it was hashed
+        found[row[0]] = row[5]
+    return found
 
 
 ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
@@ -190,7 +261,7 @@ def hash_entries(
     """
     entries = list(entries)
     keys = [(cache_prefix + e.path, e.inode, e.size, e.mtime_ns, e.ctime_ns) for e in entries]
-    known = {} if force else cache.get_many(keys)
+    known = {} if force else cache.get_many(keys, prefix=cache_prefix)
     digests: list[str | None] = [known.get(k[0]) for k in keys]
     todo = [i for i, d in enumerate(digests) if d is None]
     if on_hashed and len(todo) < len(entries):
