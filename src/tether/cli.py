@@ -15,25 +15,13 @@ import tomllib
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape as esc
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.progress import (
-    Progress as RichBars,
-)
-from rich.table import Table
 
-from tether import cli_versioned, sync
+from tether import sync
 from tether._version import __version__
 from tether.config import (
     COMMAND_OPTIONS,
@@ -51,6 +39,14 @@ from tether.remotes import parse_url
 from tether.report import diff_json, human_bytes, sync_json, sync_summary_lines
 from tether.scan import scan_tree
 from tether.workspace import Workspace, check_remote_name
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+# Imported where used, not here: every command pays for what this module imports at start-up,
+# and a no-op `diff` is meant to answer in well under a second. tether.cli_versioned (with
+# tether.versioned, ~30 ms) loads only for versioned remotes and their commands (_TetherGroup,
+# _is_versioned); rich.progress and rich.table (~10 ms) only when bars or a table are drawn.
 
 MAX_LISTED = 40
 
@@ -78,6 +74,15 @@ class BarsProgress(Progress):
     """rich bars on stderr: files, bytes, rate and ETA per stage."""
 
     def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichBars
+
         self.bars = RichBars(
             TextColumn("{task.description:<18}"),
             BarColumn(),
@@ -154,6 +159,8 @@ STATUS_STYLE = {
 def _render_changes(changes: Sequence[Change], action_of: Callable[[Change], str], show_all: bool) -> None:
     if not changes:
         return
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
     table.add_column("status")
     table.add_column("action")
@@ -254,7 +261,41 @@ EXIT_CODES_HELP = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+class _TetherGroup(click.Group):
+    """The top-level group; it adds the versioned-only commands (commit, fetch, checkout, log,
+    gc, verify) the first time click looks past the built-in ones: listing commands (``--help``)
+    or a name that is not built in. A mirror ``diff``/``push``/``pull`` never imports them."""
+
+    _versioned_added = False
+
+    def _add_versioned(self) -> None:
+        if not self._versioned_added:
+            self._versioned_added = True
+            from tether import cli_versioned
+
+            cli_versioned.register(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_versioned()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self._versioned_added:
+            self._add_versioned()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+
+def _is_versioned(remote_name: str) -> bool:
+    """True when REMOTE is configured with ``layout = "versioned"`` (as
+    ``cli_versioned.is_versioned``, without importing it for every mirror remote)."""
+    return Workspace.find().remote(remote_name).layout == "versioned"
+
+
+@click.group(
+    cls=_TetherGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP
+)
 @click.version_option(__version__, prog_name="tether")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings.")
@@ -460,6 +501,8 @@ def list_datasets() -> None:
     if not datasets:
         out.print(f"No datasets under {ws.data_root}.", markup=False)
         return
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     table.add_column("dataset")
     table.add_column("files", justify="right")
@@ -575,9 +618,13 @@ def diff(
         "show_all": show_all,
     }
     if rev2 is not None:
+        from tether import cli_versioned
+
         cli_versioned.diff_revisions(state, target, remote_name, rev2, **common)
         return
-    if cli_versioned.is_versioned(remote_name):
+    if _is_versioned(remote_name):
+        from tether import cli_versioned
+
         _refuse_mirror_only(
             primary_only=selection["primary_only"],
             skip=bool(selection["skip"]),
@@ -678,7 +725,9 @@ def _sync_command(direction: str) -> Callable[..., None]:
         show_all: bool,
         **selection: Any,
     ) -> None:
-        if cli_versioned.is_versioned(remote_name):
+        if _is_versioned(remote_name):
+            from tether import cli_versioned
+
             _refuse_mirror_only(
                 verify=verify != "sha256",
                 primary_only=selection["primary_only"],
@@ -791,8 +840,6 @@ def lock_break(target: str, remote_name: str, force: bool) -> None:
         "no lock to break" if record is None else f"broke the lock of {record.describe()}", highlight=False
     )
 
-
-cli_versioned.register(cli)  # commit, fetch, checkout, log, gc, verify
 
 GLOBAL_FLAGS = ("--debug", "-q", "--quiet")
 
