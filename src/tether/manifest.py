@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple
@@ -29,6 +29,13 @@ _HEX = re.compile(r"[0-9a-f]+")
 # (ETag pinned, MD5 where the ETag is one) and replaced by the SHA-256 of the bytes received. It
 # is never written into an index or a base (their parser refuses it).
 PROVISIONAL = "unverified:"
+
+
+# A file a push copies for the first time (absent from the remote and the base) is not hashed
+# before the copy: its local entry carries this stand-in until the copy, which reads the file
+# once, learns the digest (sync.scan_local, fileio.copy_verified). Like PROVISIONAL it never
+# equals a digest and is never written into an index or a base.
+UNHASHED = "unhashed:"
 
 
 def provisional_digest(etag: str | None, size: int) -> str:
@@ -94,6 +101,15 @@ class Manifest:
     def by_path(self) -> dict[str, Entry]:
         return {e.path: e for e in self.entries}
 
+    def with_digests(self, digests: Mapping[str, str]) -> Manifest:
+        """The same entries, with the digests a transfer learnt (stand-ins replaced)."""
+        if not digests:
+            return self
+        return Manifest(
+            [e._replace(digest=digests[e.path]) if e.path in digests else e for e in self.entries],
+            self.algorithm,
+        )
+
     def dumps(self, **header_extra: object) -> bytes:
         """Serialise as gzip JSON lines; ``mtime=0`` keeps the bytes reproducible.
 
@@ -108,6 +124,8 @@ class Manifest:
             "bytes": self.total_bytes,
             **header_extra,
         }
+        if any(e.digest == UNHASHED for e in self.entries):
+            raise ValueError("a manifest with digests not yet computed cannot be stored")
         encode = json.JSONEncoder(ensure_ascii=False).encode
         lines = [json.dumps(header, sort_keys=True)]
         lines += [

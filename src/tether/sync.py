@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,10 +39,11 @@ from tether.hashing import HashCache, hash_entries
 from tether.ledger import LedgerCheck, local_reader
 from tether.lock import Lease, break_lock, clear_dead_lock, local_flock, read_lock
 from tether.lock import LockRecord as LockRecord
-from tether.manifest import Entry, Manifest, ManifestFormatError, provisional_digest
+from tether.manifest import UNHASHED, Entry, Manifest, ManifestFormatError, provisional_digest
 from tether.paths import check_relpath
 from tether.plan import (
     Action,
+    Change,
     Direction,
     MaxDelete,
     Mode,
@@ -56,8 +57,8 @@ from tether.plan import (
 from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
-from tether.remotes.base import RemoteStat
-from tether.scan import ScanReport, scan_tree
+from tether.remotes.base import HashingUpload, RemoteStat
+from tether.scan import ScanReport, StatEntry, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
     VERIFY_MODES,
@@ -109,6 +110,9 @@ class Context:
     # A pull downloads foreign objects it needs anyway: it need not hash them first (see
     # manifest.PROVISIONAL); a push or diff does (the index and --json carry real digests).
     defer_foreign_hashing: bool = False
+    # Local files a push copies without hashing them first, with their scanned state (the copy
+    # hashes them and refuses a file no longer in this state): see scan_local.
+    unhashed: dict[str, StatEntry] = field(default_factory=dict)
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
@@ -222,7 +226,24 @@ def _scope(dataset: Dataset, profile: DatasetProfile, primary_only: bool, skip: 
 
 
 # -- scan both sides ----------------------------------------------------------------------------
-def scan_local(ctx: Context) -> Manifest:
+def scan_local(
+    ctx: Context,
+    *,
+    held_elsewhere: Callable[[], set[str]] | None = None,
+    arrived: Mapping[str, Entry] | None = None,
+) -> Manifest:
+    """The local tree with digests, from the hash cache where it vouches.
+
+    ``held_elsewhere`` (a push to a backend that hashes while it copies: see
+    remotes.base.HashingUpload) returns the paths the remote or the base hold. A file neither
+    holds is copied whatever its digest, so it is hashed while it is copied, not here: a first
+    push of 20,000 files reads each once instead of twice. Such entries carry
+    manifest.UNHASHED until then; their scanned state goes to ``ctx.unhashed``.
+
+    ``arrived`` holds the entries of files this run just downloaded and verified: found with
+    exactly that size and mtime, they take that digest without a read, and the hash cache
+    learns it under their new state.
+    """
     ds = ctx.dataset
     ctx.progress.stage("scanning local")
     stats = scan_tree(
@@ -233,12 +254,23 @@ def scan_local(ctx: Context) -> Manifest:
     )
     for link in ctx.scan_report.skipped_symlinks:
         ctx.progress.message(f"skipped symlink {link}")
-    ctx.progress.stage("hashing local", files=len(stats), bytes=sum(s.size for s in stats))
+    if held_elsewhere is not None:
+        # Ledgers are judged by their digests before planning (fidelity.check_ledgers).
+        held = held_elsewhere() | {ledger.path for ledger in ctx.profile.append_only}
+        ctx.unhashed = {st.path: st for st in stats if st.path not in held}
+    known: dict[str, str] = {}
+    if arrived:
+        landed = [st for st in stats if _landed_as(st, arrived.get(st.path))]
+        known = {st.path: arrived[st.path].digest for st in landed}
+        _remember_digests(ctx, ((st.path, st, known[st.path]) for st in landed))
+    skip = ctx.unhashed.keys() | known.keys()
+    to_hash = [st for st in stats if st.path not in skip] if skip else stats
+    ctx.progress.stage("hashing local", files=len(to_hash), bytes=sum(s.size for s in to_hash))
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
-        entries = hash_entries(
+        hashed = hash_entries(
             ds.path,
-            stats,
+            to_hash,
             cache,
             cache_prefix=f"{ds.path}/",
             jobs=HASH_THREADS,
@@ -247,7 +279,19 @@ def scan_local(ctx: Context) -> Manifest:
         )
     finally:
         cache.close()
-    return Manifest(entries)
+    if not skip:
+        return Manifest(hashed)
+    by_path = {e.path: e for e in hashed}
+    return Manifest(
+        [
+            by_path.get(st.path) or Entry(st.path, st.size, st.mtime_ns, known.get(st.path, UNHASHED))
+            for st in stats
+        ]
+    )
+
+
+def _landed_as(st: StatEntry, arrived: Entry | None) -> bool:
+    return arrived is not None and (st.size, st.mtime_ns) == (arrived.size, arrived.mtime_ns)
 
 
 def read_index(ctx: Context) -> Manifest | None:
@@ -365,19 +409,29 @@ def _compare_foreign(ctx: Context, unknown: list[RemoteStat]) -> tuple[list[Comp
     return compared, rest
 
 
-def scan_both(ctx: Context) -> tuple[Manifest, RemoteState]:
+def scan_both(ctx: Context, *, base: Manifest | None = None) -> tuple[Manifest, RemoteState]:
     """Both sides at once: the remote's listing is mostly waiting on the network (or the
-    cluster's disk) while the local scan is mostly this machine's, so they overlap well."""
+    cluster's disk) while the local scan is mostly this machine's, so they overlap well.
+
+    ``base`` (a push to a backend that hashes while it copies): files that neither the remote
+    nor the base holds are left unhashed, to be hashed by their copy (see scan_local).
+    """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-scan-remote") as pool:
         remote = pool.submit(scan_remote, ctx)
+
         try:
-            local = scan_local(ctx)
+            held = None if base is None else lambda: _held_paths(remote.result().manifest, base)
+            local = scan_local(ctx, held_elsewhere=held)
         except BaseException:
             remote.cancel()
             with contextlib.suppress(BaseException):
                 remote.result()  # let the remote scan end before the error leaves the context
             raise
         return local, remote.result()
+
+
+def _held_paths(remote: Manifest, base: Manifest) -> set[str]:
+    return {e.path for e in remote.entries} | {e.path for e in base.entries}
 
 
 def load_base(ctx: Context) -> Manifest:
@@ -561,7 +615,15 @@ def _run(
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
         if direction == Direction.PUSH:
             fidelity.require_local_primary(ctx)
-        local, remote_state = scan_both(ctx)
+        base = load_base(ctx)
+        # A first push to a backend that hashes while it copies reads each new file once.
+        copies_hashing = (
+            direction == Direction.PUSH
+            and not dry_run
+            and ctx.remote.capabilities.hash_on_write
+            and isinstance(ctx.remote, HashingUpload)
+        )
+        local, remote_state = scan_both(ctx, base=base if copies_hashing else None)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         ctx.comparisons = remote_state.comparisons
         if ctx.dataset.only is not None and not local.entries and not remote_m.entries:
@@ -578,7 +640,6 @@ def _run(
                 f"remote {ctx.remote_name!r} has no copy of {ctx.dataset.id!r}; nothing to pull"
             )
             return _finish(ctx, Plan(options), record, None, audit_out)
-        base = load_base(ctx)
         ledgers = fidelity.check_ledgers(ctx, local, remote_m, base)
         options = dataclasses.replace(options, ledgers=fidelity.growths(ledgers))
         plan = make_plan(local, remote_m, base, options)
@@ -665,6 +726,7 @@ def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification
 def _execute_push(
     ctx: Context, plan: Plan, local: Manifest, base: Manifest, lease: Lease
 ) -> tuple[BatchResult, VerifyReport]:
+    started_ns = time.time_ns()
     try:
         result = push_changes(
             ctx.remote,
@@ -673,10 +735,17 @@ def _execute_push(
             plan.changes,
             jobs=ctx.jobs,
             progress=ctx.progress,
+            unhashed=ctx.unhashed,
         )
     finally:
         # Whatever landed is durable before the index that lists it (invariants 1 and 2).
         ctx.remote.flush()
+    if result.resolved:  # files hashed while they were copied: their digests are known now
+        local = local.with_digests(result.resolved)
+        result.done = [_resolved_change(c, result.resolved) for c in result.done]
+        _remember_digests(
+            ctx, ((p, ctx.unhashed[p], d) for p, d in result.resolved.items()), hashed_at_ns=started_ns
+        )
     faults.checkpoint("before_index")
     fresh = {c.path: c.local for c in result.done if c.action == Action.UPLOAD and c.local}
     after = scan_remote(ctx, fresh=fresh)
@@ -702,38 +771,43 @@ def _execute_pull(
         jobs=ctx.jobs,
         progress=ctx.progress,
     )
-    if result.resolved:  # provisional digests of foreign objects, now known from their bytes
-        remote_m = Manifest(
-            [e._replace(digest=result.resolved.get(e.path, e.digest)) for e in remote_m.entries],
-            remote_m.algorithm,
-        )
-    _remember_digests(ctx, result)
+    # provisional digests of foreign objects, now known from their bytes
+    remote_m = remote_m.with_digests(result.resolved)
     faults.checkpoint("before_base")
-    local_after = scan_local(ctx)
+    # Promoted files were hashed on arrival: the scan takes their digests instead of rereading.
+    arrived = {
+        c.path: c.remote._replace(digest=result.resolved.get(c.path, c.remote.digest))
+        for c in result.done
+        if c.action == Action.DOWNLOAD and c.remote is not None
+    }
+    local_after = scan_local(ctx, arrived=arrived)
     save_base(ctx, local_after, remote_m, base)
     return result, fidelity.verify_run(ctx, result.done, local_after, remote_m)
 
 
-def _remember_digests(ctx: Context, result: BatchResult) -> None:
-    """Promoted files were hashed on arrival: seed the cache so the next scan never rereads them."""
+def _resolved_change(change: Change, digests: dict[str, str]) -> Change:
+    digest = digests.get(change.path)
+    if digest is None or change.local is None:
+        return change
+    return dataclasses.replace(change, local=change.local._replace(digest=digest))
+
+
+def _remember_digests(
+    ctx: Context, known: Iterable[tuple[str, StatEntry, str]], *, hashed_at_ns: int | None = None
+) -> None:
+    """Put digests this run learnt from the bytes it copied into the hash cache, keyed by the
+    file state they were computed from."""
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
-        for change in result.done:
-            if change.action != Action.DOWNLOAD or change.remote is None:
-                continue
-            digest = result.resolved.get(change.path, change.remote.digest)
-            path = ctx.dataset.path / change.path
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
+        for path, st, digest in known:
             cache.put(
-                f"{ctx.dataset.path}/{change.path}",
-                st.st_ino,
-                st.st_size,
-                st.st_mtime_ns,
+                f"{ctx.dataset.path}/{path}",
+                st.inode,
+                st.size,
+                st.mtime_ns,
                 digest,
-                ctime_ns=st.st_ctime_ns,
+                hashed_at_ns,
+                ctime_ns=st.ctime_ns,
             )
     finally:
         cache.close()

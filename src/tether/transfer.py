@@ -12,7 +12,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +25,22 @@ from tether.errors import (
     TetherError,
     VerificationError,
 )
-from tether.fileio import syncfs
+from tether.fileio import Prefetcher, ensure_dir, syncfs
 from tether.hashing import digest_file
 from tether.manifest import Entry, parse_provisional
 from tether.plan import Action, Change
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, ErrorKind, Remote, TransferItem
+from tether.remotes.base import (
+    SMALL_FILE_BYTES,
+    BatchTransfers,
+    ErrorKind,
+    HashingUpload,
+    Remote,
+    TransferItem,
+)
+from tether.scan import StatEntry
 
+SourceOf = Callable[[Change], Path | None]  # the local file a change reads, if it reads one
 WHOLE_RUN_FAILURES = (DiskFullError, RemotePermissionError, RemoteUnavailable)
 RETRIES = 3
 
@@ -101,20 +110,26 @@ def _run_parallel(
     jobs: int,
     progress: Progress,
     result: BatchResult,
+    source: SourceOf | None = None,
 ) -> None:
     """Workers pull from one shared iterator: O(n) bookkeeping for 20,000 files (a future per
-    file waited on as a set costs O(n) per wakeup), and a whole-run failure stops them all."""
+    file waited on as a set costs O(n) per wakeup), and a whole-run failure stops them all.
+
+    ``source`` names the local file each change reads, if any: a single worker copying small
+    files then has them read ahead of it (see fileio.Prefetcher)."""
     if not items:
         return
     queue = iter(items)
     lock = threading.Lock()
     stop = threading.Event()
     fatal: list[BaseException] = []
+    ahead = Prefetcher([source(c) for c in items] if source is not None and jobs <= 1 else [])
 
     def worker() -> None:
         while not stop.is_set():
             with lock:
                 change = next(queue, None)
+            ahead.consumed()
             if change is None:
                 return
             try:
@@ -132,7 +147,8 @@ def _run_parallel(
             progress.advance(files=1)
 
     if jobs <= 1:
-        worker()  # one worker: no thread, no hand-offs of the GIL per file
+        with ahead:
+            worker()  # one worker: no thread, no hand-offs of the GIL per file
         if fatal:
             raise fatal[0]
         return
@@ -192,6 +208,7 @@ def _run_by_size(
     jobs: int,
     progress: Progress,
     result: BatchResult,
+    source: SourceOf | None = None,
 ) -> None:
     """Large files with ``jobs`` workers, then small ones with the backend's small-file setting."""
     small_jobs = remote.capabilities.small_file_jobs
@@ -201,7 +218,7 @@ def _run_by_size(
     large = [c for c in items if c.bytes >= SMALL_FILE_BYTES]
     small = [c for c in items if c.bytes < SMALL_FILE_BYTES]
     _run_parallel(large, work, jobs=jobs, progress=progress, result=result)
-    _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result)
+    _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result, source=source)
 
 
 def _item(remote_path: str, local_path: Path, entry: Entry | None) -> TransferItem:
@@ -210,7 +227,7 @@ def _item(remote_path: str, local_path: Path, entry: Entry | None) -> TransferIt
     return TransferItem(remote_path, local_path, entry.size, entry.digest, entry.mtime_ns)
 
 
-def _source_changed(path: Path, entry: Entry) -> bool:
+def _source_changed(path: str | Path, entry: Entry) -> bool:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -226,21 +243,52 @@ def push_changes(
     *,
     jobs: int,
     progress: Progress = NO_PROGRESS,
+    unhashed: Mapping[str, StatEntry] | None = None,
 ) -> BatchResult:
-    """Upload and delete on the remote; each upload is verified before its rename."""
+    """Upload and delete on the remote; each upload is verified before its rename.
+
+    ``unhashed`` maps paths whose local digest is not known yet (manifest.UNHASHED) to their
+    scanned state; the backend (a HashingUpload) hashes them as it copies them, and the digests
+    learnt land in ``result.resolved``.
+    """
     changes = list(changes)
     result = BatchResult()
+    unhashed = unhashed or {}
+    if unhashed and not isinstance(remote, HashingUpload):
+        raise TypeError(f"{remote!r} cannot upload files whose digest is not known yet")
+    resolved_lock = threading.Lock()
     uploads = [c for c in changes if c.action == Action.UPLOAD]
     deletes = [c for c in changes if c.action == Action.DELETE_REMOTE]
 
     def on_bytes(n: int) -> None:
         progress.advance(bytes=n)
 
+    root = os.fspath(local_root)
+
     def upload(change: Change) -> None:
         assert change.local is not None
-        source = local_root / change.path
+        source = f"{root}/{change.path}"
         if _source_changed(source, change.local):
             raise StalePlanError(f"{change.path} changed locally after it was scanned")
+        state = unhashed.get(change.path)
+        if state is not None:
+            got: list[str] = []
+            _with_retries(
+                remote,
+                lambda: got.append(
+                    remote.put_file_hashing(  # type: ignore[attr-defined]
+                        source,
+                        f"{dataset_id}/{change.path}",
+                        expect=state,
+                        mtime_ns=state.mtime_ns,
+                        on_bytes=on_bytes,
+                    )
+                ),
+            )
+            with resolved_lock:
+                result.resolved[change.path] = got[-1]
+            faults.checkpoint("uploaded")
+            return
         try:
             _with_retries(
                 remote,
@@ -286,7 +334,15 @@ def push_changes(
             result=result,
         )
     else:
-        _run_by_size(uploads, upload, remote=remote, jobs=jobs, progress=progress, result=result)
+        _run_by_size(
+            uploads,
+            upload,
+            remote=remote,
+            jobs=jobs,
+            progress=progress,
+            result=result,
+            source=lambda c: f"{root}/{c.path}",
+        )
     if deletes:
         progress.stage("deleting on remote", files=len(deletes))
         for change in deletes:
@@ -327,13 +383,17 @@ def pull_changes(
 
     reuse_lock = threading.Lock()
 
-    def staged_path(change: Change) -> Path:
-        return staging / change.path
+    staging_s = os.fspath(staging)
+    # Nothing can be staged from an earlier run if there is no staging folder: skip the look.
+    may_reuse = os.path.isdir(staging_s)
+
+    def staged_path(change: Change) -> str:
+        return f"{staging_s}/{change.path}"
 
     def download(change: Change) -> None:
         assert change.remote is not None
         target = staged_path(change)
-        if _staged_ok(target, change.remote):
+        if may_reuse and _staged_ok(target, change.remote):
             with reuse_lock:
                 result.reused += 1
             on_bytes(change.remote.size)
@@ -344,7 +404,7 @@ def pull_changes(
             lambda: got.append(
                 remote.get_file(
                     f"{dataset_id}/{change.path}",
-                    target,
+                    Path(target),
                     digest=change.remote.digest,  # type: ignore[union-attr]
                     mtime_ns=change.remote.mtime_ns,  # type: ignore[union-attr]
                     on_bytes=on_bytes,
@@ -363,7 +423,7 @@ def pull_changes(
         todo = []
         for change in downloads:
             assert change.remote is not None
-            if _staged_ok(staged_path(change), change.remote):
+            if may_reuse and _staged_ok(staged_path(change), change.remote):
                 result.reused += 1
                 result.done.append(change)
                 on_bytes(change.remote.size)
@@ -378,7 +438,7 @@ def pull_changes(
 
         _run_batch(
             todo,
-            lambda c: _item(f"{dataset_id}/{c.path}", staged_path(c), c.remote),
+            lambda c: _item(f"{dataset_id}/{c.path}", Path(staged_path(c)), c.remote),
             remote.get_many,
             on_bytes=on_bytes,
             after=after_download,
@@ -386,7 +446,16 @@ def pull_changes(
             result=result,
         )
     else:
-        _run_by_size(downloads, download, remote=remote, jobs=jobs, progress=progress, result=result)
+        local_file = getattr(remote, "local_file", None)  # a remote on this machine's disks
+        _run_by_size(
+            downloads,
+            download,
+            remote=remote,
+            jobs=jobs,
+            progress=progress,
+            result=result,
+            source=None if local_file is None else lambda c: local_file(f"{dataset_id}/{c.path}"),
+        )
     if result.failed:
         # Promote nothing: the local dataset stays exactly as it was. What arrived stays staged
         # (verified) for the next run, but none of it counts as done.
@@ -396,7 +465,7 @@ def pull_changes(
         return result
 
     # Re-check: a local file edited since the scan is never overwritten or deleted.
-    stale = [c.path for c in downloads + deletes if _local_changed(local_root / c.path, c.local)]
+    stale = [c.path for c in downloads + deletes if _local_changed(f"{local_root}/{c.path}", c.local)]
     if stale:
         raise StalePlanError(
             f"{len(stale)} local file(s) changed during the pull: {', '.join(stale[:5])}",
@@ -404,9 +473,10 @@ def pull_changes(
         )
     syncfs(staging)  # staged bytes are durable before they take their final names
     progress.stage("promoting", files=len(downloads) + len(deletes))
+    root = os.fspath(local_root)
     for change in downloads:
-        final = local_root / change.path
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final = f"{root}/{change.path}"
+        ensure_dir(os.path.dirname(final))
         os.replace(staged_path(change), final)
         faults.checkpoint("promoted")
         progress.advance(files=1)
@@ -423,27 +493,31 @@ def pull_changes(
     return result
 
 
-def _staged_ok(path: Path, entry: Entry) -> bool:
+def _staged_ok(path: str, entry: Entry) -> bool:
     """A staged file from an earlier run counts only if it is a plain file with the right bytes:
     a link or FIFO put into the staging folder is never promoted into the dataset."""
     try:
-        st = path.lstat()
+        st = os.lstat(path)
     except FileNotFoundError:
         return False
     if not stat.S_ISREG(st.st_mode):
-        path.unlink(missing_ok=True)
+        Path(path).unlink(missing_ok=True)
         return False
     if st.st_size != entry.size:
         return False
-    if digest_file(path) == entry.digest:
+    if digest_file(Path(path)) == entry.digest:
         return True
-    path.unlink(missing_ok=True)
+    Path(path).unlink(missing_ok=True)
     return False
 
 
-def _local_changed(path: Path, planned: Entry | None) -> bool:
+def _local_changed(path: str, planned: Entry | None) -> bool:
     if planned is None:
-        return path.exists() or path.is_symlink()
+        try:
+            os.lstat(path)  # one call: a file, a folder or even a dangling link is in the way
+        except FileNotFoundError:
+            return False
+        return True
     return _source_changed(path, planned)
 
 

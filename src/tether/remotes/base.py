@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from tether.paths import TEMP_MARKER, is_temp_name
+from tether.scan import StatEntry
 
 __all__ = [
     "TEMP_MARKER",
@@ -69,6 +70,9 @@ class Capabilities:
     # (measured: 20,000 files took 2.5x longer with 8 workers than with 1), while large files
     # still gain from overlapping hashing and I/O.
     small_file_jobs: int | None = None
+    # The backend offers ``put_file_hashing`` (see HashingUpload): a file never hashed before is
+    # hashed while it is copied, so a first push reads it once instead of twice.
+    hash_on_write: bool = False
 
 
 SMALL_FILE_BYTES = 1024 * 1024
@@ -155,3 +159,17 @@ class BatchTransfers(Protocol):
     def put_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...
 
     def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...
+
+
+@runtime_checkable
+class HashingUpload(Protocol):
+    """Optional: upload a file whose digest is not known yet, learning it from the copy.
+
+    Only for backends where the bytes pass through this process anyway (a local or mounted
+    path). The source must stay in the scanned state ``expect`` from open to last byte, or
+    nothing is promoted (StalePlanError); returns the SHA-256 of the bytes written.
+    """
+
+    def put_file_hashing(
+        self, source: Path, path: str, *, expect: StatEntry, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> str: ...

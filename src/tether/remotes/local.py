@@ -17,7 +17,7 @@ from tether.fileio import copy_verified, os_error_to_tether, syncfs, temp_siblin
 from tether.hashing import digest_file
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
 from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
-from tether.scan import scan_tree
+from tether.scan import StatEntry, scan_tree
 
 RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
 
@@ -63,10 +63,20 @@ class LocalRemote:
         # A network share pays a round trip per file, so small files need parallel workers
         # there; a local disk does better creating them one at a time.
         network = filesystem_type(root).startswith(NETWORK_FILESYSTEMS)
-        self.capabilities = Capabilities(parallel_connections=8, small_file_jobs=None if network else 1)
+        self.capabilities = Capabilities(
+            parallel_connections=8, small_file_jobs=None if network else 1, hash_on_write=True
+        )
 
     def _abs(self, path: str) -> Path:
         return self.root / check_relpath(path) if path else self.root
+
+    def _abs_str(self, path: str) -> str:
+        """_abs as a plain string, for the per-file transfer path."""
+        return os.path.join(self.root, check_relpath(path))
+
+    def local_file(self, path: str) -> str:
+        """Where a remote path lives on this machine (the transfer engine reads ahead there)."""
+        return self._abs_str(path)
 
     def check(self) -> None:
         if not self.root.exists():
@@ -122,7 +132,20 @@ class LocalRemote:
         self, source: Path, path: str, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
     ) -> None:
         copy_verified(
-            source, self._abs(path), digest=digest, mtime_ns=mtime_ns, label=path, on_bytes=on_bytes
+            source, self._abs_str(path), digest=digest, mtime_ns=mtime_ns, label=path, on_bytes=on_bytes
+        )
+
+    def put_file_hashing(
+        self, source: Path, path: str, *, expect: StatEntry, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> str:
+        return copy_verified(
+            source,
+            self._abs_str(path),
+            digest=None,
+            mtime_ns=mtime_ns,
+            label=path,
+            on_bytes=on_bytes,
+            expect=expect,
         )
 
     def get_file(
@@ -130,7 +153,7 @@ class LocalRemote:
     ) -> None:
         # dest is a staging path (see Remote.get_file): written in place, one rename fewer per file.
         copy_verified(
-            self._abs(path),
+            self._abs_str(path),
             dest,
             digest=digest,
             mtime_ns=mtime_ns,

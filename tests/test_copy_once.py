@@ -1,0 +1,213 @@
+"""A first push reads each new file once (hashed while copied); a pull's scan reuses the digests
+of what it just verified; the per-file copy path keeps its no-torn-files rules."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import tether
+from conftest import Result, WorkspaceFixture
+from tether import faults
+from tether.errors import StalePlanError
+from tether.fileio import Prefetcher, copy_verified
+from tether.hashing import HashCache
+from tether.manifest import UNHASHED, Entry, Manifest
+from tether.scan import StatEntry, scan_tree
+from tether.sync import index_path
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _state(path: Path) -> StatEntry:
+    st = path.stat()
+    return StatEntry(path.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _cached(ws: WorkspaceFixture, dataset: str = "ns/ds") -> dict[str, str]:
+    """What the hash cache vouches for in the dataset's current state."""
+    root = ws.data / dataset
+    stats = scan_tree(root)
+    cache = HashCache(ws.workspace().hash_cache_path)
+    try:
+        hits = cache.get_many([(f"{root}/{s.path}", s.inode, s.size, s.mtime_ns, s.ctime_ns) for s in stats])
+    finally:
+        cache.close()
+    return {k[len(f"{root}/") :]: v for k, v in hits.items()}
+
+
+def _backdate(root: Path) -> None:
+    """Files written just now are racy (the cache rightly refuses to vouch for them)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(p.stat().st_mtime_ns - 10**10,) * 2)
+
+
+def _index(ws: WorkspaceFixture, dataset: str = "ns/ds") -> dict[str, str]:
+    data = (ws.remote_dir / index_path(dataset)).read_bytes()
+    return {e.path: e.digest for e in Manifest.loads(data).entries}
+
+
+# -- copy_verified without a digest ---------------------------------------------------------------
+def test_copy_without_digest_returns_the_digest_of_the_bytes_written(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 3_000_000)  # several chunks
+    got = copy_verified(
+        src, tmp_path / "out/dst.bin", digest=None, mtime_ns=123, label="dst", expect=_state(src)
+    )
+    assert got == _sha(src.read_bytes())
+    assert (tmp_path / "out/dst.bin").read_bytes() == src.read_bytes()
+    assert (tmp_path / "out/dst.bin").stat().st_mtime_ns == 123
+
+
+def test_copy_without_digest_refuses_a_source_changed_since_the_scan(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"old")
+    scanned = _state(src)
+    src.write_bytes(b"new!")
+    with pytest.raises(StalePlanError, match="after it was scanned"):
+        copy_verified(src, tmp_path / "dst.bin", digest=None, mtime_ns=None, label="dst", expect=scanned)
+    assert sorted(os.listdir(tmp_path)) == ["src.bin"]  # no final name, no temporary left
+
+
+def test_copy_without_digest_refuses_a_source_written_during_the_copy(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"a" * 2_500_000)
+    scanned = _state(src)
+
+    appended: list[int] = []
+
+    def writer(_n: int) -> None:
+        if not appended:  # a job appends once while we read
+            appended.append(_n)
+            with open(src, "ab") as f:
+                f.write(b"more")
+
+    with pytest.raises(StalePlanError, match="while it was copied"):
+        copy_verified(
+            src,
+            tmp_path / "dst.bin",
+            digest=None,
+            mtime_ns=None,
+            label="dst",
+            expect=scanned,
+            on_bytes=writer,
+        )
+    assert sorted(os.listdir(tmp_path)) == ["src.bin"]
+
+
+def test_copy_without_digest_needs_the_scanned_state(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x")
+    with pytest.raises(ValueError):
+        copy_verified(src, tmp_path / "dst.bin", digest=None, mtime_ns=None, label="dst")
+    assert not (tmp_path / "dst.bin").exists()
+
+
+def test_in_place_copy_replaces_a_partial_file_and_a_planted_link(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    stage = tmp_path / "staging"
+    stage.mkdir()
+    (stage / "partial.bin").write_bytes(b"pay")
+    (stage / "link.bin").symlink_to(victim)
+    for name in ("partial.bin", "link.bin"):
+        copy_verified(src, stage / name, digest=_sha(b"payload"), mtime_ns=None, label=name, in_place=True)
+        assert not (stage / name).is_symlink()
+        assert (stage / name).read_bytes() == b"payload"
+    assert victim.read_bytes() == b"keep me"
+
+
+def test_unhashed_entries_are_never_stored() -> None:
+    with pytest.raises(ValueError):
+        Manifest([Entry("a", 1, 1, UNHASHED)]).dumps()
+
+
+# -- prefetcher ------------------------------------------------------------------------------------
+def test_prefetcher_tolerates_missing_files_and_an_early_stop(tmp_path: Path) -> None:
+    paths: list[str | Path | None] = []
+    for i in range(50):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x" * i)
+        paths += [p, None, tmp_path / f"missing{i}"]
+    with Prefetcher(paths, ahead=4) as ahead:
+        for _ in range(10):  # the copier stops early (a whole-run failure)
+            ahead.consumed()
+    assert not ahead._thread.is_alive()
+
+
+# -- through the CLI --------------------------------------------------------------------------------
+def test_first_push_records_real_digests_in_index_base_and_cache(
+    ws: WorkspaceFixture, tether: Callable[..., Result]
+) -> None:
+    files = {f"d{i % 3}/f{i}.bin": os.urandom(100 + i) for i in range(40)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    _backdate(ws.data)
+    r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    expected = {rel: _sha(data) for rel, data in files.items()}
+    assert _index(ws) == expected
+    base = ws.workspace().base_path("store", "ns/ds")
+    assert {e.path: e.digest for e in Manifest.loads(base.read_bytes()).entries} == expected
+    # The copy taught the cache: the next diff reads nothing.
+    assert _cached(ws) == expected
+    assert tether("diff", "ns/ds", "store", cwd=ws.root).exit_code == 0
+
+
+def test_file_written_during_its_first_push_is_not_promoted_and_the_rerun_converges(
+    ws: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = ws.write("a.bin", b"A" * 1000)
+    ws.write("b.bin", b"B" * 1000)
+    real = faults.checkpoint
+    appended: list[bool] = []
+
+    def append_once(name: str) -> None:
+        if name == "mid_file" and not appended:
+            appended.append(True)
+            with open(target, "ab") as f:
+                f.write(b"late")
+        real(name)
+
+    monkeypatch.setattr(faults, "checkpoint", append_once)
+    r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
+    assert r.exit_code == 3, r.output
+    assert "changed locally while it was copied" in r.output
+    assert not ws.remote_file("a.bin").exists()  # never promoted, nothing torn
+    assert ws.remote_file("b.bin").read_bytes() == b"B" * 1000
+    assert not [p for p in ws.remote_dir.rglob("*") if ".tether-tmp-" in p.name]
+    monkeypatch.setattr(faults, "checkpoint", real)
+    r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert ws.remote_file("a.bin").read_bytes() == b"A" * 1000 + b"late"
+    assert _index(ws) == {"a.bin": _sha(b"A" * 1000 + b"late"), "b.bin": _sha(b"B" * 1000)}
+
+
+def test_pull_reuses_the_digests_it_verified(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether: Callable[..., Result]
+) -> None:
+    files = {f"s/f{i}.txt": f"content {i}".encode() for i in range(30)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    _backdate(ws.data)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    r = tether("pull", "ns/ds", "store", "-y", cwd=ws2.root)
+    assert r.exit_code == 0, r.output
+    assert _cached(ws2) == {rel: _sha(data) for rel, data in files.items()}
+    assert tether("diff", "ns/ds", "store", cwd=ws2.root).exit_code == 0
+
+
+def test_dry_run_push_hashes_everything(ws: WorkspaceFixture) -> None:
+    """A dry run copies nothing, so it reports real digests (nothing is left unhashed)."""
+    ws.write("a.txt", "A")
+    result = tether.push("ns/ds", "store", workspace=ws.root, dry_run=True)
+    assert all(c.local is not None and c.local.digest == _sha(b"A") for c in result.plan.changes)
