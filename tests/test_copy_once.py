@@ -18,7 +18,7 @@ from tether.fileio import Prefetcher, copy_verified
 from tether.hashing import HashCache
 from tether.manifest import UNHASHED, Entry, Manifest
 from tether.scan import StatEntry, scan_tree
-from tether.sync import index_path
+from tether.sync import index_path, open_context, scan_remote
 
 
 def _sha(data: bytes) -> str:
@@ -211,3 +211,30 @@ def test_dry_run_push_hashes_everything(ws: WorkspaceFixture) -> None:
     ws.write("a.txt", "A")
     result = tether.push("ns/ds", "store", workspace=ws.root, dry_run=True)
     assert all(c.local is not None and c.local.digest == _sha(b"A") for c in result.plan.changes)
+
+
+def test_index_after_push_matches_a_fresh_listing(
+    ws: WorkspaceFixture, tether: Callable[..., Result]
+) -> None:
+    """The index a push writes (its pre-push listing plus what it did) vouches for exactly what
+    a new listing finds: uploads, replacements and mirror deletes, files left alone kept."""
+    for i in range(6):
+        ws.write(f"f{i}.txt", f"v1 {i}")
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    ws.write("f0.txt", "v2 changed")  # replaced
+    (ws.data / "ns/ds/f1.txt").unlink()  # deleted by mirror
+    ws.write("new/g.txt", "added")  # uploaded
+    r = tether("push", "ns/ds", "store", "-y", "--mode", "mirror", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    with open_context("ns/ds", "store", workspace=ws.root) as ctx:
+        state = scan_remote(ctx)
+    assert state.index_current
+    assert {e.path for e in state.manifest.entries} == {
+        "f0.txt",
+        "f2.txt",
+        "f3.txt",
+        "f4.txt",
+        "f5.txt",
+        "new/g.txt",
+    }
+    assert _index(ws)["f0.txt"] == _sha(b"v2 changed")

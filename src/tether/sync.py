@@ -681,7 +681,8 @@ def _run(
                 ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname
             ) as lease,
         ):
-            remote_now = scan_remote(ctx).manifest
+            state_now = scan_remote(ctx)
+            remote_now = state_now.manifest
             changed = remote_now.entries != remote_m.entries
             if changed and make_plan(local, remote_now, base, options).fingerprint() != plan.fingerprint():
                 raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
@@ -690,7 +691,7 @@ def _run(
             # -- execute, verify, record
             try:
                 if direction == Direction.PUSH:
-                    result, verification = _execute_push(ctx, plan, local, base, lease)
+                    result, verification = _execute_push(ctx, plan, local, base, lease, state_now)
                 else:
                     result, verification = _execute_pull(ctx, plan, remote_now, base)
             except TetherError as exc:
@@ -724,7 +725,7 @@ def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification
 
 
 def _execute_push(
-    ctx: Context, plan: Plan, local: Manifest, base: Manifest, lease: Lease
+    ctx: Context, plan: Plan, local: Manifest, base: Manifest, lease: Lease, before: RemoteState
 ) -> tuple[BatchResult, VerifyReport]:
     started_ns = time.time_ns()
     try:
@@ -747,14 +748,38 @@ def _execute_push(
             ctx, ((p, ctx.unhashed[p], d) for p, d in result.resolved.items()), hashed_at_ns=started_ns
         )
     faults.checkpoint("before_index")
-    fresh = {c.path: c.local for c in result.done if c.action == Action.UPLOAD and c.local}
-    after = scan_remote(ctx, fresh=fresh)
+    after = _state_after_push(ctx, before, result)
     remote_after = after.manifest
     lease.ensure_held()
     ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), after.index().dumps(dataset=ctx.dataset.id))
     faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)
     return result, fidelity.verify_run(ctx, result.done, local, remote_after)
+
+
+def _state_after_push(ctx: Context, before: RemoteState, result: BatchResult) -> RemoteState:
+    """The remote's state for the index this push writes.
+
+    Under the lock nothing but this run changed the remote since ``before`` was listed, so
+    where the backend keeps the mtimes we set (local, SSH) the new state is ``before`` with this
+    run's verified uploads and deletes applied: no second listing of 20,000 files. A file
+    changed behind our back later shows a size or mtime the index does not vouch for and is
+    rehashed by the next scan. Object stores stamp their own mtimes, which the index must
+    record, so there the remote is listed again.
+    """
+    done = [c for c in result.done if c.action in (Action.UPLOAD, Action.DELETE_REMOTE)]
+    if not ctx.remote.capabilities.preserves_mtime:
+        fresh = {c.path: c.local for c in done if c.action == Action.UPLOAD and c.local}
+        return scan_remote(ctx, fresh=fresh)
+    by_path = before.manifest.by_path()
+    for change in done:
+        if change.action == Action.DELETE_REMOTE:
+            by_path.pop(change.path, None)
+        elif change.local is not None:
+            by_path[change.path] = change.local
+    return RemoteState(
+        Manifest.from_entries(by_path.values()), True, False, before.unowned, before.comparisons
+    )
 
 
 def _execute_pull(
