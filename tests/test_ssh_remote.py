@@ -5,6 +5,7 @@ hostile names, symlinks on the remote, the helper on an old Python, and options.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import glob
 import hashlib
 import os
@@ -30,13 +31,16 @@ from tether.errors import (
     InvalidPath,
     RemoteUnavailable,
     ScanError,
+    StalePlanError,
     VerificationError,
 )
+from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER
 from tether.remotes import open_remote
 from tether.remotes import ssh as ssh_mod
 from tether.remotes.base import BatchTransfers, TransferItem
 from tether.remotes.ssh import PythonMissing, SshRemote
+from tether.scan import StatEntry
 
 HELPER = Path(ssh_mod.__file__).with_name("ssh_helper.py")
 HOSTILE = [
@@ -538,3 +542,43 @@ def test_shell_startup_chatter_before_the_helper_is_skipped(tmp_path: Path, sshd
         assert r.read_bytes("ds/x") == b"ok"
     finally:
         r.close()
+
+
+# -- small files sent before they were ever hashed (a first push) --------------------------------
+def _unhashed(item: TransferItem) -> TransferItem:
+    st = item.local.stat()
+    state = StatEntry(item.local.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    return dataclasses.replace(item, digest=UNHASHED, expect=state)
+
+
+def test_unhashed_small_files_are_hashed_as_sent_and_checked_on_arrival(
+    remote: SshRemote, tmp_path: Path
+) -> None:
+    items = [_item(tmp_path / "src", f"d/f{i}", os.urandom(100 + i), f"ds/d/f{i}") for i in range(20)]
+    learnt: dict[str, str] = {}
+    done: list[object] = []
+    remote.put_many(
+        [_unhashed(i) for i in items],
+        on_bytes=lambda n: None,
+        on_done=lambda i, e: done.append(e),
+        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
+    )
+    assert done == [None] * 20
+    assert learnt == {i.path: i.digest for i in items}
+    assert remote.hash_files([i.path for i in items]) == learnt
+
+
+def test_unhashed_file_changed_since_the_scan_is_not_sent(remote: SshRemote, tmp_path: Path) -> None:
+    good = _unhashed(_item(tmp_path / "src", "a", b"A" * 50, "ds/a"))
+    stale = _unhashed(_item(tmp_path / "src", "b", b"B" * 50, "ds/b"))
+    stale.local.write_bytes(b"C" * 60)  # a job rewrote it after the scan
+    big = _unhashed(_item(tmp_path / "src", "big", os.urandom(2 * 1024 * 1024), "ds/big"))
+    errors: dict[str, object] = {}
+    remote.put_many(
+        [good, stale, big], on_bytes=lambda n: None, on_done=lambda i, e: errors.__setitem__(i.path, e)
+    )
+    assert errors["ds/a"] is None
+    assert isinstance(errors["ds/b"], StalePlanError)
+    assert isinstance(errors["ds/big"], ValueError)  # only small files may travel unhashed
+    assert sorted(s.path for s in remote.list_files("ds")) == ["a"]
+    assert _temp_files(remote_root(remote)) == []

@@ -57,7 +57,7 @@ from tether.plan import (
 from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
-from tether.remotes.base import HashingUpload, RemoteStat
+from tether.remotes.base import RemoteStat
 from tether.scan import ScanReport, StatEntry, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
@@ -234,8 +234,8 @@ def scan_local(
 ) -> Manifest:
     """The local tree with digests, from the hash cache where it vouches.
 
-    ``held_elsewhere`` (a push to a backend that hashes while it copies: see
-    remotes.base.HashingUpload) returns the paths the remote or the base hold. A file neither
+    ``held_elsewhere`` (a push to a backend that hashes what it sends: see
+    Capabilities.hash_on_write_max) returns the paths the remote or the base hold. A file neither
     holds is copied whatever its digest, so it is hashed while it is copied, not here: a first
     push of 20,000 files reads each once instead of twice. Such entries carry
     manifest.UNHASHED until then; their scanned state goes to ``ctx.unhashed``.
@@ -257,7 +257,8 @@ def scan_local(
     if held_elsewhere is not None:
         # Ledgers are judged by their digests before planning (fidelity.check_ledgers).
         held = held_elsewhere() | {ledger.path for ledger in ctx.profile.append_only}
-        ctx.unhashed = {st.path: st for st in stats if st.path not in held}
+        limit = ctx.remote.capabilities.hash_on_write_max
+        ctx.unhashed = {st.path: st for st in stats if st.path not in held and st.size <= limit}
     known: dict[str, str] = {}
     if arrived:
         landed = [st for st in stats if _landed_as(st, arrived.get(st.path))]
@@ -616,12 +617,9 @@ def _run(
         if direction == Direction.PUSH:
             fidelity.require_local_primary(ctx)
         base = load_base(ctx)
-        # A first push to a backend that hashes while it copies reads each new file once.
+        # A first push to a backend that hashes what it sends reads each new file once.
         copies_hashing = (
-            direction == Direction.PUSH
-            and not dry_run
-            and ctx.remote.capabilities.hash_on_write
-            and isinstance(ctx.remote, HashingUpload)
+            direction == Direction.PUSH and not dry_run and ctx.remote.capabilities.hash_on_write_max
         )
         local, remote_state = scan_both(ctx, base=base if copies_hashing else None)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists

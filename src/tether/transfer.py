@@ -7,6 +7,7 @@ whole-run failures: a full disk or a permission problem will not fix itself for 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -221,10 +222,12 @@ def _run_by_size(
     _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result, source=source)
 
 
-def _item(remote_path: str, local_path: Path, entry: Entry | None) -> TransferItem:
+def _item(
+    remote_path: str, local_path: Path, entry: Entry | None, expect: StatEntry | None = None
+) -> TransferItem:
     """A batch item carrying the size, digest and mtime the bytes must have (the source side's)."""
     assert entry is not None
-    return TransferItem(remote_path, local_path, entry.size, entry.digest, entry.mtime_ns)
+    return TransferItem(remote_path, local_path, entry.size, entry.digest, entry.mtime_ns, expect)
 
 
 def _source_changed(path: str | Path, entry: Entry) -> bool:
@@ -254,7 +257,7 @@ def push_changes(
     changes = list(changes)
     result = BatchResult()
     unhashed = unhashed or {}
-    if unhashed and not isinstance(remote, HashingUpload):
+    if unhashed and not isinstance(remote, (HashingUpload, BatchTransfers)):
         raise TypeError(f"{remote!r} cannot upload files whose digest is not known yet")
     resolved_lock = threading.Lock()
     uploads = [c for c in changes if c.action == Action.UPLOAD]
@@ -324,10 +327,16 @@ def push_changes(
                 faults.checkpoint("uploaded")
             return error
 
+        skip = len(dataset_id) + 1
+
+        def learnt(item: TransferItem, digest: str) -> None:
+            with resolved_lock:
+                result.resolved[item.path[skip:]] = digest
+
         _run_batch(
             [c for c in uploads if c not in stale],
-            lambda c: _item(f"{dataset_id}/{c.path}", local_root / c.path, c.local),
-            remote.put_many,
+            lambda c: _item(f"{dataset_id}/{c.path}", local_root / c.path, c.local, unhashed.get(c.path)),
+            functools.partial(remote.put_many, on_digest=learnt) if unhashed else remote.put_many,
             on_bytes=on_bytes,
             after=after_upload,
             progress=progress,

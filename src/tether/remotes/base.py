@@ -43,9 +43,13 @@ class TransferItem:
     size: int
     digest: str
     mtime_ns: int
+    # With digest manifest.UNHASHED (puts only): the state the scan saw, which the source must
+    # still be in while it is read; the sender hashes what it sends and reports it (OnDigest).
+    expect: StatEntry | None = None
 
 
 OnDone = Callable[[TransferItem, BaseException | None], None]
+OnDigest = Callable[[TransferItem, str], None]
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,10 @@ class Capabilities:
     # (measured: 20,000 files took 2.5x longer with 8 workers than with 1), while large files
     # still gain from overlapping hashing and I/O.
     small_file_jobs: int | None = None
-    # The backend offers ``put_file_hashing`` (see HashingUpload): a file never hashed before is
-    # hashed while it is copied, so a first push reads it once instead of twice.
-    hash_on_write: bool = False
+    # Files up to this size may be uploaded before they were ever hashed: the backend hashes the
+    # bytes it sends (HashingUpload.put_file_hashing, or put_many items carrying
+    # manifest.UNHASHED and their scanned state), so a first push reads each file once. 0: never.
+    hash_on_write_max: int = 0
 
 
 SMALL_FILE_BYTES = 1024 * 1024
@@ -156,7 +161,14 @@ class BatchTransfers(Protocol):
     item's error. Only whole-run failures (connection lost, disk full, auth) are raised.
     """
 
-    def put_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...
+    def put_many(
+        self,
+        items: Sequence[TransferItem],
+        *,
+        on_bytes: OnBytes,
+        on_done: OnDone,
+        on_digest: OnDigest | None = None,
+    ) -> None: ...
 
     def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...
 

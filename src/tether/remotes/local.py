@@ -64,7 +64,7 @@ class LocalRemote:
         # there; a local disk does better creating them one at a time.
         network = filesystem_type(root).startswith(NETWORK_FILESYSTEMS)
         self.capabilities = Capabilities(
-            parallel_connections=8, small_file_jobs=None if network else 1, hash_on_write=True
+            parallel_connections=8, small_file_jobs=None if network else 1, hash_on_write_max=2**63
         )
 
     def _abs(self, path: str) -> Path:

@@ -47,13 +47,15 @@ from tether.errors import (
     RemotePermissionError,
     RemoteUnavailable,
     ScanError,
+    StalePlanError,
     TetherError,
     VerificationError,
 )
 from tether.fileio import os_error_to_tether
+from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
 from tether.remotes import ssh_helper
-from tether.remotes.base import Capabilities, ErrorKind, OnBytes, OnDone, RemoteStat, TransferItem
+from tether.remotes.base import Capabilities, ErrorKind, OnBytes, OnDigest, OnDone, RemoteStat, TransferItem
 
 if TYPE_CHECKING:
     from tether.config import RemoteConfig
@@ -676,6 +678,9 @@ class SshRemote:
         conditional_create=True,
         server_side_hashing=True,
         preserves_mtime=True,
+        # Small files are read whole before they are sent: hashing those bytes on the way makes
+        # a first push read each once (larger uploads name their resumable .part by digest).
+        hash_on_write_max=SMALL,
     )
 
     def __init__(self, url: str, settings: SshSettings) -> None:
@@ -892,7 +897,14 @@ class SshRemote:
             raise errors[0]
 
     # -- BatchTransfers ---------------------------------------------------------------------------
-    def put_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
+    def put_many(
+        self,
+        items: Sequence[TransferItem],
+        *,
+        on_bytes: OnBytes,
+        on_done: OnDone,
+        on_digest: OnDigest | None = None,
+    ) -> None:
         """Stream every file without waiting for per-file answers; see :class:`_PutStream`."""
         valid = _valid_items(items, on_done)
         if not valid:
@@ -900,7 +912,7 @@ class SshRemote:
         channel = self.bulk()
         with channel.lock:
             offsets = self._resume_points(channel, [i for i in valid if i.size >= RESUME_MIN])
-            _PutStream(self, channel, valid, offsets, on_bytes, on_done).run()
+            _PutStream(self, channel, valid, offsets, on_bytes, on_done, on_digest).run()
 
     def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
         """Ask for the whole list once; files stream back and are verified as they land."""
@@ -928,6 +940,19 @@ class SshRemote:
 
     def __repr__(self) -> str:
         return f"SshRemote({self.url!r})"
+
+
+def _check_state(f: BinaryIO, item: TransferItem) -> None:
+    """An unhashed file must be exactly as scanned while it is read (see TransferItem.expect)."""
+    st, want = os.fstat(f.fileno()), item.expect
+    assert want is not None
+    if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+        want.inode,
+        want.size,
+        want.mtime_ns,
+        want.ctime_ns,
+    ):
+        raise StalePlanError(f"{want.path} changed locally while it was sent", paths=[want.path])
 
 
 def _valid_items(items: Sequence[TransferItem], on_done: OnDone) -> list[TransferItem]:
@@ -981,9 +1006,10 @@ class _PutStream:
         offsets: dict[str, tuple[int, str]],
         on_bytes: OnBytes,
         on_done: OnDone,
+        on_digest: OnDigest | None = None,
     ) -> None:
         self.remote, self.ch, self.items, self.offsets = remote, channel, items, offsets
-        self.on_bytes, self.on_done = on_bytes, on_done
+        self.on_bytes, self.on_done, self.on_digest = on_bytes, on_done, on_digest
         self.pending: dict[int, TransferItem] = {}
         self.local_errors: dict[int, BaseException] = {}
         self.fatal: list[BaseException] = []
@@ -1057,10 +1083,18 @@ class _PutStream:
             }
             if resumable:
                 header.update(resumable=True, offset=offset, prefix_digest=prefix)
+            unhashed = item.digest == UNHASHED
+            if unhashed and (resumable or item.size > SMALL or item.expect is None):
+                self.done(item, ValueError(f"{item.path}: only small files are sent unhashed"))
+                return
             if not resumable and item.size <= SMALL:
                 try:
+                    if unhashed:
+                        _check_state(f, item)
                     data = f.read(item.size + 1)
-                except OSError as exc:
+                    if unhashed:
+                        _check_state(f, item)
+                except (OSError, StalePlanError) as exc:
                     self.done(item, exc)
                     return
                 if len(data) != item.size:
@@ -1068,6 +1102,10 @@ class _PutStream:
                         item, VerificationError(f"{item.path}: changed size while read", paths=[item.path])
                     )
                     return
+                if unhashed:  # the helper checks the bytes it receives against this digest
+                    header["digest"] = hashlib.sha256(data).hexdigest()
+                    if self.on_digest is not None:
+                        self.on_digest(item, header["digest"])
                 self.pending[rid] = item
                 self.ch.send(header, data, flush=False)
                 self.on_bytes(len(data))
