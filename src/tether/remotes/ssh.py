@@ -51,7 +51,7 @@ from tether.errors import (
     TetherError,
     VerificationError,
 )
-from tether.fileio import os_error_to_tether
+from tether.fileio import Prefetcher, os_error_to_tether
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
 from tether.remotes import ssh_helper
@@ -1031,11 +1031,15 @@ class _PutStream:
         reader = threading.Thread(target=self.read_acks, name="tether-ssh-acks", daemon=True)
         reader.start()
         broken = False
+        # Small files are read one after another: have the next ones read ahead (cold cache).
+        small = [i.local if i.size < RESUME_MIN else None for i in self.items]
         try:
-            for rid, item in enumerate(self.items, start=1):
-                if self.stop.is_set():
-                    break
-                self.send_item(rid, item)
+            with Prefetcher(small) as ahead:
+                for rid, item in enumerate(self.items, start=1):
+                    if self.stop.is_set():
+                        break
+                    ahead.consumed()
+                    self.send_item(rid, item)
             self.ch.send({"op": "barrier", "id": self.BARRIER})
         except (BrokenPipeError, ConnectionError, ValueError):
             broken = True  # the helper is gone; the reader reports why
