@@ -23,10 +23,12 @@ import tomlkit
 from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
 from s3servers import S3Server, ThrottlingProxy, get_server, unique_prefix
 from tether.config import RemoteConfig
-from tether.errors import LockHeld
+from tether.errors import LockHeld, StalePlanError
 from tether.lock import Lease
+from tether.manifest import Manifest
 from tether.remotes import open_remote
 from tether.remotes.objectstore_multipart import journals
+from tether.scan import StatEntry
 
 DS = "ns/ds"
 MiB = 1024 * 1024
@@ -463,3 +465,31 @@ def test_remote_test_on_object_stores(
     r = tether("remote", "test", "nobucket", cwd=ws.root)
     assert r.exit_code == 5, r.output
     assert "FAIL" in r.stdout
+
+
+def test_first_push_hashes_single_put_files_from_the_bytes_it_sends(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    """New files are read once (hashed as read, sent with that checksum); the index holds their
+    real digests and a file rewritten after the scan is refused, never sent half-known."""
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone)
+    files = _files(ws, 12)
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    stored = rclone.data_dir / rclone.bucket / prefix / DS  # type: ignore[operator]
+    index = Manifest.loads((stored / ".tether" / "index").read_bytes())
+    assert {e.path: e.digest for e in index.entries} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()
+    }
+    remote = _remote(rclone, prefix, tmp_path)
+    try:
+        source = ws.write("late.txt", "v1")
+        st = source.stat()
+        state = StatEntry("late.txt", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        source.write_text("v2, longer")  # rewritten after the scan
+        with pytest.raises(StalePlanError):
+            remote.put_file_hashing(source, f"{DS}/late.txt", expect=state, mtime_ns=st.st_mtime_ns)
+        assert not (stored / "late.txt").exists()
+    finally:
+        remote.close()

@@ -115,7 +115,7 @@ def copy_verified(
         src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if digest is None:
-                _check_source(src, expect, label, "after it was scanned")
+                check_source_state(src, expect, label, "after it was scanned")
             dst = _create(tmp, replace=in_place)
             try:
                 buffer = _buffer()
@@ -132,7 +132,7 @@ def copy_verified(
                         chunk = chunk[os.write(dst, chunk) :]
                 got = hasher.hexdigest()
                 if digest is None:
-                    _check_source(src, expect, label, "while it was copied")
+                    check_source_state(src, expect, label, "while it was copied")
                 elif got != digest:
                     raise VerificationError(
                         f"{label}: content hash mismatch (expected {digest[:12]}…, got {got[:12]}…)",
@@ -176,7 +176,9 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _check_source(fd: int, expect: StatEntry | None, label: str, when: str) -> None:
+def check_source_state(fd: int, expect: StatEntry | None, label: str, when: str) -> None:
+    """A file uploaded before it was ever hashed must be exactly as scanned while it is read:
+    its digest is then the one of the file the plan was made from (StalePlanError if not)."""
     if expect is None:
         raise ValueError("copy_verified without a digest needs the scanned state (expect=)")
     st = os.fstat(fd)

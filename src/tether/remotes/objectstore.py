@@ -52,7 +52,7 @@ from tether.errors import (
     TetherError,
     VerificationError,
 )
-from tether.fileio import temp_sibling
+from tether.fileio import check_source_state, temp_sibling
 from tether.foreign import plain_md5
 from tether.hashing import CHUNK
 from tether.manifest import parse_provisional
@@ -66,6 +66,7 @@ from tether.remotes.objectstore_config import (  # re-exported: the backend's pu
     make_store,
     resolve_credentials,
 )
+from tether.scan import StatEntry
 
 if TYPE_CHECKING:
     from tether.config import RemoteConfig
@@ -235,6 +236,8 @@ class ObjectStoreRemote:
             conditional_create=bool(settings.conditional_writes),
             server_side_hashing=False,
             preserves_mtime=False,
+            # Single-PUT files are read whole before they are sent: hash those bytes on the way.
+            hash_on_write_max=settings.multipart_threshold - 1,
         )
         self.notices: list[str] = []
         self._store = make_store(settings)
@@ -609,6 +612,24 @@ class ObjectStoreRemote:
             self._put(key, data)
         if on_bytes is not None:
             on_bytes(len(data))
+
+    def put_file_hashing(
+        self, source: Path, path: str, *, expect: StatEntry, mtime_ns: int, on_bytes: OnBytes | None = None
+    ) -> str:
+        """A single-PUT file never hashed before: hash the bytes read (the source exactly as
+        scanned), send them with that SHA-256 as their checksum, return it."""
+        if expect.size >= self.settings.multipart_threshold:
+            raise ValueError(f"{path}: only single-request uploads may be sent unhashed")
+        with self._budget.reserve(expect.size):
+            with open(source, "rb", buffering=0) as f:
+                check_source_state(f.fileno(), expect, path, "after it was scanned")
+                data = f.read()
+                check_source_state(f.fileno(), expect, path, "while it was read")
+            digest = hashlib.sha256(data).hexdigest()
+            self._put(self.key(path), data)
+        if on_bytes is not None:
+            on_bytes(len(data))
+        return digest
 
     def _put_resumable(
         self,

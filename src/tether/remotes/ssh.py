@@ -51,7 +51,7 @@ from tether.errors import (
     TetherError,
     VerificationError,
 )
-from tether.fileio import Prefetcher, os_error_to_tether
+from tether.fileio import Prefetcher, check_source_state, os_error_to_tether
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
 from tether.remotes import ssh_helper
@@ -942,19 +942,6 @@ class SshRemote:
         return f"SshRemote({self.url!r})"
 
 
-def _check_state(f: BinaryIO, item: TransferItem) -> None:
-    """An unhashed file must be exactly as scanned while it is read (see TransferItem.expect)."""
-    st, want = os.fstat(f.fileno()), item.expect
-    assert want is not None
-    if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
-        want.inode,
-        want.size,
-        want.mtime_ns,
-        want.ctime_ns,
-    ):
-        raise StalePlanError(f"{want.path} changed locally while it was sent", paths=[want.path])
-
-
 def _valid_items(items: Sequence[TransferItem], on_done: OnDone) -> list[TransferItem]:
     valid = []
     for item in items:
@@ -1094,10 +1081,10 @@ class _PutStream:
             if not resumable and item.size <= SMALL:
                 try:
                     if unhashed:
-                        _check_state(f, item)
+                        check_source_state(f.fileno(), item.expect, item.path, "after it was scanned")
                     data = f.read(item.size + 1)
                     if unhashed:
-                        _check_state(f, item)
+                        check_source_state(f.fileno(), item.expect, item.path, "while it was sent")
                 except (OSError, StalePlanError) as exc:
                     self.done(item, exc)
                     return
