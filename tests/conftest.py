@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tether.cli import main
+from tether.hashing import HashCache
+from tether.scan import scan_tree
 from tether.workspace import Workspace
 
 
@@ -127,3 +129,22 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
             path = Path(folder, name)
             out[path.relative_to(root).as_posix()] = (path.read_bytes(), path.stat().st_mtime_ns)
     return out
+
+
+def cached_digests(ws: WorkspaceFixture, dataset: str = "ns/ds") -> dict[str, str]:
+    """What the hash cache vouches for in the dataset's current state (path -> digest)."""
+    root = ws.data / dataset
+    stats = scan_tree(root)
+    cache = HashCache(ws.workspace().hash_cache_path)
+    try:
+        hits = cache.get_many([(f"{root}/{s.path}", s.inode, s.size, s.mtime_ns, s.ctime_ns) for s in stats])
+    finally:
+        cache.close()
+    return {k[len(f"{root}/") :]: v for k, v in hits.items()}
+
+
+def backdate(root: Path) -> None:
+    """Files written just now are racy (the hash cache rightly refuses to vouch for them)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(p.stat().st_mtime_ns - 10**10,) * 2)

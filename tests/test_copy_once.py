@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 
 import tether
-from conftest import Result, WorkspaceFixture
+from conftest import Result, WorkspaceFixture, backdate, cached_digests
 from tether import faults
 from tether.errors import StalePlanError
 from tether.fileio import Prefetcher, copy_verified
-from tether.hashing import HashCache
 from tether.manifest import UNHASHED, Entry, Manifest
-from tether.scan import StatEntry, scan_tree
+from tether.scan import StatEntry
 from tether.sync import index_path, open_context, scan_remote
 
 
@@ -28,25 +27,6 @@ def _sha(data: bytes) -> str:
 def _state(path: Path) -> StatEntry:
     st = path.stat()
     return StatEntry(path.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
-
-def _cached(ws: WorkspaceFixture, dataset: str = "ns/ds") -> dict[str, str]:
-    """What the hash cache vouches for in the dataset's current state."""
-    root = ws.data / dataset
-    stats = scan_tree(root)
-    cache = HashCache(ws.workspace().hash_cache_path)
-    try:
-        hits = cache.get_many([(f"{root}/{s.path}", s.inode, s.size, s.mtime_ns, s.ctime_ns) for s in stats])
-    finally:
-        cache.close()
-    return {k[len(f"{root}/") :]: v for k, v in hits.items()}
-
-
-def _backdate(root: Path) -> None:
-    """Files written just now are racy (the cache rightly refuses to vouch for them)."""
-    for p in root.rglob("*"):
-        if p.is_file():
-            os.utime(p, ns=(p.stat().st_mtime_ns - 10**10,) * 2)
 
 
 def _index(ws: WorkspaceFixture, dataset: str = "ns/ds") -> dict[str, str]:
@@ -151,7 +131,7 @@ def test_first_push_records_real_digests_in_index_base_and_cache(
     files = {f"d{i % 3}/f{i}.bin": os.urandom(100 + i) for i in range(40)}
     for rel, data in files.items():
         ws.write(rel, data)
-    _backdate(ws.data)
+    backdate(ws.data)
     r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
     assert r.exit_code == 0, r.output
     expected = {rel: _sha(data) for rel, data in files.items()}
@@ -159,7 +139,7 @@ def test_first_push_records_real_digests_in_index_base_and_cache(
     base = ws.workspace().base_path("store", "ns/ds")
     assert {e.path: e.digest for e in Manifest.loads(base.read_bytes()).entries} == expected
     # The copy taught the cache: the next diff reads nothing.
-    assert _cached(ws) == expected
+    assert cached_digests(ws) == expected
     assert tether("diff", "ns/ds", "store", cwd=ws.root).exit_code == 0
 
 
@@ -198,11 +178,11 @@ def test_pull_reuses_the_digests_it_verified(
     files = {f"s/f{i}.txt": f"content {i}".encode() for i in range(30)}
     for rel, data in files.items():
         ws.write(rel, data)
-    _backdate(ws.data)
+    backdate(ws.data)
     assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
     r = tether("pull", "ns/ds", "store", "-y", cwd=ws2.root)
     assert r.exit_code == 0, r.output
-    assert _cached(ws2) == {rel: _sha(data) for rel, data in files.items()}
+    assert cached_digests(ws2) == {rel: _sha(data) for rel, data in files.items()}
     assert tether("diff", "ns/ds", "store", cwd=ws2.root).exit_code == 0
 
 
