@@ -259,16 +259,14 @@ def scan_local(
         held = held_elsewhere() | {ledger.path for ledger in ctx.profile.append_only}
         limit = ctx.remote.capabilities.hash_on_write_max
         ctx.unhashed = {st.path: st for st in stats if st.path not in held and st.size <= limit}
-    known: dict[str, str] = {}
-    if arrived:
-        landed = [st for st in stats if _landed_as(st, arrived.get(st.path))]
-        known = {st.path: arrived[st.path].digest for st in landed}
-        _remember_digests(ctx, ((st.path, st, known[st.path]) for st in landed))
+    landed = [st for st in stats if _landed_as(st, arrived.get(st.path))] if arrived else []
+    known = {st.path: arrived[st.path].digest for st in landed} if arrived else {}
     skip = ctx.unhashed.keys() | known.keys()
     to_hash = [st for st in stats if st.path not in skip] if skip else stats
     ctx.progress.stage("hashing local", files=len(to_hash), bytes=sum(s.size for s in to_hash))
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
+        _remember_digests(ctx, cache, ((st.path, st, known[st.path]) for st in landed))
         hashed = hash_entries(
             ds.path,
             to_hash,
@@ -619,7 +617,7 @@ def _run(
         base = load_base(ctx)
         # A first push to a backend that hashes what it sends reads each new file once.
         copies_hashing = (
-            direction == Direction.PUSH and not dry_run and ctx.remote.capabilities.hash_on_write_max
+            direction == Direction.PUSH and not dry_run and ctx.remote.capabilities.hash_on_write_max > 0
         )
         local, remote_state = scan_both(ctx, base=base if copies_hashing else None)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
@@ -742,9 +740,12 @@ def _execute_push(
     if result.resolved:  # files hashed while they were copied: their digests are known now
         local = local.with_digests(result.resolved)
         result.done = [_resolved_change(c, result.resolved) for c in result.done]
-        _remember_digests(
-            ctx, ((p, ctx.unhashed[p], d) for p, d in result.resolved.items()), hashed_at_ns=started_ns
-        )
+        cache = HashCache(ctx.workspace.hash_cache_path)
+        try:
+            learnt = ((p, ctx.unhashed[p], d) for p, d in result.resolved.items())
+            _remember_digests(ctx, cache, learnt, hashed_at_ns=started_ns)
+        finally:
+            cache.close()
     faults.checkpoint("before_index")
     after = _state_after_push(ctx, before, result)
     remote_after = after.manifest
@@ -816,24 +817,24 @@ def _resolved_change(change: Change, digests: dict[str, str]) -> Change:
 
 
 def _remember_digests(
-    ctx: Context, known: Iterable[tuple[str, StatEntry, str]], *, hashed_at_ns: int | None = None
+    ctx: Context,
+    cache: HashCache,
+    known: Iterable[tuple[str, StatEntry, str]],
+    *,
+    hashed_at_ns: int | None = None,
 ) -> None:
     """Put digests this run learnt from the bytes it copied into the hash cache, keyed by the
     file state they were computed from."""
-    cache = HashCache(ctx.workspace.hash_cache_path)
-    try:
-        for path, st, digest in known:
-            cache.put(
-                f"{ctx.dataset.path}/{path}",
-                st.inode,
-                st.size,
-                st.mtime_ns,
-                digest,
-                hashed_at_ns,
-                ctime_ns=st.ctime_ns,
-            )
-    finally:
-        cache.close()
+    for path, st, digest in known:
+        cache.put(
+            f"{ctx.dataset.path}/{path}",
+            st.inode,
+            st.size,
+            st.mtime_ns,
+            digest,
+            hashed_at_ns,
+            ctime_ns=st.ctime_ns,
+        )
 
 
 def _finish_killed_run(ctx: Context, direction: Direction, remote_state: RemoteState) -> None:

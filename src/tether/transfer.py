@@ -36,12 +36,13 @@ from tether.remotes.base import (
     BatchTransfers,
     ErrorKind,
     HashingUpload,
+    LocalFiles,
     Remote,
     TransferItem,
 )
 from tether.scan import StatEntry
 
-SourceOf = Callable[[Change], Path | None]  # the local file a change reads, if it reads one
+SourceOf = Callable[[Change], str | Path | None]  # the local file a change reads, if it reads one
 WHOLE_RUN_FAILURES = (DiskFullError, RemotePermissionError, RemoteUnavailable)
 RETRIES = 3
 
@@ -455,7 +456,7 @@ def pull_changes(
             result=result,
         )
     else:
-        local_file = getattr(remote, "local_file", None)  # a remote on this machine's disks
+        local = remote if isinstance(remote, LocalFiles) else None  # read ahead where it is ours
         _run_by_size(
             downloads,
             download,
@@ -463,7 +464,7 @@ def pull_changes(
             jobs=jobs,
             progress=progress,
             result=result,
-            source=None if local_file is None else lambda c: local_file(f"{dataset_id}/{c.path}"),
+            source=None if local is None else lambda c: local.local_file(f"{dataset_id}/{c.path}"),
         )
     if result.failed:
         # Promote nothing: the local dataset stays exactly as it was. What arrived stays staged

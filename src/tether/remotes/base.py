@@ -185,3 +185,11 @@ class HashingUpload(Protocol):
     def put_file_hashing(
         self, source: Path, path: str, *, expect: StatEntry, mtime_ns: int, on_bytes: OnBytes | None = None
     ) -> str: ...
+
+
+@runtime_checkable
+class LocalFiles(Protocol):
+    """Optional: a remote whose files live on this machine's filesystems (a local or mounted
+    path), so the transfer engine can read them ahead of the copier (fileio.Prefetcher)."""
+
+    def local_file(self, path: str) -> str: ...
