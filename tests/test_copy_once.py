@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tether
-from conftest import Result, WorkspaceFixture, backdate, cached_digests
+from conftest import Result, WorkspaceFixture, backdate, cached_digests, rewrite_keeping_mtime
 from tether import faults
 from tether.errors import StalePlanError
 from tether.fileio import Prefetcher, copy_verified
@@ -218,3 +218,27 @@ def test_index_after_push_matches_a_fresh_listing(
         "new/g.txt",
     }
     assert _index(ws)["f0.txt"] == _sha(b"v2 changed")
+
+
+def test_rewrite_with_restored_mtime_during_a_first_push_is_refused(
+    ws: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the scan and the copy a tool rewrites a new file and restores its mtime: the
+    copy sees another ctime, so the unhashed file is not promoted (exit 3); the rerun sends it."""
+    target = ws.write("a.bin", b"A" * 500)
+    ws.write("b.bin", b"B" * 500)
+    real = faults.checkpoint
+
+    def at_lock(name: str) -> None:
+        if name == "locked":
+            rewrite_keeping_mtime(target)
+        real(name)
+
+    monkeypatch.setattr(faults, "checkpoint", at_lock)
+    r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
+    assert r.exit_code == 3, r.output
+    assert "a.bin changed locally after it was scanned" in r.output
+    assert not ws.remote_file("a.bin").exists()
+    monkeypatch.setattr(faults, "checkpoint", real)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    assert ws.remote_file("a.bin").read_bytes() == target.read_bytes()

@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Result, WorkspaceFixture, backdate, cached_digests, make_workspace, run_subprocess
+from conftest import (
+    Result,
+    WorkspaceFixture,
+    backdate,
+    cached_digests,
+    make_workspace,
+    rewrite_keeping_mtime,
+    run_subprocess,
+)
 from sshd import HOST, Relay, SshServer, add_remote, sshd_fixture  # noqa: F401
+from tether import faults
 from tether.config import RemoteConfig
 from tether.errors import ExitCode
 from tether.lock import Lease
@@ -370,3 +379,27 @@ def test_first_push_learns_digests_from_what_it_sends(
     assert {e.path: e.digest for e in index.entries} == expected
     assert cached_digests(hpc) == expected
     assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 0
+
+
+def test_rewrite_with_restored_mtime_during_a_first_push_is_not_sent(
+    hpc: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender checks the scanned state of a small unhashed file (ctime included) before it
+    reads it: a rewrite that kept size and mtime is refused (exit 3), and the rerun sends it."""
+    files = _files(hpc, 6)
+    target = hpc.data / DS / sorted(files)[0]
+    real = faults.checkpoint
+
+    def at_lock(name: str) -> None:
+        if name == "locked":
+            rewrite_keeping_mtime(target)
+        real(name)
+
+    monkeypatch.setattr(faults, "checkpoint", at_lock)
+    r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 3, r.output
+    assert "changed locally after it was scanned" in r.output
+    assert not (hpc.remote_dir / DS / sorted(files)[0]).exists()
+    monkeypatch.setattr(faults, "checkpoint", real)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    assert (hpc.remote_dir / DS / sorted(files)[0]).read_bytes() == target.read_bytes()
