@@ -1083,12 +1083,16 @@ def register(group: click.Group) -> None:
     )
     json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object (no bars).")
     all_opt = click.option("--all", "show_all", is_flag=True, help="List every path.")
+    rev_opt = click.option(
+        "--rev", help="Git revision whose tether.lock names the snapshot (default: the working tree)."
+    )
+    symlinks_opt = click.option("--skip-symlinks", is_flag=True, help="Leave symlinks out with a warning.")
 
     @group.command("commit")
     @click.argument("target")
     @click.option("-m", "--message", default="", help="What changed and why.")
     @id_opt
-    @click.option("--skip-symlinks", is_flag=True, help="Leave symlinks out with a warning.")
+    @symlinks_opt
     @click.option("--checksum", is_flag=True, help="Rehash every file (ignore the hash cache).")
     @json_opt
     @click.pass_obj
@@ -1099,9 +1103,7 @@ def register(group: click.Group) -> None:
     @group.command("fetch")
     @click.argument("target")
     @click.argument("remote_name", metavar="REMOTE")
-    @click.option(
-        "--rev", help="Git revision whose tether.lock names the snapshot (default: the working tree)."
-    )
+    @rev_opt
     @click.option("--all-branches", is_flag=True, help="Every branch tip's snapshot.")
     @click.option("--all-tags", is_flag=True, help="Every tag's snapshot.")
     @click.option("--all-commits", is_flag=True, help="Every commit's snapshot.")
@@ -1115,16 +1117,14 @@ def register(group: click.Group) -> None:
 
     @group.command("checkout")
     @click.argument("target")
-    @click.option(
-        "--rev", help="Git revision whose tether.lock names the snapshot (default: the working tree)."
-    )
+    @rev_opt
     @click.option(
         "--link", help="Link types to try in order: reflink,hardlink,symlink,copy (default reflink,copy)."
     )
     @click.option("--force", is_flag=True, help="Overwrite or delete uncommitted local changes.")
     @click.option("--dry-run", is_flag=True, help="Show what would change and stop.")
     @id_opt
-    @click.option("--skip-symlinks", is_flag=True, help="Leave symlinks out with a warning.")
+    @symlinks_opt
     @json_opt
     @all_opt
     @click.pass_obj
