@@ -186,6 +186,48 @@ def test_pull_reuses_the_digests_it_verified(
     assert tether("diff", "ns/ds", "store", cwd=ws2.root).exit_code == 0
 
 
+@pytest.mark.parametrize("fork_min", ["256", "1"], ids=["in-process", "forked"])
+def test_pull_records_the_base_a_fresh_scan_would_give(
+    ws: WorkspaceFixture,
+    ws2: WorkspaceFixture,
+    tether: Callable[..., Result],
+    monkeypatch: pytest.MonkeyPatch,
+    fork_min: str,
+) -> None:
+    """A pull derives the local state after it from its own scan plus what it promoted and
+    deleted, instead of walking the dataset again: the base and the cache it leaves must be the
+    ones a fresh walk would give (new, replaced and deleted files, a local-only file kept)."""
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", fork_min)
+    for i in range(12):
+        ws.write(f"s/f{i}.txt", f"v1 {i}")
+    ws.write("gone.txt", "to be deleted")
+    backdate(ws.data)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    assert tether("pull", "ns/ds", "store", "-y", cwd=ws2.root).exit_code == 0
+    ws.write("s/f3.txt", "v2 3, longer")
+    ws.write("new/n.txt", "brand new")
+    (ws.data / "ns/ds/gone.txt").unlink()
+    backdate(ws.data)
+    assert tether("push", "ns/ds", "store", "--mode", "mirror", "-y", cwd=ws.root).exit_code == 0
+    ws2.write("mine.txt", "local only: a mirror pull removes it")
+    backdate(ws2.data)
+
+    r = tether("pull", "ns/ds", "store", "--mode", "mirror", "--max-delete", "100%", "-y", cwd=ws2.root)
+    assert r.exit_code == 0, r.output
+    local = {p.relative_to(ws2.data / "ns/ds").as_posix(): p for p in (ws2.data / "ns/ds").rglob("*")}
+    files = {rel: _sha(p.read_bytes()) for rel, p in local.items() if p.is_file() and ".tether" not in rel}
+    assert "gone.txt" not in files and "mine.txt" not in files  # mirror: what the remote lacks goes
+    assert files["s/f3.txt"] == _sha(b"v2 3, longer")
+    base_path = ws2.workspace().base_path("store", "ns/ds")
+    base = {e.path: e for e in Manifest.loads(base_path.read_bytes()).entries}
+    assert {p: e.digest for p, e in base.items()} == files
+    for rel, entry in base.items():
+        st = (ws2.data / "ns/ds" / rel).stat()
+        assert (entry.size, entry.mtime_ns) == (st.st_size, st.st_mtime_ns), rel
+    assert cached_digests(ws2) == files
+    assert tether("diff", "ns/ds", "store", cwd=ws2.root).exit_code == 0
+
+
 def test_dry_run_push_hashes_everything(ws: WorkspaceFixture) -> None:
     """A dry run copies nothing, so it reports real digests (nothing is left unhashed)."""
     ws.write("a.txt", "A")

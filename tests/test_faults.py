@@ -351,6 +351,54 @@ def test_staging_of_an_interrupted_pull_does_not_linger(
     assert leftover == {}, f"{len(leftover)} staged file(s), {sum(map(len, leftover.values()))} bytes left"
 
 
+# -- the same kills with small files copied by forked worker processes -------------------------
+# Local disks copy many small files in worker processes (tether.forked); the datasets here are
+# below the size where that starts, so TETHER_FORK_MIN_FILES=1 makes these runs use them. A
+# checkpoint hit in a worker kills the whole run, and the workers die with it.
+FORKED = {"TETHER_FORK_MIN_FILES": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["before_rename:3", "mid_file:2", "uploaded:7", "before_index:1"])
+def test_forked_push_killed_then_rerun_converges(
+    ws: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch, spec: str
+) -> None:
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", "1")
+    dataset = ws.data / DS
+    write_tree(dataset, V1)
+    ok(tether, ws, MIRROR_PUSH)
+    write_tree(dataset, V2, V1)
+
+    r = run_subprocess(MIRROR_PUSH, cwd=ws.root, env={KILL: spec, **FORKED})
+    assert r.exit_code == -9, f"checkpoint {spec} was never reached (exit {r.exit_code}):\n{r.output}"
+
+    assert_whole(tree(ws.remote_dir / DS), V1, V2, f"remote after kill at {spec}")
+    assert_index_honest(ws)
+    ok(tether, ws, MIRROR_PUSH)
+    assert_converged(tether, ws, V2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["before_rename:2", "downloaded:4", "promoted:3", "before_base:1"])
+def test_forked_pull_killed_then_rerun_converges(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch, spec: str
+) -> None:
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", "1")
+    dataset = setup_pull(tether, ws, ws2)
+    before = snapshot(dataset)
+
+    r = run_subprocess(MIRROR_PULL, cwd=ws2.root, env={KILL: spec, **FORKED})
+    assert r.exit_code == -9, f"checkpoint {spec} was never reached (exit {r.exit_code}):\n{r.output}"
+
+    assert_whole(tree(dataset), V1, V2, f"local after kill at {spec}")
+    if not spec.startswith(("promoted", "before_base")):
+        assert snapshot(dataset) == before
+    ok(tether, ws2, MIRROR_PULL)
+    assert_tree_equal(tree(dataset), V2, "local after rerun")
+    assert temp_files(ws2.root) == []
+    assert tether("diff", DS, "store", cwd=ws2.root).exit_code == 0
+
+
 # -- full disk -----------------------------------------------------------------------------------
 def _mount_tmpfs(target: Path, size: str) -> str | None:
     try:
@@ -395,7 +443,11 @@ def remount(target: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(target)], check=True)
 
 
-def test_full_remote_disk_fails_clearly_and_rerun_converges(ws: WorkspaceFixture, tmpfs, tether) -> None:
+@pytest.mark.parametrize("fork_min", ["256", "1"], ids=["in-process", "forked"])
+def test_full_remote_disk_fails_clearly_and_rerun_converges(
+    ws: WorkspaceFixture, tmpfs, tether, monkeypatch: pytest.MonkeyPatch, fork_min: str
+) -> None:
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", fork_min)
     tmpfs(ws.remote_dir, "2m")
     dataset = ws.data / DS
     old = {f"small/s{i}.txt": f"small file {i}\n".encode() * 50 for i in range(5)}

@@ -19,6 +19,9 @@ _lock = threading.Lock()
 # Read once: checkpoints sit on the per-file path (tens of thousands of calls a run), and the
 # variable is only ever set in the environment a test starts tether with.
 _SPEC = os.environ.get(_ENV)
+# The run's own process: a checkpoint hit in a forked copying worker (tether.forked) kills the
+# run, not just that worker, whose siblings then die with their parent.
+_MAIN_PID = os.getpid()
 
 
 def checkpoint(name: str) -> None:
@@ -32,4 +35,6 @@ def checkpoint(name: str) -> None:
         _counts[name] = _counts.get(name, 0) + 1
         hit = _counts[name] == int(nth or 1)
     if hit:
+        if os.getpid() != _MAIN_PID:
+            os.kill(_MAIN_PID, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

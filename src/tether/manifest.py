@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import NamedTuple
 
 from tether.errors import InvalidPath, TetherError
@@ -126,11 +127,14 @@ class Manifest:
         }
         if any(e.digest == UNHASHED for e in self.entries):
             raise ValueError("a manifest with digests not yet computed cannot be stored")
-        encode = json.JSONEncoder(ensure_ascii=False).encode
+        # One f-string per entry with the C string escaper: 12 ms for 20,000 entries, against
+        # 60 ms for a dict and an encode() call each. Same bytes as json.dumps of
+        # {"path", "size", "mtime_ns", "digest"} in that order.
+        q = encode_basestring
         lines = [json.dumps(header, sort_keys=True)]
         lines += [
-            encode({"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns, "digest": e.digest})
-            for e in self.entries
+            f'{{"path": {q(p)}, "size": {size:d}, "mtime_ns": {mtime:d}, "digest": {q(d)}}}'
+            for p, size, mtime, d in self.entries
         ]
         try:
             text = ("\n".join(lines) + "\n").encode("utf-8")

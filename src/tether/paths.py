@@ -64,7 +64,7 @@ def sort_key(path: str) -> tuple[str, ...]:
 
 def is_temp_name(name: str) -> bool:
     """Temporary names tether writes before a rename; never listed as data."""
-    return TEMP_MARKER in name.rsplit("/", 1)[-1]
+    return TEMP_MARKER in name and TEMP_MARKER in name.rsplit("/", 1)[-1]
 
 
 def unsyncable_name_reason(path: str) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -279,6 +279,11 @@ def merge3(
     Each stream must be strictly increasing in manifest order; a repeated or out-of-order path
     (a damaged index) raises instead of turning into a phantom file that mirror would delete.
     """
+    streams = (local, remote, base)
+    present = [i for i, s in enumerate(streams) if not (isinstance(s, Sized) and len(s) == 0)]
+    if len(present) == 1:  # a first push or pull: one side only, no minimum to find per path
+        yield from _merge1(present[0], streams[present[0]])
+        return
     iters = [iter(local), iter(remote), iter(base)]
     heads: list[Entry | None] = [None, None, None]
     keys: list[tuple[str, ...] | None] = [None, None, None]
@@ -304,6 +309,24 @@ def merge3(
                 advance(i)
         path = next(e for e in row if e is not None).path
         yield path, row[0], row[1], row[2]
+
+
+def _merge1(
+    which: int, entries: Iterable[Entry]
+) -> Iterator[tuple[str, Entry | None, Entry | None, Entry | None]]:
+    """merge3 when only stream ``which`` holds entries (same checks, same rows)."""
+    previous: tuple[str, ...] | None = None
+    for entry in entries:
+        key = sort_key(entry.path)
+        if previous is not None and key <= previous:
+            raise ValueError(f"manifest not strictly sorted at {entry.path!r}")
+        previous = key
+        if which == 0:
+            yield entry.path, entry, None, None
+        elif which == 1:
+            yield entry.path, None, entry, None
+        else:
+            yield entry.path, None, None, entry
 
 
 @dataclass
@@ -438,6 +461,7 @@ def make_plan(
         plan.local_files = plan.remote_files = plan.unchanged_files = len(local.entries)
         plan.unchanged_bytes = sum(e.size for e in local.entries)
         return plan
+    decided: dict[tuple[Status, bool, bool], tuple[Action, str]] = {}  # decide is pure per run
     for path, lo, re_, ba in merge3(local, remote, base):
         plan.local_files += lo is not None
         plan.remote_files += re_ is not None
@@ -448,7 +472,10 @@ def make_plan(
             plan.unchanged_files += 1
             plan.unchanged_bytes += lo.size if lo else 0
             continue
-        action, reason = decide(status, options, local_exists=lo is not None, remote_exists=re_ is not None)
+        key = (status, lo is not None, re_ is not None)
+        if key not in decided:
+            decided[key] = decide(status, options, local_exists=key[1], remote_exists=key[2])
+        action, reason = decided[key]
         growth = options.ledgers.get(path) if lo is not None and re_ is not None else None
         if growth is not None:
             action, reason = decide_ledger(growth, options, lo, re_)  # type: ignore[arg-type]

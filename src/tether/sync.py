@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -122,8 +122,10 @@ class Context:
         both sides and kept in the remote index."""
         owned = self.workspace.ownership(self.dataset)
         in_scope = self.in_scope
+        whole = self.dataset.only is None and not self.scope.primary_only and not self.scope.skip
         if not self.profile.exclude:
-            return lambda rel: owned(rel) and in_scope(rel)
+            # Called for every file on both sides: skip the scope test when the run has none.
+            return owned if whole else lambda rel: owned(rel) and in_scope(rel)
         excluded = pathspec.GitIgnoreSpec.from_lines(self.profile.exclude)
         return lambda rel: owned(rel) and in_scope(rel) and not excluded.match_file(rel)
 
@@ -133,7 +135,7 @@ class Context:
             return rel == self.dataset.only
         if scope.primary_only:
             return rel == self.profile.primary
-        return not any(rel.startswith(f"{skipped}/") for skipped in scope.skip)
+        return not scope.skip or not rel.startswith(tuple(f"{skipped}/" for skipped in scope.skip))
 
     def remote_reader(self, rel: str) -> Callable[[int, int], bytes]:
         path = f"{self.dataset.id}/{rel}"
@@ -226,12 +228,7 @@ def _scope(dataset: Dataset, profile: DatasetProfile, primary_only: bool, skip: 
 
 
 # -- scan both sides ----------------------------------------------------------------------------
-def scan_local(
-    ctx: Context,
-    *,
-    held_elsewhere: Callable[[], set[str]] | None = None,
-    arrived: Mapping[str, Entry] | None = None,
-) -> Manifest:
+def scan_local(ctx: Context, *, held_elsewhere: Callable[[], set[str]] | None = None) -> Manifest:
     """The local tree with digests, from the hash cache where it vouches.
 
     ``held_elsewhere`` (a push to a backend that hashes what it sends: see
@@ -239,10 +236,6 @@ def scan_local(
     holds is copied whatever its digest, so it is hashed while it is copied, not here: a first
     push of 20,000 files reads each once instead of twice. Such entries carry
     manifest.UNHASHED until then; their scanned state goes to ``ctx.unhashed``.
-
-    ``arrived`` holds the entries of files this run just downloaded and verified: found with
-    exactly that size and mtime, they take that digest without a read, and the hash cache
-    learns it under their new state.
     """
     ds = ctx.dataset
     ctx.progress.stage("scanning local")
@@ -259,14 +252,11 @@ def scan_local(
         held = held_elsewhere() | {ledger.path for ledger in ctx.profile.append_only}
         limit = ctx.remote.capabilities.hash_on_write_max
         ctx.unhashed = {st.path: st for st in stats if st.path not in held and st.size <= limit}
-    landed = [st for st in stats if _landed_as(st, arrived.get(st.path))] if arrived else []
-    known = {st.path: arrived[st.path].digest for st in landed} if arrived else {}
-    skip = ctx.unhashed.keys() | known.keys()
+    skip = ctx.unhashed.keys()
     to_hash = [st for st in stats if st.path not in skip] if skip else stats
     ctx.progress.stage("hashing local", files=len(to_hash), bytes=sum(s.size for s in to_hash))
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
-        _remember_digests(ctx, cache, ((st.path, st, known[st.path]) for st in landed))
         hashed = hash_entries(
             ds.path,
             to_hash,
@@ -281,12 +271,7 @@ def scan_local(
     if not skip:
         return Manifest(hashed)
     by_path = {e.path: e for e in hashed}
-    return Manifest(
-        [
-            by_path.get(st.path) or Entry(st.path, st.size, st.mtime_ns, known.get(st.path, UNHASHED))
-            for st in stats
-        ]
-    )
+    return Manifest([by_path.get(st.path) or Entry(st.path, st.size, st.mtime_ns, UNHASHED) for st in stats])
 
 
 def _landed_as(st: StatEntry, arrived: Entry | None) -> bool:
@@ -450,7 +435,9 @@ def save_base(ctx: Context, local: Manifest, remote: Manifest, old_base: Manifes
     --primary-only, a file TARGET) keep their old base entry: a partial sync forgets nothing."""
     in_scope = [e for e in old_base.entries if ctx.keep(e.path)]
     untouched = [e for e in old_base.entries if not ctx.keep(e.path)]
-    new = Manifest.from_entries([*agreed_base(local, remote, in_scope), *untouched])
+    agreed = list(agreed_base(local, remote, in_scope))
+    # agreed_base merges in manifest order: only entries kept out of it need a sort.
+    new = Manifest.from_entries([*agreed, *untouched]) if untouched else Manifest(agreed)
     if new.entries == old_base.entries:
         return
     path = ctx.workspace.base_path(ctx.remote_name, ctx.dataset.id)
@@ -689,7 +676,7 @@ def _run(
                 if direction == Direction.PUSH:
                     result, verification = _execute_push(ctx, plan, local, base, lease, state_now)
                 else:
-                    result, verification = _execute_pull(ctx, plan, remote_now, base)
+                    result, verification = _execute_pull(ctx, plan, local, remote_now, base)
             except TetherError as exc:
                 record.state = "failed"
                 record.error = exc.message
@@ -734,18 +721,24 @@ def _execute_push(
             progress=ctx.progress,
             unhashed=ctx.unhashed,
         )
-    finally:
-        # Whatever landed is durable before the index that lists it (invariants 1 and 2).
-        ctx.remote.flush()
-    if result.resolved:  # files hashed while they were copied: their digests are known now
-        local = local.with_digests(result.resolved)
-        result.done = [_resolved_change(c, result.resolved) for c in result.done]
-        cache = HashCache(ctx.workspace.hash_cache_path)
-        try:
-            learnt = ((p, ctx.unhashed[p], d) for p, d in result.resolved.items())
-            _remember_digests(ctx, cache, learnt, hashed_at_ns=started_ns)
-        finally:
-            cache.close()
+    except BaseException:
+        ctx.remote.flush()  # what landed is durable before any later run's index lists it
+        raise
+    # Whatever landed is durable before the index that lists it (invariants 1 and 2). The flush
+    # waits on the disk (0.3 s after 20,000 small files), so the local bookkeeping of digests
+    # learnt while copying runs meanwhile; nothing below touches the remote until it is done.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-flush") as pool:
+        flushed = pool.submit(ctx.remote.flush)
+        if result.resolved:  # files hashed while they were copied: their digests are known now
+            local = local.with_digests(result.resolved)
+            result.done = [_resolved_change(c, result.resolved) for c in result.done]
+            cache = HashCache(ctx.workspace.hash_cache_path)
+            try:
+                learnt = ((p, ctx.unhashed[p], d) for p, d in result.resolved.items())
+                _remember_digests(ctx, cache, learnt, hashed_at_ns=started_ns)
+            finally:
+                cache.close()
+        flushed.result()
     faults.checkpoint("before_index")
     after = _state_after_push(ctx, before, result)
     remote_after = after.manifest
@@ -782,7 +775,7 @@ def _state_after_push(ctx: Context, before: RemoteState, result: BatchResult) ->
 
 
 def _execute_pull(
-    ctx: Context, plan: Plan, remote_m: Manifest, base: Manifest
+    ctx: Context, plan: Plan, local: Manifest, remote_m: Manifest, base: Manifest
 ) -> tuple[BatchResult, VerifyReport]:
     staging = _staging_dir(ctx)
     ctx.dataset.path.mkdir(parents=True, exist_ok=True)
@@ -798,22 +791,59 @@ def _execute_pull(
     # provisional digests of foreign objects, now known from their bytes
     remote_m = remote_m.with_digests(result.resolved)
     faults.checkpoint("before_base")
-    # Promoted files were hashed on arrival: the scan takes their digests instead of rereading.
-    arrived = {
-        c.path: c.remote._replace(digest=result.resolved.get(c.path, c.remote.digest))
-        for c in result.done
-        if c.action == Action.DOWNLOAD and c.remote is not None
-    }
-    local_after = scan_local(ctx, arrived=arrived)
+    local_after, arrived = _state_after_pull(local, result)
+    # Promoted files were hashed on arrival: the hash cache learns their digests under the state
+    # they have now (their inode and ctime after the rename), so the next scan rereads nothing.
+    cache = HashCache(ctx.workspace.hash_cache_path)
+    try:
+        landed = ((p, st, arrived[p].digest) for p, st in result.landed.items() if _landed_as(st, arrived[p]))
+        _remember_digests(ctx, cache, landed)
+    finally:
+        cache.close()
     save_base(ctx, local_after, remote_m, base)
     return result, fidelity.verify_run(ctx, result.done, local_after, remote_m)
 
 
+def _state_after_pull(local: Manifest, result: BatchResult) -> tuple[Manifest, dict[str, Entry]]:
+    """The local dataset after this pull, and the entries of the files it brought, without
+    walking the dataset again (a third of a second per 20,000 files): the scan the plan was
+    made from, with this run's promoted downloads and deletes applied.
+
+    Under the local lock no other tether run writes here, and promotion refused any file
+    edited since the scan. A file edited by someone else after that differs from the base this
+    run records, so the next plan sees it as changed locally, as it would have seen it anyway.
+    """
+    by_path = local.by_path()
+    arrived: dict[str, Entry] = {}
+    for change in result.done:
+        if change.action == Action.DELETE_LOCAL:
+            by_path.pop(change.path, None)
+        elif change.action == Action.DOWNLOAD and change.remote is not None:
+            entry = change.remote
+            digest = result.resolved.get(change.path)
+            if digest is not None:
+                entry = Entry(entry.path, entry.size, entry.mtime_ns, digest)
+            by_path[change.path] = arrived[change.path] = entry
+    if not result.done:
+        return local, arrived
+    return Manifest.from_entries(by_path.values()), arrived
+
+
 def _resolved_change(change: Change, digests: dict[str, str]) -> Change:
     digest = digests.get(change.path)
-    if digest is None or change.local is None:
+    local = change.local
+    if digest is None or local is None:
         return change
-    return dataclasses.replace(change, local=change.local._replace(digest=digest))
+    # Direct constructors: dataclasses.replace and _replace cost 0.1 s per 20,000 files.
+    return Change(
+        change.path,
+        change.status,
+        change.action,
+        Entry(local.path, local.size, local.mtime_ns, digest),
+        change.remote,
+        change.base,
+        change.reason,
+    )
 
 
 def _remember_digests(

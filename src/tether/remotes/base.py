@@ -74,6 +74,10 @@ class Capabilities:
     # (measured: 20,000 files took 2.5x longer with 8 workers than with 1), while large files
     # still gain from overlapping hashing and I/O.
     small_file_jobs: int | None = None
+    # Worker processes for small files where the copy runs in this machine's kernel (a local
+    # disk): they overlap cold reads and per-file system calls without sharing a GIL or a file
+    # table (see tether.forked). 0: small files stay with small_file_jobs threads.
+    small_file_processes: int = 0
     # Files up to this size may be uploaded before they were ever hashed: the backend hashes the
     # bytes it sends (HashingUpload.put_file_hashing, or put_many items carrying
     # manifest.UNHASHED and their scanned state), so a first push reads each file once. 0: never.

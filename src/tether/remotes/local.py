@@ -56,6 +56,13 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
+# Copying 20,000 files of 1-16 KiB into a new folder, cold cache, 2-core VM (copy phase of a
+# push): 1 process 2.3-2.6 s, 4 processes 1.8-3.0 s, 8 processes 1.5-2.0 s; a pull's downloads
+# 2.1 s with 1, 1.5-1.7 s with 8. More workers than cores pays because much of a small file's
+# time is waiting on the disk, not computing.
+SMALL_FILE_PROCESSES = 8
+
+
 class LocalRemote:
     def __init__(self, url: str, root: Path) -> None:
         self.url = url
@@ -64,7 +71,10 @@ class LocalRemote:
         # there; a local disk does better creating them one at a time.
         network = filesystem_type(root).startswith(NETWORK_FILESYSTEMS)
         self.capabilities = Capabilities(
-            parallel_connections=8, small_file_jobs=None if network else 1, hash_on_write_max=2**63
+            parallel_connections=8,
+            small_file_jobs=None if network else 1,
+            small_file_processes=0 if network else SMALL_FILE_PROCESSES,
+            hash_on_write_max=2**63,
         )
 
     def _abs(self, path: str) -> Path:
