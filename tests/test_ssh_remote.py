@@ -36,9 +36,10 @@ from tether.errors import (
 )
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER
+from tether.progress import Progress
 from tether.remotes import open_remote
 from tether.remotes import ssh as ssh_mod
-from tether.remotes.base import BatchTransfers, TransferItem
+from tether.remotes.base import BatchTransfers, ListingDelta, TransferItem
 from tether.remotes.ssh import PythonMissing, SshRemote
 from tether.scan import StatEntry
 
@@ -190,7 +191,7 @@ def test_requests_do_not_grow_with_the_number_of_files(
     sshd: SshServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A no-op diff is one listing plus one index read; a push streams: no per-file requests."""
+    """A no-op diff is one listing told against the index; a push streams: no per-file requests."""
     calls: list[str] = []
     real_call = ssh_mod._Channel.call
 
@@ -212,7 +213,7 @@ def test_requests_do_not_grow_with_the_number_of_files(
         assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
         counts[n] = (pushed, list(calls))
     assert counts[5] == counts[300]
-    assert counts[300][1] == ["list", "read"]  # after the pipelined init at start
+    assert counts[300][1] == ["list_delta"]  # after the pipelined init at start
 
 
 def _add_remote(ws: WorkspaceFixture, server: SshServer, name: str = "hpc", **options: object) -> None:
@@ -582,3 +583,123 @@ def test_unhashed_file_changed_since_the_scan_is_not_sent(remote: SshRemote, tmp
     assert isinstance(errors["ds/big"], ValueError)  # only small files may travel unhashed
     assert sorted(s.path for s in remote.list_files("ds")) == ["a"]
     assert _temp_files(remote_root(remote)) == []
+
+
+# -- listings told against the index (IndexedListing) ------------------------------------------
+@pytest.fixture
+def deltas(monkeypatch: pytest.MonkeyPatch) -> list[ListingDelta]:
+    """Every ListingDelta the SSH backend returns, in order."""
+    seen: list[ListingDelta] = []
+    real = SshRemote.list_against_index
+
+    def spy(self, prefix, index, *, have):  # type: ignore[no-untyped-def]
+        delta = real(self, prefix, index, have=have)
+        seen.append(delta)
+        return delta
+
+    monkeypatch.setattr(SshRemote, "list_against_index", spy)
+    return seen
+
+
+def _pushed_workspace(tmp_path: Path, name: str = "ws", files: int = 40) -> WorkspaceFixture:
+    ws = make_workspace(tmp_path, name, remote_dir=tmp_path / "remote")
+    _add_remote(ws, get_server())
+    for i in range(files):
+        ws.write(f"d{i % 4}/f{i}.txt", f"file {i}")
+    sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+    return ws
+
+
+def test_no_op_listing_sends_neither_entries_nor_the_index(
+    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
+) -> None:
+    ws = _pushed_workspace(tmp_path)
+    copy = ws.workspace().remote_index_path("hpc", "ns/ds")
+    assert copy.read_bytes() == (ws.remote_dir / "ns/ds/.tether/index").read_bytes()
+    deltas.clear()
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+    (delta,) = deltas
+    assert (delta.changed, delta.missing, delta.index) == ([], [], None)
+    assert delta.index_digest == hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
+def test_changes_behind_the_index_are_listed_and_planned(
+    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
+) -> None:
+    """The index is a cache, never the truth: an edit, a deletion and a new file made on the
+    cluster without tether all reach the plan."""
+    ws = _pushed_workspace(tmp_path)
+    edited = ws.remote_file("d1/f1.txt")
+    edited.write_bytes(b"edited on the cluster")
+    ws.remote_file("d2/f2.txt").unlink()
+    ws.remote_file("d3/new.txt").write_bytes(b"made on the cluster")
+    deltas.clear()
+    result = sync.diff("ns/ds", "hpc", workspace=ws.root)
+    (delta,) = deltas
+    assert sorted(st.path for st in delta.changed) == ["d1/f1.txt", "d3/new.txt"]
+    assert delta.missing == ["d2/f2.txt"]
+    statuses = {c.path: c.status.value for c in result.pull.changes}
+    assert statuses == {
+        "d1/f1.txt": "modified_remote",
+        "d2/f2.txt": "deleted_remote",
+        "d3/new.txt": "remote_only",
+    }
+
+
+def test_a_same_size_edit_with_its_mtime_restored_is_not_vouched_twice(
+    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
+) -> None:
+    """Size and mtime are what the index vouches by (as for every backend): a rewrite that keeps
+    both is only caught by --checksum, and --checksum still sees it through a delta listing."""
+    ws = _pushed_workspace(tmp_path)
+    target = ws.remote_file("d0/f0.txt")
+    st = target.stat()
+    target.write_bytes(b"file X")  # same size as "file 0"
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+    checked = sync.diff("ns/ds", "hpc", workspace=ws.root, checksum=True)
+    assert [c.path for c in checked.pull.changes] == ["d0/f0.txt"]
+
+
+def test_a_stale_or_damaged_index_copy_is_replaced(
+    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
+) -> None:
+    ws = _pushed_workspace(tmp_path)
+    other = make_workspace(tmp_path, "other", remote_dir=tmp_path / "remote")
+    _add_remote(other, get_server())
+    sync.pull("ns/ds", "hpc", workspace=other.root, confirm=lambda plan: True)
+    other.write("d0/f0.txt", "changed by a colleague")
+    sync.push("ns/ds", "hpc", workspace=other.root, confirm=lambda plan: True)
+    remote_index = (ws.remote_dir / "ns/ds/.tether/index").read_bytes()
+    copy = ws.workspace().remote_index_path("hpc", "ns/ds")
+    assert copy.read_bytes() != remote_index
+
+    deltas.clear()
+    result = sync.diff("ns/ds", "hpc", workspace=ws.root)
+    assert [c.path for c in result.pull.changes] == ["d0/f0.txt"]
+    assert deltas[0].index == remote_index and deltas[0].changed == []
+    assert copy.read_bytes() == remote_index
+
+    copy.write_bytes(b"torn")
+    deltas.clear()
+    assert [c.path for c in sync.diff("ns/ds", "hpc", workspace=ws.root).pull.changes] == ["d0/f0.txt"]
+    assert deltas[0].index == remote_index
+    assert copy.read_bytes() == remote_index
+
+
+def test_a_damaged_remote_index_falls_back_to_the_full_listing(
+    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
+) -> None:
+    ws = _pushed_workspace(tmp_path)
+    (ws.remote_dir / "ns/ds/.tether/index").write_bytes(b"\x1f\x8b not gzip at all")
+    messages: list[str] = []
+
+    class Collect(Progress):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    deltas.clear()
+    result = sync.diff("ns/ds", "hpc", workspace=ws.root, progress=Collect())
+    assert result.in_sync
+    assert len(deltas[0].changed) == 40  # nothing vouched: everything listed, then rehashed
+    assert any("ignoring damaged remote index" in m for m in messages)

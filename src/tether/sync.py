@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import time
@@ -57,7 +58,7 @@ from tether.plan import (
 from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
-from tether.remotes.base import RemoteStat
+from tether.remotes.base import IndexedListing, RemoteStat
 from tether.scan import ScanReport, StatEntry, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
@@ -283,6 +284,10 @@ def read_index(ctx: Context) -> Manifest | None:
         data = ctx.remote.read_bytes(index_path(ctx.dataset.id))
     except FileNotFoundError:
         return None
+    return _parse_index(ctx, data)
+
+
+def _parse_index(ctx: Context, data: bytes) -> Manifest | None:
     if ctx.index_cache is not None and ctx.index_cache[0] == data:
         return ctx.index_cache[1]  # same bytes as the last look (a run reads it up to three times)
     try:
@@ -295,6 +300,56 @@ def read_index(ctx: Context) -> Manifest | None:
         # A damaged index only costs time: the listing is the truth, digests get recomputed.
         ctx.progress.message(f"ignoring damaged remote index ({exc.message}); rehashing")
         return None
+
+
+def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None]:
+    """The remote's listing and its index.
+
+    Where the backend can compare its listing with the index beside the data (IndexedListing:
+    SSH), only what the index does not vouch for crosses the link, and the index itself only
+    when this workspace's copy of it (``.tether/remote-index/``) is stale; the listing is rebuilt
+    here from that copy. Either way the listing is a fresh look at the remote, never the index
+    taken on trust: a file the index lists but the remote lacks is reported missing.
+    """
+    remote = ctx.remote
+    if not isinstance(remote, IndexedListing):
+        return list(remote.list_files(ctx.dataset.id)), read_index(ctx)
+    copy = ctx.workspace.remote_index_path(ctx.remote_name, ctx.dataset.id)
+    try:
+        have: bytes | None = copy.read_bytes()
+    except OSError:
+        have = None
+    have_digest = hashlib.sha256(have).hexdigest() if have else None
+    delta = remote.list_against_index(ctx.dataset.id, index_path(ctx.dataset.id), have=have_digest)
+    if delta.index_digest is None:
+        return delta.changed, None  # no index there: everything was listed
+    data = delta.index if delta.index is not None else have
+    assert data is not None
+    if delta.index is not None:
+        _keep_index_copy(ctx, data)
+    index = _parse_index(ctx, data)
+    if index is None:
+        # The helper vouched with an index this side refuses: take the plain listing instead.
+        return list(remote.list_files(ctx.dataset.id)), None
+    left_out = set(delta.missing).union(st.path for st in delta.changed)
+    listing = [RemoteStat(e.path, e.size, e.mtime_ns) for e in index.entries if e.path not in left_out]
+    return listing + delta.changed, index
+
+
+def _keep_index_copy(ctx: Context, data: bytes) -> None:
+    """Remember the remote index as last seen (only where listings are told against it)."""
+    if not isinstance(ctx.remote, IndexedListing):
+        return
+    with contextlib.suppress(OSError):  # only a cache: the next run fetches it again
+        write_bytes_atomic(
+            ctx.workspace.remote_index_path(ctx.remote_name, ctx.dataset.id), data, durable=False
+        )
+
+
+def write_index(ctx: Context, state: RemoteState) -> None:
+    data = state.index().dumps(dataset=ctx.dataset.id)
+    ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), data)
+    _keep_index_copy(ctx, data)
 
 
 @dataclass
@@ -323,8 +378,7 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
     they vouch only for a file with exactly the size and mtime this run gave it.
     """
     ctx.progress.stage("listing remote")
-    listing = list(ctx.remote.list_files(ctx.dataset.id))
-    index = read_index(ctx)
+    listing, index = list_remote(ctx)
     known = index.by_path() if index else {}
     fresh = fresh or {}
     # Where the backend keeps the mtime we set (local, SSH), a fresh upload vouches only for a file
@@ -743,7 +797,7 @@ def _execute_push(
     after = _state_after_push(ctx, before, result)
     remote_after = after.manifest
     lease.ensure_held()
-    ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), after.index().dumps(dataset=ctx.dataset.id))
+    write_index(ctx, after)
     faults.checkpoint("before_base")
     save_base(ctx, local, remote_after, base)
     return result, fidelity.verify_run(ctx, result.done, local, remote_after)
@@ -879,9 +933,7 @@ def _finish_killed_run(ctx: Context, direction: Direction, remote_state: RemoteS
         with Lease(ctx.remote, ctx.dataset.id, operation="push", host=ctx.workspace.hostname) as lease:
             state = scan_remote(ctx)
             lease.ensure_held()
-            ctx.remote.write_bytes_atomic(
-                index_path(ctx.dataset.id), state.index().dumps(dataset=ctx.dataset.id)
-            )
+            write_index(ctx, state)
         ctx.progress.message("the remote index was behind its files (an interrupted run); rewrote it")
         return
     clear_dead_lock(ctx.remote, ctx.dataset.id, host=ctx.workspace.hostname)

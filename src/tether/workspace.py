@@ -103,6 +103,10 @@ class Workspace:
     def base_path(self, remote: str, dataset_id: str) -> Path:
         return self.state_dir / "bases" / check_remote_name(remote) / f"{dataset_id}.manifest"
 
+    def remote_index_path(self, remote: str, dataset_id: str) -> Path:
+        """This machine's copy of a remote's index (a cache: see sync.scan_remote)."""
+        return self.state_dir / "remote-index" / check_remote_name(remote) / f"{dataset_id}.index"
+
     @property
     def hash_cache_path(self) -> Path:
         return self.state_dir / "hashcache.sqlite"

@@ -177,6 +177,28 @@ class BatchTransfers(Protocol):
     def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None: ...
 
 
+@dataclass(frozen=True)
+class ListingDelta:
+    """A listing told against the index the caller already holds (see IndexedListing)."""
+
+    index: bytes | None  # the remote index, sent only when the caller's copy is absent or stale
+    index_digest: str | None  # SHA-256 of the remote index's bytes; None: the remote has none
+    changed: list[RemoteStat]  # listed files whose size or mtime the index does not vouch for
+    missing: list[str]  # index paths the listing lacks
+
+
+@runtime_checkable
+class IndexedListing(Protocol):
+    """Optional: list a prefix where the data lives, comparing with the dataset's index there.
+
+    Over a slow link the listing is most of a no-op's traffic (about 100 bytes a file); a
+    backend that runs code beside the data (SSH's helper) sends only what the index does not
+    vouch for, and the index itself only when the caller's copy (``have``: its SHA-256) is stale.
+    """
+
+    def list_against_index(self, prefix: str, index: str, *, have: str | None) -> ListingDelta: ...
+
+
 @runtime_checkable
 class HashingUpload(Protocol):
     """Optional: upload a file whose digest is not known yet, learning it from the copy.

@@ -55,7 +55,16 @@ from tether.fileio import Prefetcher, check_source_state, os_error_to_tether
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
 from tether.remotes import ssh_helper
-from tether.remotes.base import Capabilities, ErrorKind, OnBytes, OnDigest, OnDone, RemoteStat, TransferItem
+from tether.remotes.base import (
+    Capabilities,
+    ErrorKind,
+    ListingDelta,
+    OnBytes,
+    OnDigest,
+    OnDone,
+    RemoteStat,
+    TransferItem,
+)
 
 if TYPE_CHECKING:
     from tether.config import RemoteConfig
@@ -807,7 +816,10 @@ class SshRemote:
         if prefix:
             check_relpath(prefix)
         header, _ = self._call("list", prefix=prefix)
-        refused = header.get("refused") or []
+        self._refuse_listed(prefix, header.get("refused") or [])
+        return iter([RemoteStat(p, s, m) for p, s, m in header["entries"]])
+
+    def _refuse_listed(self, prefix: str, refused: list[list[str]]) -> None:
         if refused:
             sample = ", ".join(f"{p} ({why})" for p, why in refused[:5])
             more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
@@ -817,7 +829,19 @@ class SshRemote:
                 paths=[p for p, _ in refused],
                 hint="Replace links with the files they point to and rename undecodable files on the remote.",
             )
-        return iter([RemoteStat(p, s, m) for p, s, m in header["entries"]])
+
+    def list_against_index(self, prefix: str, index: str, *, have: str | None) -> ListingDelta:
+        if prefix:
+            check_relpath(prefix)
+        header, data = self._call("list_delta", prefix=prefix, index=check_relpath(index), have=have)
+        self._refuse_listed(prefix, header.get("refused") or [])
+        digest = header.get("index_digest")
+        return ListingDelta(
+            index=data if digest is not None and digest != have else None,
+            index_digest=digest,
+            changed=[RemoteStat(p, s, m) for p, s, m in header["entries"]],
+            missing=list(header.get("missing") or []),
+        )
 
     def exists(self, path: str) -> bool:
         header, _ = self._call("exists", path=check_relpath(path))
