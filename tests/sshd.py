@@ -120,8 +120,11 @@ class SshServer:
         return path
 
     def options(self, config: Path | None = None, **more: object) -> dict[str, object]:
-        """Remote options for a tether remote reaching this server through ``config``."""
-        return {"ssh_config": str(config or self.config), **more}
+        """Remote options for a tether remote reaching this server through ``config``.
+
+        Masters are per run (control_persist = 0) unless a test asks otherwise: tests that
+        count logins, cut links or kill sessions must not inherit an earlier test's master."""
+        return {"ssh_config": str(config or self.config), "control_persist": 0, **more}
 
     # -- server side --------------------------------------------------------------------------
     def log_text(self) -> str:
@@ -306,6 +309,7 @@ class Relay:
         self.connections = 0
         self.limit: int | None = None
         self.stall = False
+        self._frozen: set[socket.socket] = set()  # connections that pass nothing any more
         self.cut = threading.Event()
         self.stalled = threading.Event()
         self._socks: list[socket.socket] = []
@@ -322,6 +326,12 @@ class Relay:
 
     def stall_after(self, n: int) -> None:
         self.limit, self.stall = n, True
+
+    def freeze(self) -> None:
+        """Let the connections made so far pass nothing more, without closing them (a link that
+        died while both ends still think it is up); new connections pass as before."""
+        with self._lock:
+            self._frozen.update(self._socks)
 
     def _accept(self) -> None:
         while not self._closed:
@@ -342,6 +352,9 @@ class Relay:
                 data = src.recv(65536)
                 if not data:
                     break
+                if src in self._frozen:
+                    self.cut.wait()
+                    return
                 if upstream:
                     with self._lock:
                         self.bytes_up += len(data)

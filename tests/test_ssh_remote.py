@@ -703,3 +703,115 @@ def test_a_damaged_remote_index_falls_back_to_the_full_listing(
     assert result.in_sync
     assert len(deltas[0].changed) == 40  # nothing vouched: everything listed, then rehashed
     assert any("ignoring damaged remote index" in m for m in messages)
+
+
+# -- masters shared between runs (control_persist) ---------------------------------------------
+def _persisting_workspace(
+    tmp_path: Path, server: SshServer, relay: Relay, name: str = "ws"
+) -> WorkspaceFixture:
+    """A workspace whose remote goes through its own relay port: a master of its own, shared
+    only by the runs of this test."""
+    ws = make_workspace(tmp_path, name, remote_dir=tmp_path / "remote")
+    config = server.client_config(tmp_path / f"{name}_config", port=relay.port)
+    add_remote(ws.root, "hpc", f"ssh://{HOST}{ws.remote_dir}", server.options(config, control_persist=60))
+    return ws
+
+
+def _stop_shared_master(ws: WorkspaceFixture) -> None:
+    remote = open_remote(ws.workspace().remote("hpc"), workspace_root=ws.root)
+    assert isinstance(remote, SshRemote)
+    remote.conn.connect()
+    remote.conn._stop_master()
+    remote.close()
+
+
+def test_the_next_run_borrows_the_master_and_logs_in_no_more(
+    tmp_path: Path, sshd: SshServer, relay: Relay
+) -> None:
+    ws = _persisting_workspace(tmp_path, sshd, relay)
+    for i in range(5):
+        ws.write(f"f{i}.txt", f"file {i}")
+    before = sshd.auth_count()
+    sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+    assert sshd.auth_count() - before == 1
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+    ws.write("f9.txt", "one more")
+    sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+    assert sshd.auth_count() - before == 1  # three runs, one login (one 2FA prompt)
+    assert relay.connections == 1
+    _stop_shared_master(ws)
+
+
+def test_runs_starting_together_log_in_once(tmp_path: Path, sshd: SshServer, relay: Relay) -> None:
+    first = _persisting_workspace(tmp_path, sshd, relay, "one")
+    second = _persisting_workspace(tmp_path, sshd, relay, "two")
+    first.write("a.txt", "A")
+    sync.push("ns/ds", "hpc", workspace=first.root, confirm=lambda plan: True)
+    _stop_shared_master(first)
+    before = sshd.auth_count()
+    start = threading.Barrier(2)
+    results: list[bool] = []
+
+    def diff(ws: WorkspaceFixture) -> None:
+        start.wait()
+        results.append(sync.diff("ns/ds", "hpc", workspace=ws.root).remote_exists)
+
+    threads = [threading.Thread(target=diff, args=(ws,)) for ws in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True, True]
+    assert sshd.auth_count() - before == 1
+    _stop_shared_master(first)
+
+
+def test_a_borrowed_master_whose_link_died_is_replaced(
+    tmp_path: Path, sshd: SshServer, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop that slept: the master process is still there, its link is not. The next run
+    notices that the helper does not answer and logs in afresh instead of hanging."""
+    monkeypatch.setattr(ssh_mod, "BORROWED_HELLO_S", 1.0)
+    ws = _persisting_workspace(tmp_path, sshd, relay)
+    ws.write("a.txt", "A")
+    sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+    relay.freeze()
+    before = sshd.auth_count()
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+    assert sshd.auth_count() - before == 1
+    assert relay.connections == 2
+    relay.drop()
+    _stop_shared_master(ws)
+
+
+def test_remote_test_logs_in_for_real_even_beside_a_shared_master(
+    tmp_path: Path, sshd: SshServer, relay: Relay, tether
+) -> None:
+    ws = _persisting_workspace(tmp_path, sshd, relay)
+    ws.write("a.txt", "A")
+    sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+    before = sshd.auth_count()
+    r = tether("remote", "test", "hpc", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert sshd.auth_count() - before == 1
+    _stop_shared_master(ws)
+
+
+@pytest.mark.parametrize("problem", ["too open", "a link", "a file"])
+def test_an_unsafe_shared_socket_folder_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, problem: str
+) -> None:
+    monkeypatch.setattr(ssh_mod, "_short_tmp", lambda: str(tmp_path))
+    shared = tmp_path / f"tether-ssh-{os.geteuid()}"
+    if problem == "too open":
+        shared.mkdir(mode=0o755)
+        shared.chmod(0o755)
+    elif problem == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        shared.symlink_to(tmp_path / "elsewhere")
+    else:
+        shared.write_text("")
+    assert ssh_mod._shared_control_dir() is None
+    shared.unlink() if shared.is_symlink() or shared.is_file() else shared.rmdir()
+    assert ssh_mod._shared_control_dir() == str(shared)
+    assert shared.stat().st_mode & 0o777 == 0o700

@@ -165,7 +165,7 @@ def _ssh_client(report: Report, remote: SshRemote) -> None:
 
 
 def _ssh_connect(report: Report, remote: SshRemote) -> None:
-    remote.conn.connect()
+    remote.conn.connect(private=True)  # a real login, not a master an earlier run left
     report.passed("reachability", f"{remote.settings.host} ({remote.conn.where()}) answers")
     report.passed("host key", "known and matching (checked by ssh against known_hosts)")
     mode = "non-interactive" if remote.settings.batch_mode else "interactive (batch_mode = false)"

@@ -187,20 +187,60 @@ class Manifest:
             raws = None  # find the bad line below, for a message that names it
         if raws is not None and len(raws) != len(lines) - 1:
             raws = None  # a line holding two records: the per-line parse reports it
-        entries = []
-        for n, line in enumerate(lines[1:], start=2):
-            try:
-                entry = _parse_entry(raws[n - 2] if raws is not None else json.loads(line), length)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
-                if isinstance(exc, TetherError):
-                    raise
-                raise ManifestFormatError(f"{source} line {n} is malformed ({exc})") from None
-            entries.append(entry)
+        entries = _entries_fast(raws, length) if raws is not None else None
+        if entries is None:  # something is wrong: the per-line checks say what, and where
+            entries = []
+            for n, line in enumerate(lines[1:], start=2):
+                try:
+                    entry = _parse_entry(raws[n - 2] if raws is not None else json.loads(line), length)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+                    if isinstance(exc, TetherError):
+                        raise
+                    raise ManifestFormatError(f"{source} line {n} is malformed ({exc})") from None
+                entries.append(entry)
         if len(entries) != header.get("count", len(entries)):
             raise ManifestFormatError(
                 f"{source} is truncated: header says {header.get('count')} entries, found {len(entries)}"
             )
         return cls.from_entries(entries, algorithm)
+
+
+def _entries_fast(raws: list[object], digest_length: int) -> list[Entry] | None:
+    """The checks of _parse_entry over whole columns at C speed (a 20,000-entry index in about
+    40 ms instead of 100 ms: every diff reads one); None when any entry fails, for
+    _parse_entry to find and name it."""
+    try:
+        paths = [r["path"] for r in raws]  # type: ignore[index]
+        sizes = [r["size"] for r in raws]  # type: ignore[index]
+        mtimes = [r["mtime_ns"] for r in raws]  # type: ignore[index]
+        digests = [r["digest"] for r in raws]  # type: ignore[index]
+    except (TypeError, KeyError):
+        return None
+    if not (
+        all(type(p) is str for p in paths)
+        and all(type(n) is int and n >= 0 for n in sizes)
+        and all(type(n) is int for n in mtimes)
+        and all(type(d) is str and len(d) == digest_length for d in digests)
+        and _HEX.fullmatch("".join(digests) or "0")
+    ):
+        return None
+    if any(_suspicious(p) for p in paths):
+        for p in paths:
+            check_relpath(p)  # raises InvalidPath naming the path (invariant 5)
+    return list(map(Entry._make, zip(paths, sizes, mtimes, digests, strict=True)))
+
+
+def _suspicious(path: str) -> bool:
+    """A path check_relpath might refuse (a superset of its rules: it decides)."""
+    return (
+        not path
+        or path[0] in "/."
+        or "\\" in path
+        or "\x00" in path
+        or "/." in path
+        or "//" in path
+        or path[-1] == "/"
+    )
 
 
 def _parse_entry(raw: object, digest_length: int) -> Entry:

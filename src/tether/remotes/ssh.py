@@ -28,8 +28,10 @@ import json
 import os
 import re
 import secrets
+import select
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -75,7 +77,8 @@ CHUNK = ssh_helper.CHUNK
 SMALL = ssh_helper.SMALL
 RESUME_MIN = 64 * 1024 * 1024  # uploads at least this large resume from a verified partial file
 MAX_CHATTER = 1024 * 1024  # login-shell output tolerated before the helper's first frame
-CONTROL_PERSIST_S = 60  # the master outlives a killed run by at most this long
+CONTROL_PERSIST_S = 60  # an idle master stays this long, for the next run (or a killed run's rerun)
+BORROWED_HELLO_S = 10  # a helper started through an earlier run's master answers within this
 DEFAULT_CONNECT_TIMEOUT_S = 20
 BATCH_CONNECT_GRACE_S = 120  # a non-interactive connect that takes longer than this is hung
 RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
@@ -92,6 +95,7 @@ OPTIONS = {
     "python",
     "ssh_command",
     "connect_timeout",
+    "control_persist",
 }
 
 
@@ -128,6 +132,7 @@ class SshSettings:
     python: str = "python3"
     ssh_command: str = "ssh"
     connect_timeout: int | None = None
+    control_persist: int = CONTROL_PERSIST_S  # 0: each run has its own master, closed at its end
 
     @classmethod
     def from_options(
@@ -160,6 +165,9 @@ class SshSettings:
                 raise ConfigError(f"remote {name!r}: option {key} must be a positive integer")
             return value
 
+        persist = options.get("control_persist", CONTROL_PERSIST_S)
+        if isinstance(persist, bool) or not isinstance(persist, int) or persist < 0:
+            raise ConfigError(f"remote {name!r}: option control_persist must be 0 or a number of seconds")
         batch = options.get("batch_mode", True)
         if not isinstance(batch, bool):
             raise ConfigError(f"remote {name!r}: option batch_mode must be true or false")
@@ -177,6 +185,7 @@ class SshSettings:
             python=text("python") or "python3",
             ssh_command=text("ssh_command") or "ssh",
             connect_timeout=number("connect_timeout"),
+            control_persist=persist,
         )
 
 
@@ -220,14 +229,52 @@ def _short_tmp() -> str:
     return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
+def _shared_control_dir() -> str | None:
+    """This user's folder for masters that outlive a run (``/tmp/tether-ssh-<uid>``, 0700).
+
+    Anything else found under that name (another owner, a link, wider permissions) could let
+    another user reach the connection: then None, and the run keeps a private master."""
+    path = os.path.join(_short_tmp(), f"tether-ssh-{os.geteuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None
+    return path
+
+
+@contextlib.contextmanager
+def _flocked(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # -- the master connection ----------------------------------------------------------------------
 class SshConnection:
-    """One ``ssh`` master per remote object; every other ssh call is multiplexed through it."""
+    """One ``ssh`` master per remote object; every other ssh call is multiplexed through it.
+
+    With ``control_persist`` (default 60 s) the master lives in this user's shared socket
+    folder and stays that long after the run: the next run to the same host, port and user
+    (a diff, then the push) borrows it instead of logging in again, so a cluster that asks for
+    a 2FA code asks once until the connection has been idle that long. A borrowed master whose
+    link died meanwhile (a laptop that slept) is noticed when the helper does not answer, and
+    replaced (see SshRemote.control).
+    """
 
     def __init__(self, settings: SshSettings) -> None:
         self.s = settings
         self.dir: str | None = None
-        self.master = False
+        self.socket: str | None = None
+        self.master = False  # this run started the master
+        self.borrowed = False  # this run uses a master an earlier run left
+        self.shared = False  # the master lives in the shared folder and outlives the run
         self._binary: str | None = None
         self._effective: dict[str, str] | None = None
         self._lock = threading.Lock()
@@ -282,13 +329,21 @@ class SshConnection:
             self._effective = values
         return self._effective
 
+    def _socket_name(self) -> str:
+        """Who the master logs in as, where, and through what: runs that agree on all of it may
+        share one master (like ssh's %C, plus the jump host or proxy command)."""
+        eff = self.effective()
+        fields = ("hostname", "port", "user", "proxyjump", "proxycommand", "hostkeyalias")
+        key = "\0".join(eff.get(f, "") for f in fields)
+        return hashlib.sha256(key.encode()).hexdigest()[:20]
+
     def args(self, *, control: bool = True) -> list[str]:
         """ssh and its options, without the host: multiplexing first, then the user's, then
         defaults for what neither the user nor their ssh config decided."""
         args = [self.binary()]
         if control:
-            assert self.dir is not None
-            args += ["-o", f"ControlPath={self.dir}/%C"]
+            assert self.socket is not None
+            args += ["-o", f"ControlPath={self.socket}"]
         args += ["-o", f"BatchMode={'yes' if self.s.batch_mode else 'no'}", *self._user_args()]
         eff = self.effective()
         if self.s.connect_timeout:
@@ -303,44 +358,101 @@ class SshConnection:
         eff = self.effective()
         return f"{eff.get('hostname', self.host)} port {eff.get('port', '22')}"
 
-    def connect(self) -> None:
-        """Start the master (authenticating once); raise a classified error if that fails."""
+    def connect(self, *, private: bool = False) -> None:
+        """Borrow a live master an earlier run left, or start one (authenticating once); raise a
+        classified error if that fails. ``private`` starts this run's own master, never shared
+        (``tether remote test`` checks a real login)."""
         with self._lock:
-            if self.master:
+            if self.master or self.borrowed:
                 return
             self.binary()
             self.effective()
-            self.dir = tempfile.mkdtemp(prefix="tether-ssh-", dir=_short_tmp())
-            argv = [
-                *self.args(),
-                "-o",
-                "ControlMaster=yes",
-                "-o",
-                f"ControlPersist={CONTROL_PERSIST_S}",
-                "-N",
-                "-f",
-                self.host,
-            ]
-            interactive = not self.s.batch_mode
-            try:
-                # -f: ssh backgrounds itself once authenticated, so this returns then. In
-                # interactive mode, prompts (password, 2FA) reach the terminal via /dev/tty.
-                proc = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=None if interactive else subprocess.PIPE,
-                    text=True,
-                    timeout=None if interactive else BATCH_CONNECT_GRACE_S,
-                )
-            except subprocess.TimeoutExpired:
-                raise SshUnreachable(
-                    f"connecting to {self.host} ({self.where()}) did not finish in {BATCH_CONNECT_GRACE_S}s",
-                    hint="Check the network or VPN; `ssh -v HOST true` shows where it hangs.",
-                ) from None
-            if proc.returncode != 0:
-                raise self.classify(proc.stderr or "", proc.returncode)
-            self.master = True
+            shared = None if private or self.s.control_persist == 0 else _shared_control_dir()
+            if shared is None:
+                self.dir = tempfile.mkdtemp(prefix="tether-ssh-", dir=_short_tmp())
+                self.socket = f"{self.dir}/%C"
+                self._start_master(CONTROL_PERSIST_S)
+                return
+            self.shared = True
+            self.socket = os.path.join(shared, self._socket_name())
+            # Two runs starting at once must not both log in: the first starts the master, the
+            # second waits here and borrows it.
+            with _flocked(f"{self.socket}.lock"):
+                if self._alive():
+                    self.borrowed = True
+                    return
+                self._restart_master()
+
+    def _restart_master(self) -> None:
+        """Start the shared master (under its lock), clearing a dead one's socket first: with
+        the name taken, ssh would run the new master without a socket."""
+        assert self.socket is not None
+        if os.path.lexists(self.socket):
+            self._stop_master()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket)
+        self._start_master(self.s.control_persist)
+
+    def _alive(self) -> bool:
+        """A master answers on the socket (a local check: it says nothing of its link)."""
+        if self.socket is None or not os.path.exists(self.socket):
+            return False
+        proc = subprocess.run(
+            [*self.args(), "-O", "check", self.host],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=15,
+        )
+        return proc.returncode == 0
+
+    def _start_master(self, persist: int) -> None:
+        argv = [
+            *self.args(),
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            f"ControlPersist={persist}",
+            "-N",
+            "-f",
+            self.host,
+        ]
+        interactive = not self.s.batch_mode
+        try:
+            # -f: ssh backgrounds itself once authenticated, so this returns then. In
+            # interactive mode, prompts (password, 2FA) reach the terminal via /dev/tty.
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None if interactive else subprocess.PIPE,
+                text=True,
+                timeout=None if interactive else BATCH_CONNECT_GRACE_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise SshUnreachable(
+                f"connecting to {self.host} ({self.where()}) did not finish in {BATCH_CONNECT_GRACE_S}s",
+                hint="Check the network or VPN; `ssh -v HOST true` shows where it hangs.",
+            ) from None
+        if proc.returncode != 0:
+            raise self.classify(proc.stderr or "", proc.returncode)
+        self.master = True
+
+    def _stop_master(self) -> None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                [*self.args(), "-O", "exit", self.host],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=15,
+            )
+
+    def replace_borrowed(self) -> None:
+        """The borrowed master's link is dead: stop it and log in afresh in its place."""
+        with self._lock, _flocked(f"{self.socket}.lock"):
+            self.borrowed = False
+            self._restart_master()
 
     def spawn(self, command: str, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
         """Run ``command`` on the remote through the master, with pipes for stdin and stdout."""
@@ -359,17 +471,12 @@ class SshConnection:
         )
 
     def close(self) -> None:
+        """A private master ends with its run; a shared one stays for ``control_persist`` idle
+        seconds (ssh's ControlPersist), for the next run to borrow."""
         with self._lock:
-            if self.master:
-                self.master = False
-                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                    subprocess.run(
-                        [*self.args(), "-O", "exit", self.host],
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        timeout=15,
-                    )
+            if self.master and not self.shared:
+                self._stop_master()
+            self.master = self.borrowed = False
             if self.dir is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)
                 self.dir = None
@@ -545,6 +652,11 @@ class _Channel:
                     raise self.failure("starting the helper") from None
                 self.ready = True
             return self.hello
+
+    def answers_within(self, seconds: float) -> bool:
+        """Whether the helper's first bytes (or ssh's exit) arrive within ``seconds``."""
+        ready, _, _ = select.select([self.r.fileno()], [], [], seconds)
+        return bool(ready)
 
     def skip_chatter(self) -> None:
         """Skip what the remote shell printed before the helper started (a module system's
@@ -730,6 +842,15 @@ class SshRemote:
                     self.conn.connect()
                     control = self._spawn("control")
                     self._bulk = self._spawn("bulk")  # starts remotely while control handshakes
+                    if self.conn.borrowed and not control.answers_within(BORROWED_HELLO_S):
+                        # An earlier run's master whose link died (a laptop that slept): its
+                        # sessions never start. Log in afresh instead of waiting for ssh's
+                        # keepalives to give up on it.
+                        for channel in (control, self._bulk):
+                            channel.close(kill=True)
+                        self.conn.replace_borrowed()
+                        control = self._spawn("control")
+                        self._bulk = self._spawn("bulk")
                     self.facts = self._init(control)
                 except TetherError as exc:
                     self._lost = exc  # do not retry a failed connection within one run
