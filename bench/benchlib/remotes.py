@@ -160,7 +160,9 @@ class SshLocation(LocalLocation):
         return f"ssh://{self.kind.host}{self.root}"
 
     def tether_options(self) -> dict[str, Any]:
-        return {"ssh_config": str(self.kind.config)}
+        # Every timed run logs in, as rsync's does: a master left by the previous command
+        # (control_persist, 60 s by default) would hide the login from the comparison.
+        return {"ssh_config": str(self.kind.config), "control_persist": 0}
 
     def rsync_target(self, rel: str) -> tuple[list[str], str]:
         return ["-e", f"ssh -F {self.kind.config}"], f"{self.kind.host}:{self.root / rel}"
