@@ -46,7 +46,6 @@ from tether.scan import StatEntry
 SourceOf = Callable[[Change], str | Path | None]  # the local file a change reads, if it reads one
 WHOLE_RUN_FAILURES = (DiskFullError, RemotePermissionError, RemoteUnavailable)
 RETRIES = 3
-FORK_MIN_FILES = 256
 
 
 @dataclass
@@ -231,15 +230,6 @@ def _run_forked(
         raise fatal[0]
 
 
-def fork_min_files() -> int:
-    """Below this many small files, forking workers costs more than it saves (about 5 ms a
-    worker against 0.1-0.2 ms a file). TETHER_FORK_MIN_FILES overrides it (tests: 1)."""
-    try:
-        return int(os.environ.get("TETHER_FORK_MIN_FILES", FORK_MIN_FILES))
-    except ValueError:
-        return FORK_MIN_FILES
-
-
 def _run_batch(
     items: list[Change],
     to_item: Callable[[Change], TransferItem],
@@ -291,7 +281,7 @@ def _run_by_size(
     small = [c for c in items if c.bytes < SMALL_FILE_BYTES]
     _run_parallel(large, work, jobs=jobs, progress=progress, result=result)
     processes = min(caps.small_file_processes, jobs)
-    if processes > 1 and len(small) >= fork_min_files() and forked.available():
+    if forked.worth_it(len(small), processes):
         _run_forked(small, work, processes=processes, progress=progress, result=result)
         return
     _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result, source=source)

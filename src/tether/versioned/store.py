@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from tether import faults
+from tether import faults, forked
 from tether.errors import LockHeld, RefusedError, StalePlanError, TetherError, VerificationError
 from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
@@ -297,8 +297,9 @@ Sent = Callable[[TransferItem, BaseException | None], None]
 def _transfer(
     remote: Remote, items: list[TransferItem], *, up: bool, jobs: int, progress: Progress, done: Sent
 ) -> None:
-    """Batch through a streaming backend (SSH); otherwise workers (one for small files on a local
-    disk, where threads only contend), each item reported to ``done`` with its error or None."""
+    """Batch through a streaming backend (SSH); otherwise workers (forked processes for many
+    small files on a local disk, where threads only contend), each item reported to ``done``
+    with its error or None."""
     on_bytes = lambda n: progress.advance(bytes=n)  # noqa: E731
 
     def report(item: TransferItem, error: BaseException | None) -> None:
@@ -310,34 +311,52 @@ def _transfer(
         (remote.put_many if up else remote.get_many)(items, on_bytes=on_bytes, on_done=report)
         return
 
+    def move(item: TransferItem, on_bytes: Callable[[int], None]) -> None:
+        if up:
+            remote.put_file(
+                item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+            )
+        else:
+            remote.get_file(
+                item.path, item.local, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+            )
+
     def one(item: TransferItem) -> None:
         try:
-            if up:
-                remote.put_file(
-                    item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
-                )
-            else:
-                remote.get_file(
-                    item.path, item.local, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
-                )
+            move(item, on_bytes)
         except Exception as exc:  # recorded per item; whole-run failures surface from the first
             report(item, exc)
             return
         report(item, None)
 
+    def forked_outcome(item: TransferItem, _value: None, error: BaseException | None) -> None:
+        if error is None:
+            on_bytes(item.size)
+        report(item, error)
+
     small_jobs = remote.capabilities.small_file_jobs or jobs
+    processes = min(jobs, remote.capabilities.small_file_processes)
     for group, workers in (
         ([i for i in items if i.size >= SMALL_FILE_BYTES], jobs),
         ([i for i in items if i.size < SMALL_FILE_BYTES], min(jobs, small_jobs)),
     ):
         if not group:
             continue
-        if workers <= 1:
+        if group[0].size < SMALL_FILE_BYTES and forked.worth_it(len(group), processes):
+            # Many small objects on a local disk: forked workers (see tether.forked).
+            forked.run_forked(
+                group, lambda i: move(i, _no_bytes), processes=processes, on_outcome=forked_outcome
+            )
+        elif workers <= 1:
             for item in group:
                 one(item)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(one, group))
+
+
+def _no_bytes(n: int) -> None:
+    pass
 
 
 def _raise_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
