@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from tether.errors import StalePlanError
 from tether.manifest import DEFAULT_ALGORITHM, Entry
+from tether.readahead import Prefetcher
 from tether.scan import StatEntry
 
 CHUNK = 1024 * 1024
@@ -227,6 +228,8 @@ def _hits(keys: Sequence[tuple[int | str, ...]], rows: dict[str, Row]) -> dict[s
 
 ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
 
+READ_AHEAD_MIN_FILES = 64
+READ_AHEAD_MAX = 1024 * 1024  # files larger than this are read in big chunks: no read-ahead
 BATCH_FILES = 64  # small files per hashing task: a task (future, GIL hand-off) per file costs
 BATCH_BYTES = 8 * 1024 * 1024  # more than hashing a 4 KiB file; large files go one per task
 
@@ -268,9 +271,16 @@ def hash_entries(
         cached = [e for e, d in zip(entries, digests, strict=True) if d is not None]
         on_hashed(len(cached), sum(e.size for e in cached))
 
+    # Cold small files: a read-ahead thread keeps the disk busy while the hashers wait on it
+    # (20,000 files of 1-16 KiB, cold cache: 1.7-2.0 s with 2 hashing threads, 1.2-1.3 s with
+    # the read-ahead; more threads instead were slower).
+    small = [str(root / entries[i].path) if entries[i].size <= READ_AHEAD_MAX else None for i in todo]
+    ahead = Prefetcher(small if len(todo) >= READ_AHEAD_MIN_FILES else [])
+
     def work(batch: list[int]) -> list[tuple[int, str]]:
         out = []
         for i in batch:
+            ahead.consumed()
             e = entries[i]
             started = time.time_ns()
             try:
@@ -287,7 +297,7 @@ def hash_entries(
 
     if todo:
         try:
-            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            with ahead, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
                 for done in pool.map(work, _batches(todo, entries)):
                     for i, digest in done:
                         digests[i] = digest
