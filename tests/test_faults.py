@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -397,6 +398,49 @@ def test_forked_pull_killed_then_rerun_converges(
     assert_tree_equal(tree(dataset), V2, "local after rerun")
     assert temp_files(ws2.root) == []
     assert tether("diff", DS, "store", cwd=ws2.root).exit_code == 0
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_killed_copying_worker_interrupts_the_run_and_the_rerun_converges(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    """The kernel kills one forked worker (out of memory, say) while the run goes on: the run
+    says so with exit 130, promotes nothing it did not verify, and the rerun finishes."""
+    import tether.remotes.local as local_backend
+
+    dataset = setup_pull(tether, ws, ws2) if direction == "pull" else ws.data / DS
+    if direction == "push":
+        write_tree(dataset, V1)
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", "1")
+    me = os.getpid()
+    real = local_backend.copy_verified
+
+    def dies_in_a_worker(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if os.getpid() != me and kwargs.get("label", "").endswith("part04.bin"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local_backend, "copy_verified", dies_in_a_worker)
+    where = ws2 if direction == "pull" else ws
+    before = snapshot(dataset)
+    r = tether(direction, DS, "store", "--mode", "mirror", "-y", cwd=where.root)
+    assert r.exit_code == ExitCode.INTERRUPTED == 130, r.output
+    assert "a copying process ended early" in r.output and "exit -9" in r.output
+    assert "Rerun the same command" in r.output
+    assert "Traceback" not in r.output
+    if direction == "pull":
+        assert snapshot(dataset) == before  # nothing promoted
+        assert_whole(tree(dataset), V1, V2, "local after the worker died")
+    else:
+        assert_whole(tree(ws.remote_dir / DS), {}, V1, "remote after the worker died")
+        assert_index_honest(ws)
+
+    monkeypatch.setattr(local_backend, "copy_verified", real)
+    ok(tether, where, [direction, DS, "store", "--mode", "mirror", "-y"])
+    expected = V2 if direction == "pull" else V1
+    assert_tree_equal(tree(dataset), expected, "after the rerun")
+    assert_tree_equal(tree(ws.remote_dir / DS), expected, "remote after the rerun")
+    assert temp_files(where.root) == [] and temp_files(ws.remote_dir) == []
 
 
 # -- full disk -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from tether.errors import TetherError
+from tether.errors import ExitCode, TetherError
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -57,8 +57,10 @@ def worth_it(files: int, processes: int) -> bool:
 
 
 class WorkerDied(TetherError):
-    """A worker process ended without reporting some of its items (killed, out of memory)."""
+    """A worker process ended without reporting some of its items (killed by someone, or by
+    the kernel when memory ran out): the run was interrupted, exit 130."""
 
+    exit_code = ExitCode.INTERRUPTED
     default_hint = "Rerun the same command: verified files are kept and the rest is copied again."
 
 
