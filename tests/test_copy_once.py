@@ -12,7 +12,7 @@ import pytest
 
 import tether
 from conftest import Result, WorkspaceFixture, backdate, cached_digests, rewrite_keeping_mtime
-from tether import faults
+from tether import faults, forked
 from tether.errors import StalePlanError
 from tether.fileio import Prefetcher, copy_verified
 from tether.manifest import UNHASHED, Entry, Manifest
@@ -284,3 +284,50 @@ def test_rewrite_with_restored_mtime_during_a_first_push_is_refused(
     monkeypatch.setattr(faults, "checkpoint", real)
     assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
     assert ws.remote_file("a.bin").read_bytes() == target.read_bytes()
+
+
+@pytest.mark.parametrize(("files", "forks"), [(forked.MIN_FILES - 1, False), (forked.MIN_FILES, True)])
+def test_cli_push_and_pull_of_many_small_files_use_worker_processes(
+    ws: WorkspaceFixture,
+    ws2: WorkspaceFixture,
+    tether: Callable[..., Result],
+    monkeypatch: pytest.MonkeyPatch,
+    files: int,
+    forks: bool,
+) -> None:
+    """With the default threshold, a local disk shares a push's and a pull's small files among
+    forked workers from forked.MIN_FILES files on, and copies fewer in this process."""
+    monkeypatch.delenv("TETHER_FORK_MIN_FILES", raising=False)
+    calls: list[tuple[int, int, set[int]]] = []
+    real = forked.run_forked
+
+    def counting(items, work, *, processes, on_outcome, stop_on=()):  # type: ignore[no-untyped-def]
+        pids: set[int] = set()
+
+        def noting(item):  # type: ignore[no-untyped-def]
+            return work(item), os.getpid()
+
+        def outcome(item, value, error):  # type: ignore[no-untyped-def]
+            if value is not None:
+                pids.add(value[1])
+            on_outcome(item, None if value is None else value[0], error)
+
+        real(items, noting, processes=processes, on_outcome=outcome, stop_on=stop_on)
+        calls.append((len(items), processes, pids))
+
+    monkeypatch.setattr(forked, "run_forked", counting)
+    data = {f"d{i % 9}/f{i:04d}.txt": f"file {i}\n".encode() for i in range(files)}
+    for rel, content in data.items():
+        ws.write(rel, content)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    assert tether("pull", "ns/ds", "store", "-y", cwd=ws2.root).exit_code == 0
+    assert {
+        p.relative_to(ws2.data / "ns/ds").as_posix(): p.read_bytes()
+        for p in (ws2.data / "ns/ds").rglob("*")
+        if p.is_file()
+    } == data
+    if not forks:
+        assert calls == []
+        return
+    assert [(n, processes) for n, processes, _ in calls] == [(files, 8), (files, 8)]
+    assert all(os.getpid() not in pids and len(pids) >= 1 for _, _, pids in calls)

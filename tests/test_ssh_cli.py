@@ -5,6 +5,7 @@ exit 5 with a one-line message and a hint (never a traceback)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -403,3 +404,49 @@ def test_rewrite_with_restored_mtime_during_a_first_push_is_not_sent(
     monkeypatch.setattr(faults, "checkpoint", real)
     assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
     assert (hpc.remote_dir / DS / sorted(files)[0]).read_bytes() == target.read_bytes()
+
+
+# -- listings told against the index, shared masters, through the CLI ----------------------------
+def test_cli_diff_sees_cluster_side_changes_through_the_index_copy(hpc: WorkspaceFixture, tether) -> None:
+    _files(hpc, 30)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    copy = hpc.workspace().remote_index_path("hpc", DS)
+    assert copy.read_bytes() == (hpc.remote_dir / DS / ".tether" / "index").read_bytes()
+    assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 0
+    (hpc.remote_dir / DS / "d1" / "f001.txt").write_bytes(b"edited on the cluster\n")
+    (hpc.remote_dir / DS / "d2" / "f002.txt").unlink()
+    r = tether("diff", DS, "hpc", "--json", cwd=hpc.root)
+    assert r.exit_code == 1, r.output
+    statuses = {c["path"]: c["status"] for c in json.loads(r.stdout)["changes"]}
+    assert statuses == {"d1/f001.txt": "modified_remote", "d2/f002.txt": "deleted_remote"}
+
+
+def test_cli_runs_within_control_persist_log_in_once(tmp_path: Path, sshd: SshServer, tether) -> None:
+    relay = Relay(sshd.port)  # a port of its own: a master no other test shares
+    try:
+        ws = make_workspace(tmp_path, "persist")
+        config = sshd.client_config(tmp_path / "persist_config", port=relay.port)
+        add_remote(ws.root, "hpc", f"ssh://{HOST}{ws.remote_dir}", sshd.options(config, control_persist=60))
+        _files(ws, 10)
+        before = sshd.auth_count()
+        for args in (["diff", DS, "hpc"], ["push", DS, "hpc", "-y"], ["diff", DS, "hpc"]):
+            r = tether(*args, cwd=ws.root)
+            assert r.exit_code in (0, 1), r.output
+        assert sshd.auth_count() - before == 1
+        assert relay.connections == 1
+        remote = open_remote(ws.workspace().remote("hpc"), workspace_root=ws.root)
+        remote.conn.connect()
+        remote.conn._stop_master()
+        remote.close()
+    finally:
+        relay.drop()
+        relay.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "true", '"60"'])
+def test_a_bad_control_persist_is_a_config_error(hpc: WorkspaceFixture, tether, value: str) -> None:
+    local = hpc.root / ".tether" / "config.local.toml"
+    local.write_text(local.read_text().replace("control_persist = 0", f"control_persist = {value}"))
+    r = tether("diff", DS, "hpc", cwd=hpc.root)
+    assert r.exit_code == 2, r.output
+    assert "option control_persist must be 0 or a number of seconds" in r.output
