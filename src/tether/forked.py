@@ -26,7 +26,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from tether.errors import ExitCode, TetherError
 
@@ -62,17 +62,6 @@ class WorkerDied(TetherError):
 
     exit_code = ExitCode.INTERRUPTED
     default_hint = "Rerun the same command: verified files are kept and the rest is copied again."
-
-
-class Outcome(Generic[R]):
-    """What the parent hears about one item: its result, or the error it raised."""
-
-    __slots__ = ("error", "index", "value")
-
-    def __init__(self, index: int, value: R | None, error: BaseException | None) -> None:
-        self.index = index
-        self.value = value
-        self.error = error
 
 
 def run_forked(
@@ -116,12 +105,12 @@ def run_forked(
         _die_with(parent)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         while (chunk := take()) is not None:
-            batch: list[Outcome[R]] = []
+            batch: list[tuple[int, R | None, BaseException | None]] = []  # (index, result, error)
             for index in range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(items))):
                 try:
-                    batch.append(Outcome(index, work(items[index]), None))
+                    batch.append((index, work(items[index]), None))
                 except BaseException as exc:
-                    batch.append(Outcome(index, None, _portable(exc)))
+                    batch.append((index, None, _portable(exc)))
                     if isinstance(exc, stop_on):
                         stop.value = 1
                         break
@@ -149,11 +138,11 @@ def run_forked(
                 except EOFError:
                     open_conns.remove(conn)
                     continue
-                for outcome in batch:
-                    reported[outcome.index] = 1
-                    if outcome.error is not None and isinstance(outcome.error, stop_on):
+                for index, value, error in batch:
+                    reported[index] = 1
+                    if isinstance(error, stop_on):
                         stop.value = 1
-                    on_outcome(items[outcome.index], outcome.value, outcome.error)
+                    on_outcome(items[index], value, error)
     except BaseException:
         stop.value = 1  # Ctrl-C here: workers finish their current file and leave
         raise

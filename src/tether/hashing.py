@@ -274,8 +274,11 @@ def hash_entries(
     # Cold small files: a read-ahead thread keeps the disk busy while the hashers wait on it
     # (20,000 files of 1-16 KiB, cold cache: 1.7-2.0 s with 2 hashing threads, 1.2-1.3 s with
     # the read-ahead; more threads instead were slower).
-    small = [str(root / entries[i].path) if entries[i].size <= READ_AHEAD_MAX else None for i in todo]
-    ahead = Prefetcher(small if len(todo) >= READ_AHEAD_MIN_FILES else [])
+    ahead = Prefetcher(
+        [str(root / entries[i].path) if entries[i].size <= READ_AHEAD_MAX else None for i in todo]
+        if len(todo) >= READ_AHEAD_MIN_FILES
+        else []
+    )
 
     def work(batch: list[int]) -> list[tuple[int, str]]:
         out = []

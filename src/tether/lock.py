@@ -279,13 +279,15 @@ def clear_dead_lock(remote: Remote, dataset_id: str, *, host: str) -> LockRecord
 
 
 @contextmanager
-def local_flock(path: Path, busy: str) -> Iterator[None]:
+def local_flock(path: Path, busy: str, *, wait: bool = False) -> Iterator[None]:
     """An exclusive flock on ``path`` for the block, or LockHeld(``busy``) at once: two runs on
-    this machine never change the same dataset together (the remote lease covers other hosts)."""
+    this machine never change the same dataset together (the remote lease covers other hosts).
+    ``wait`` waits for the holder instead (a short critical section, such as starting the
+    shared SSH master)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LockHeld(busy, hint="Wait for it to finish.") from None
         try:

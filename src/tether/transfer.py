@@ -40,6 +40,7 @@ from tether.remotes.base import (
     OnBytes,
     Remote,
     TransferItem,
+    ignore_bytes,
 )
 from tether.scan import StatEntry
 
@@ -119,10 +120,6 @@ class Done:
 
 DONE = Done()
 Work = Callable[[Change, OnBytes], Done]
-
-
-def _no_bytes(n: int) -> None:
-    pass
 
 
 def _record(result: BatchResult, change: Change, done: Done) -> None:
@@ -221,7 +218,7 @@ def _run_forked(
 
     forked.run_forked(
         items,
-        lambda change: work(change, _no_bytes),
+        lambda change: work(change, ignore_bytes),
         processes=processes,
         on_outcome=on_outcome,
         stop_on=WHOLE_RUN_FAILURES,

@@ -33,6 +33,10 @@ __all__ = [
 OnBytes = Callable[[int], None]
 
 
+def ignore_bytes(n: int) -> None:
+    """An OnBytes for work whose progress is counted elsewhere (a forked worker's: by file)."""
+
+
 @dataclass(frozen=True)
 class TransferItem:
     """One file of a batch: ``path`` on the remote, ``local`` the source (put) or the staging

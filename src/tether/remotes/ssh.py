@@ -54,6 +54,7 @@ from tether.errors import (
     VerificationError,
 )
 from tether.fileio import Prefetcher, check_source_state, os_error_to_tether
+from tether.lock import local_flock
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
 from tether.remotes import ssh_helper
@@ -246,16 +247,6 @@ def _shared_control_dir() -> str | None:
     return path
 
 
-@contextlib.contextmanager
-def _flocked(path: str) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 # -- the master connection ----------------------------------------------------------------------
 class SshConnection:
     """One ``ssh`` master per remote object; every other ssh call is multiplexed through it.
@@ -377,11 +368,15 @@ class SshConnection:
             self.socket = os.path.join(shared, self._socket_name())
             # Two runs starting at once must not both log in: the first starts the master, the
             # second waits here and borrows it.
-            with _flocked(f"{self.socket}.lock"):
+            with self._starting():
                 if self._alive():
                     self.borrowed = True
                     return
                 self._restart_master()
+
+    def _starting(self) -> contextlib.AbstractContextManager[None]:
+        """Runs on this machine start or replace the shared master one at a time."""
+        return local_flock(Path(f"{self.socket}.lock"), "starting the SSH master", wait=True)
 
     def _restart_master(self) -> None:
         """Start the shared master (under its lock), clearing a dead one's socket first: with
@@ -450,7 +445,7 @@ class SshConnection:
 
     def replace_borrowed(self) -> None:
         """The borrowed master's link is dead: stop it and log in afresh in its place."""
-        with self._lock, _flocked(f"{self.socket}.lock"):
+        with self._lock, self._starting():
             self.borrowed = False
             self._restart_master()
 

@@ -38,7 +38,7 @@ from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, Remote, TransferItem
+from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, Remote, TransferItem, ignore_bytes
 from tether.remotes.local import LocalRemote
 from tether.versioned.cache import Cache
 from tether.versioned.layout import (
@@ -345,7 +345,7 @@ def _transfer(
         if group[0].size < SMALL_FILE_BYTES and forked.worth_it(len(group), processes):
             # Many small objects on a local disk: forked workers (see tether.forked).
             forked.run_forked(
-                group, lambda i: move(i, _no_bytes), processes=processes, on_outcome=forked_outcome
+                group, lambda i: move(i, ignore_bytes), processes=processes, on_outcome=forked_outcome
             )
         elif workers <= 1:
             for item in group:
@@ -353,10 +353,6 @@ def _transfer(
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(one, group))
-
-
-def _no_bytes(n: int) -> None:
-    pass
 
 
 def _raise_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
