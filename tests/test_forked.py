@@ -164,3 +164,44 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
         assert not any(_alive(pid) for pid in pids), "workers outlived their killed parent"
     finally:
         parent.kill()
+
+
+# -- in_child: one computation in a forked child -------------------------------------------
+
+
+def test_in_child_returns_the_childs_result() -> None:
+    here = os.getpid()
+    assert forked.in_child(lambda: (os.getpid() != here, [("a b", 1, 2)])) == (True, [("a b", 1, 2)])
+
+
+def test_in_child_raises_the_childs_error_here() -> None:
+    def work() -> None:
+        raise DiskFullError("no space left on /scratch", hint="free some")
+
+    with pytest.raises(DiskFullError) as caught:
+        forked.in_child(work)
+    assert caught.value.message == "no space left on /scratch"
+    assert caught.value.hint == "free some"
+
+
+def test_in_child_unpicklable_error_keeps_its_text() -> None:
+    class Odd(Exception):
+        def __init__(self, a: int, b: int) -> None:  # pickling re-calls __init__ with one arg
+            super().__init__(f"odd {a} {b}")
+
+    def work() -> None:
+        raise Odd(1, 2)
+
+    with pytest.raises(TetherError, match="odd 1 2"):
+        forked.in_child(work)
+
+
+def test_in_child_killed_child_means_the_work_runs_here() -> None:
+    here = os.getpid()
+
+    def work() -> int:
+        if os.getpid() != here:
+            os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, say
+        return os.getpid()
+
+    assert forked.in_child(work) == here

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,15 @@ def test_scanned_names_survive_a_manifest_round_trip_or_are_refused(tmp_path: Pa
         return  # refused up front, before anything is transferred: fine
     manifest = Manifest(hash_entries(tmp_path, stats, HashCache(None)))
     assert Manifest.loads(manifest.dumps()) == manifest
+
+
+def test_keep_may_arrive_while_the_tree_is_walked(tmp_path: Path) -> None:
+    from concurrent.futures import Future
+
+    (tmp_path / "tracked.txt").write_text("x")
+    (tmp_path / "data.bin").write_text("y")
+    os.symlink("data.bin", tmp_path / "tracked-link")
+    later: Future[Callable[[str], bool]] = Future()
+    later.set_result(lambda rel: not rel.startswith("tracked"))
+    # the link is not tether's (keep rejects it), so it is not refused either
+    assert [e.path for e in scan_tree(tmp_path, keep=later)] == ["data.bin"]

@@ -159,6 +159,54 @@ def run_forked(
             on_outcome(items[index], None, WorkerDied(f"a copying process ended early ({detail})"))
 
 
+def in_child(work: Callable[[], R]) -> R:
+    """Return ``work()`` computed in one forked child process (its error is raised here).
+
+    For a walk that should overlap with this process's own: a thread walking a tree takes
+    turns on the GIL with the rest of the run around every stat() it makes, so two trees walked
+    in two threads took longer than one after the other (warm: 0.30 s against 0.19 s for 2 x
+    20,000 files). A child walks at full speed meanwhile, at ~4 ms for the fork. The result
+    crosses a pipe pickled, so it should be plain tuples, not objects (20,000 tuples: 10 ms).
+    Where fork is unavailable, or the child dies without an answer, the work runs here.
+    """
+    if not available():
+        return work()
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: see run_forked
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's exit skips coverage's own bookkeeping
+        try:
+            os.close(read_fd)
+            _die_with(parent)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                answer: tuple[bool, object] = (True, work())
+            except BaseException as exc:
+                answer = (False, _portable(exc))
+            with os.fdopen(write_fd, "wb") as out:
+                out.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as answer_pipe:
+            data = answer_pipe.read()
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)  # Ctrl-C: nobody waits for the answer any more
+        raise
+    finally:
+        os.waitpid(pid, 0)
+    try:
+        ok, value = pickle.loads(data)
+    except Exception:  # no answer or a torn one: the child was killed (OOM, say)
+        return work()
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
+
+
 def _die_with(parent: int) -> None:
     """Ask for SIGKILL when the parent dies; if it already has, go now."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -40,18 +41,31 @@ class ScanReport:
 def scan_tree(
     root: Path,
     *,
-    keep: Callable[[str], bool] = lambda _p: True,
+    keep: Callable[[str], bool] | Future[Callable[[str], bool]] = lambda _p: True,
     skip_symlinks: bool = False,
     report: ScanReport | None = None,
 ) -> list[StatEntry]:
     """Return every regular file below ``root`` that ``keep`` accepts, sorted in manifest order.
 
+    ``keep`` is applied after the walk, so it may still be in the making: a Future of it lets
+    ownership (a ``git ls-files`` that took 0.24 s on a cold start) be found while the tree is
+    walked. A link or special file that ``keep`` rejects is not tether's, so not refused.
     All refused paths are collected before raising, so the user fixes them in one go.
     """
     report = report if report is not None else ScanReport()
+    found: list[StatEntry] = []
+    odd: list[tuple[str, str | None]] = []  # (path, why refused; None: a symlink)
+    _walk(root, "", found, odd)
+    owned = keep.result() if isinstance(keep, Future) else keep
+    out = [st for st in found if owned(st.path)]
     refused: list[str] = []
-    out: list[StatEntry] = []
-    _walk(root, "", keep, skip_symlinks, report, refused, out)
+    for rel, why in odd:
+        if not owned(rel):
+            continue
+        if why is None and skip_symlinks:
+            report.skipped_symlinks.append(rel)
+        else:
+            refused.append(rel if why is None else why)
     if refused:
         sample = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
         raise ScanError(
@@ -65,16 +79,9 @@ def scan_tree(
     return out
 
 
-def _walk(
-    root: Path,
-    prefix: str,
-    keep: Callable[[str], bool],
-    skip_symlinks: bool,
-    report: ScanReport,
-    refused: list[str],
-    out: list[StatEntry],
-) -> None:
-    """Append the files below ``root/prefix`` to ``out``, depth first in name order.
+def _walk(root: Path, prefix: str, found: list[StatEntry], odd: list[tuple[str, str | None]]) -> None:
+    """Append the files below ``root/prefix`` to ``found`` (and what cannot be synced to
+    ``odd``), depth first in name order.
 
     Appending to one list, not yielding through a generator per folder level, saves ~6% of a
     20,000-file scan: each entry no longer climbs the chain of suspended generators.
@@ -100,21 +107,12 @@ def _walk(
             continue  # deleted while we walked: it is simply not there
         mode = st.st_mode
         if S_ISDIR(mode):
-            _walk(root, rel, keep, skip_symlinks, report, refused, out)
-            continue
-        if not keep(rel):
-            continue
-        if S_ISLNK(mode):
-            if skip_symlinks:
-                report.skipped_symlinks.append(rel)
-            else:
-                refused.append(rel)
-            continue
-        if not S_ISREG(mode):
-            refused.append(rel)
-            continue
-        reason = unsyncable_name_reason(rel)
-        if reason is not None:
-            refused.append(f"{rel.encode('utf-8', 'backslashreplace').decode()} ({reason})")
-            continue
-        out.append(StatEntry(rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+            _walk(root, rel, found, odd)
+        elif S_ISLNK(mode):
+            odd.append((rel, None))
+        elif not S_ISREG(mode):
+            odd.append((rel, rel))
+        elif (reason := unsyncable_name_reason(rel)) is not None:
+            odd.append((rel, f"{rel.encode('utf-8', 'backslashreplace').decode()} ({reason})"))
+        else:
+            found.append(StatEntry(rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
