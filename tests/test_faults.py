@@ -292,6 +292,26 @@ def test_pull_killed_then_rerun_converges(
     assert_lock_released(ws)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["downloaded:9", "promoted:1", f"promoted:{len(V1)}", "before_base:1"])
+def test_first_pull_killed_then_rerun_converges(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether, spec: str
+) -> None:
+    """Into an empty workspace, where the staged tree is promoted by one rename."""
+    write_tree(ws.data / DS, V1)
+    ok(tether, ws, MIRROR_PUSH)
+    run_killed(["pull", DS, "store", "-y"], ws2, spec)
+    dataset = ws2.data / DS
+    assert_whole(tree(dataset), {}, V1, f"local after kill at {spec}")
+    if spec.startswith("downloaded"):
+        assert tree(dataset) == {}
+    ok(tether, ws2, ["pull", DS, "store", "-y"])
+    assert_tree_equal(tree(dataset), V1, "local after rerun")
+    assert temp_files(ws2.root) == []
+    assert tree(ws2.workspace().staging_dir) == {}
+    assert tether("diff", DS, "store", cwd=ws2.root).exit_code == 0
+
+
 @pytest.mark.parametrize(("spec", "staged"), [("downloaded:5", 5), ("before_rename:6", 6)])
 def test_pull_rerun_reuses_verified_staged_files(
     ws: WorkspaceFixture, ws2: WorkspaceFixture, tether, spec: str, staged: int

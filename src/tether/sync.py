@@ -367,7 +367,9 @@ class RemoteState:
         return Manifest.from_entries(self.manifest.entries + self.unowned)
 
 
-def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> RemoteState:
+def scan_remote(
+    ctx: Context, *, fresh: dict[str, Entry] | None = None, progress: Progress | None = None
+) -> RemoteState:
     """The remote's real state: its listing, with digests from the index where it vouches.
 
     The index is a cache, never the truth: a file listed with a size or mtime the index does not
@@ -375,7 +377,8 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
     files is never trusted blindly. ``fresh`` holds entries this run just wrote and verified;
     they vouch only for a file with exactly the size and mtime this run gave it.
     """
-    ctx.progress.stage("listing remote")
+    progress = ctx.progress if progress is None else progress  # NO_PROGRESS: beside another stage
+    progress.stage("listing remote")
     listing, index = list_remote(ctx)
     known = index.by_path() if index else {}
     fresh = fresh or {}
@@ -402,7 +405,7 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
             unknown.append(st)
     comparisons: dict[str, str] = {}
     if unknown and not ctx.checksum and not ctx.remote.capabilities.server_side_hashing:
-        compared, unknown = _compare_foreign(ctx, unknown)
+        compared, unknown = _compare_foreign(ctx, unknown, progress)
         for c in compared:
             entries.append(c.entry)
             comparisons[c.entry.path] = c.comparison
@@ -412,23 +415,25 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
         ]
         unknown = []
     if unknown:
-        ctx.progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
+        progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
         digests = ctx.remote.hash_files(
             (f"{ctx.dataset.id}/{s.path}" for s in unknown), use_cache=not ctx.checksum
         )
         for st in unknown:
             entries.append(Entry(st.path, st.size, st.mtime_ns, digests[f"{ctx.dataset.id}/{st.path}"]))
-            ctx.progress.advance(files=1, bytes=st.size)
+            progress.advance(files=1, bytes=st.size)
     manifest = Manifest.from_entries(entries)
     current = index is not None and index.entries == Manifest.from_entries(entries + unowned).entries
     return RemoteState(manifest, bool(listing) or index is not None, current, unowned, comparisons)
 
 
-def _compare_foreign(ctx: Context, unknown: list[RemoteStat]) -> tuple[list[Compared], list[RemoteStat]]:
+def _compare_foreign(
+    ctx: Context, unknown: list[RemoteStat], progress: Progress
+) -> tuple[list[Compared], list[RemoteStat]]:
     """Objects the index cannot vouch for, on a store that cannot hash them for us: judge those
     whose local file has the same size by the ETag (MD5) or by size alone, reading only local
     bytes (see tether.foreign). The rest is hashed by download, as before."""
-    ctx.progress.stage("comparing remote by ETag", files=len(unknown))
+    progress.stage("comparing remote by ETag", files=len(unknown))
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
         compared, rest = compare_with_local(
@@ -716,19 +721,8 @@ def _run(
                 ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname
             ) as lease,
         ):
-            state_now = scan_remote(ctx)
-            remote_now = state_now.manifest
-            changed = remote_now.entries != remote_m.entries
-            if changed and make_plan(local, remote_now, base, options).fingerprint() != plan.fingerprint():
-                raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
-            ctx.remote.cleanup_temp(ctx.dataset.id)
-            faults.checkpoint("locked")
-            # -- execute, verify, record
             try:
-                if direction == Direction.PUSH:
-                    result, verification = _execute_push(ctx, plan, local, base, lease, state_now)
-                else:
-                    result, verification = _execute_pull(ctx, plan, local, remote_now, base)
+                result, verification = _execute_locked(ctx, direction, plan, local, remote_m, base, lease)
             except TetherError as exc:
                 record.state = "failed"
                 record.error = exc.message
@@ -741,6 +735,43 @@ def _run(
         result.raise_first()
         raise_if_failed(verification)
         return finished
+
+
+def _execute_locked(
+    ctx: Context,
+    direction: Direction,
+    plan: Plan,
+    local: Manifest,
+    remote_m: Manifest,
+    base: Manifest,
+    lease: Lease,
+) -> tuple[BatchResult, VerifyReport]:
+    """Under the lock: make sure the plan made before it still holds, then carry it out.
+
+    A pull writes only to staging until every file is verified, so where the backend allows,
+    it downloads while the remote is listed again (0.2-0.3 s per 20,000 files) and checks the
+    plan against that listing before anything is promoted.
+    """
+
+    def still_planned(state_now: RemoteState) -> RemoteState:
+        remote_now = state_now.manifest
+        changed = remote_now.entries != remote_m.entries
+        if changed and make_plan(local, remote_now, base, plan.options).fingerprint() != plan.fingerprint():
+            raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
+        return state_now
+
+    if direction == Direction.PULL and ctx.remote.capabilities.listing_alongside_transfers:
+        with ThreadPoolExecutor(1, thread_name_prefix="tether-recheck") as pool:
+            rescan = pool.submit(scan_remote, ctx, progress=NO_PROGRESS)
+            ctx.remote.cleanup_temp(ctx.dataset.id)
+            faults.checkpoint("locked")
+            return _execute_pull(ctx, plan, local, lambda: still_planned(rescan.result()).manifest, base)
+    state_now = still_planned(scan_remote(ctx))
+    ctx.remote.cleanup_temp(ctx.dataset.id)
+    faults.checkpoint("locked")
+    if direction == Direction.PUSH:
+        return _execute_push(ctx, plan, local, base, lease, state_now)
+    return _execute_pull(ctx, plan, local, lambda: state_now.manifest, base)
 
 
 def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification: VerifyReport) -> None:
@@ -827,10 +858,13 @@ def _state_after_push(ctx: Context, before: RemoteState, result: BatchResult) ->
 
 
 def _execute_pull(
-    ctx: Context, plan: Plan, local: Manifest, remote_m: Manifest, base: Manifest
+    ctx: Context, plan: Plan, local: Manifest, remote_now: Callable[[], Manifest], base: Manifest
 ) -> tuple[BatchResult, VerifyReport]:
+    """``remote_now`` gives the remote as seen under the lock, or raises StalePlanError if the
+    plan no longer holds; it is asked once everything is staged, before anything is promoted."""
     staging = _staging_dir(ctx)
     ctx.dataset.path.mkdir(parents=True, exist_ok=True)
+    seen: list[Manifest] = []
     result = pull_changes(
         ctx.remote,
         ctx.dataset.id,
@@ -839,7 +873,9 @@ def _execute_pull(
         plan.changes,
         jobs=ctx.jobs,
         progress=ctx.progress,
+        before_promotion=lambda: seen.append(remote_now()),
     )
+    remote_m = seen[0]
     # provisional digests of foreign objects, now known from their bytes
     remote_m = remote_m.with_digests(result.resolved)
     faults.checkpoint("before_base")

@@ -437,11 +437,14 @@ def pull_changes(
     *,
     jobs: int,
     progress: Progress = NO_PROGRESS,
+    before_promotion: Callable[[], object] = lambda: None,
 ) -> BatchResult:
     """Download into ``staging``, verify, and only if every file arrived promote them all.
 
     Verified staged files survive a failed or killed run, so the next run reuses them instead
-    of fetching them again over a flaky link.
+    of fetching them again over a flaky link. ``before_promotion`` runs once all downloads
+    ended (also after failures, whose cause it may explain better); an error from it stops
+    the run with nothing promoted.
     """
     changes = list(changes)
     result = BatchResult()
@@ -523,6 +526,7 @@ def pull_changes(
             result=result,
             source=None if local is None else lambda c: local.local_file(f"{dataset_id}/{c.path}"),
         )
+    before_promotion()
     if result.failed:
         # Promote nothing: the local dataset stays exactly as it was. What arrived stays staged
         # (verified) for the next run, but none of it counts as done.
@@ -541,10 +545,15 @@ def pull_changes(
     syncfs(staging)  # staged bytes are durable before they take their final names
     progress.stage("promoting", files=len(downloads) + len(deletes))
     root = os.fspath(local_root)
+    # Into an empty dataset folder, from a staging folder this run made (so holding exactly
+    # these downloads), one rename of the whole tree promotes everything (20,000 renames of
+    # single files: 0.3-0.45 s). rename() replaces only an empty folder; else file by file.
+    whole_tree = bool(downloads) and not deletes and not may_reuse and _rename_onto_empty(staging_s, root)
     for change in downloads:
         final = f"{root}/{change.path}"
-        ensure_dir(os.path.dirname(final))
-        os.replace(staged_path(change), final)
+        if not whole_tree:
+            ensure_dir(os.path.dirname(final))
+            os.replace(staged_path(change), final)
         faults.checkpoint("promoted")
         st = os.stat(final)  # after the rename, which changed its ctime
         result.landed[change.path] = StatEntry(
@@ -562,6 +571,15 @@ def pull_changes(
     syncfs(local_root)
     shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _rename_onto_empty(folder: str, empty: str) -> bool:
+    """Move ``folder`` to ``empty`` if that is an empty folder (atomically); else False."""
+    try:
+        os.rename(folder, empty)
+    except OSError:
+        return False  # not empty, a mount point, another filesystem: promote file by file
+    return True
 
 
 def _staged_ok(path: str, entry: Entry) -> bool:

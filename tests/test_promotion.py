@@ -1,0 +1,144 @@
+"""How a pull promotes what it staged: one rename of the whole tree into an empty dataset
+folder, file by file otherwise, and never before the plan is known to still hold."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+import tether
+from conftest import WorkspaceFixture
+from tether.errors import StalePlanError
+from tether.manifest import Entry
+from tether.plan import Action, Change, Status
+from tether.remotes import LocalRemote
+from tether.transfer import pull_changes
+
+
+def _remote_with(tmp_path: Path, files: dict[str, bytes]) -> tuple[LocalRemote, list[Change]]:
+    root = tmp_path / "remote"
+    changes = []
+    for rel, data in files.items():
+        path = root / "ds" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        st = path.stat()
+        entry = Entry(rel, st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest())
+        changes.append(Change(rel, Status.REMOTE_ONLY, Action.DOWNLOAD, None, entry, None, "new"))
+    return LocalRemote(str(root), root), changes
+
+
+FILES = {"records.parquet": b"p" * 100, "_derived/a.bin": b"a" * 10, "_derived/deep/b.bin": b"b"}
+
+
+def test_into_an_empty_folder_the_staged_tree_is_renamed_whole(tmp_path: Path) -> None:
+    remote, changes = _remote_with(tmp_path, FILES)
+    local, staging = tmp_path / "local", tmp_path / "staging"
+    local.mkdir()
+    staged_inode: list[int] = []
+    result = pull_changes(
+        remote,
+        "ds",
+        local,
+        staging,
+        changes,
+        jobs=1,
+        before_promotion=lambda: staged_inode.append(staging.stat().st_ino),
+    )
+    assert not result.failed
+    assert local.stat().st_ino == staged_inode[0]  # the staging folder itself became the dataset
+    assert not staging.exists()
+    assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()} == FILES
+    for rel, st in result.landed.items():  # what the hash cache learns is the file as it is now
+        now = os.stat(local / rel)
+        assert (st.inode, st.size, st.mtime_ns, st.ctime_ns) == (
+            now.st_ino,
+            now.st_size,
+            now.st_mtime_ns,
+            now.st_ctime_ns,
+        )
+
+
+def test_a_leftover_staged_file_outside_the_plan_is_never_promoted(tmp_path: Path) -> None:
+    remote, changes = _remote_with(tmp_path, FILES)
+    local, staging = tmp_path / "local", tmp_path / "staging"
+    local.mkdir()
+    (staging / "_derived").mkdir(parents=True)
+    (staging / "_derived/old.bin").write_bytes(b"from an earlier plan")
+    result = pull_changes(remote, "ds", local, staging, changes, jobs=1)
+    assert not result.failed
+    assert not (local / "_derived/old.bin").exists()
+    assert {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()} == set(FILES)
+
+
+def test_into_a_folder_with_other_files_each_file_is_moved(tmp_path: Path) -> None:
+    remote, changes = _remote_with(tmp_path, FILES)
+    local, staging = tmp_path / "local", tmp_path / "staging"
+    local.mkdir()
+    (local / "notes.md").write_text("git owns this")  # say, a tracked file tether leaves alone
+    result = pull_changes(remote, "ds", local, staging, changes, jobs=1)
+    assert not result.failed
+    assert (local / "notes.md").read_text() == "git owns this"
+    assert all((local / rel).read_bytes() == data for rel, data in FILES.items())
+
+
+def test_an_error_before_promotion_promotes_nothing(tmp_path: Path) -> None:
+    remote, changes = _remote_with(tmp_path, FILES)
+    local, staging = tmp_path / "local", tmp_path / "staging"
+    local.mkdir()
+
+    def stale() -> None:
+        raise StalePlanError("the remote copy changed after the plan was made")
+
+    with pytest.raises(StalePlanError):
+        pull_changes(remote, "ds", local, staging, changes, jobs=1, before_promotion=stale)
+    assert list(local.iterdir()) == []
+    assert {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()} == set(FILES)
+
+
+# -- the plan is checked again under the lock -------------------------------------------------
+
+
+def _change_the_remote(ws: WorkspaceFixture) -> None:
+    target = ws.remote_file("a.txt")
+    target.write_text("edited on the remote after the plan")
+
+
+def test_pull_refuses_when_the_remote_changed_after_the_plan(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture
+) -> None:
+    ws.write("a.txt", "A")
+    ws.write("b.txt", "B")
+    tether.push("ns/ds", "store", workspace=ws.root)
+    ws.write("b.txt", "B2")
+    tether.push("ns/ds", "store", workspace=ws.root)
+
+    def meanwhile(plan: object) -> bool:
+        _change_the_remote(ws)  # another writer, between the plan and the lock
+        return True
+
+    with pytest.raises(StalePlanError, match="changed after the plan") as info:
+        tether.pull("ns/ds", "store", workspace=ws2.root, confirm=meanwhile)
+    assert info.value.exit_code == 3
+    assert not (ws2.data / "ns/ds").exists() or list((ws2.data / "ns/ds").iterdir()) == []
+    result = tether.pull("ns/ds", "store", workspace=ws2.root)  # the rerun plans afresh
+    assert result.state == "transferred"
+    assert (ws2.data / "ns/ds/a.txt").read_text() == "edited on the remote after the plan"
+
+
+def test_push_refuses_when_the_remote_changed_after_the_plan(ws: WorkspaceFixture) -> None:
+    ws.write("a.txt", "A")
+    tether.push("ns/ds", "store", workspace=ws.root)
+    ws.write("c.txt", "C")
+
+    def meanwhile(plan: object) -> bool:
+        _change_the_remote(ws)
+        return True
+
+    with pytest.raises(StalePlanError, match="changed after the plan"):
+        tether.push("ns/ds", "store", workspace=ws.root, confirm=meanwhile)
+    assert not ws.remote_file("c.txt").exists()
+    assert ws.remote_file("a.txt").read_text() == "edited on the remote after the plan"
