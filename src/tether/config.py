@@ -13,13 +13,15 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
-import tomlkit
 
 from tether.errors import ConfigError
 from tether.fileio import write_bytes_atomic
+
+if TYPE_CHECKING:
+    import tomlkit
 
 WORKSPACE_FILE = "tether.toml"
 LOCAL_FILE = "config.local.toml"
@@ -224,6 +226,8 @@ def _defining_layer(files: list[Path], remote: str) -> str:
 
 
 def default_workspace_toml(data_root: str) -> str:
+    import tomlkit  # here and below: only commands that write TOML pay its 5 ms of import
+
     doc = tomlkit.document()
     doc.add(tomlkit.comment("tether workspace: git owns code, tether owns data."))
     core = tomlkit.table()
@@ -240,6 +244,8 @@ def default_workspace_toml(data_root: str) -> str:
 
 
 def edit_toml(path: Path) -> tomlkit.TOMLDocument:
+    import tomlkit
+
     try:
         return tomlkit.parse(path.read_text()) if path.exists() else tomlkit.document()
     except tomlkit.exceptions.ParseError as exc:
@@ -247,4 +253,6 @@ def edit_toml(path: Path) -> tomlkit.TOMLDocument:
 
 
 def write_toml_atomic(path: Path, doc: tomlkit.TOMLDocument) -> None:
+    import tomlkit
+
     write_bytes_atomic(path, tomlkit.dumps(doc).encode())

@@ -22,8 +22,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TypedDict, Unpack
 
-import pathspec
-
 from tether import audit, faults, fidelity
 from tether.errors import (
     DatasetNotFound,
@@ -127,6 +125,8 @@ class Context:
         if not self.profile.exclude:
             # Called for every file on both sides: skip the scope test when the run has none.
             return owned if whole else lambda rel: owned(rel) and in_scope(rel)
+        import pathspec  # here: most runs have no profile excludes (see Workspace.ownership)
+
         excluded = pathspec.GitIgnoreSpec.from_lines(self.profile.exclude)
         return lambda rel: owned(rel) and in_scope(rel) and not excluded.match_file(rel)
 

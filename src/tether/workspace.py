@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import pathspec
-
 from tether.config import (
     WORKSPACE_FILE,
     RemoteConfig,
@@ -238,12 +236,14 @@ class Workspace:
     def ownership(self, dataset: Dataset) -> Callable[[str], bool]:
         """Predicate over dataset-relative paths: does tether own (sync) this file?"""
         rules = self.settings.sync
-        include = pathspec.GitIgnoreSpec.from_lines(rules.include or ["**"])
-        exclude = pathspec.GitIgnoreSpec.from_lines(rules.exclude)
         tracked = self._git_tracked(dataset.path) if rules.exclude_git_tracked else frozenset()
-
         if tuple(rules.include) in ((), ("**",)) and not rules.exclude:
             return lambda rel: rel not in tracked  # the default rules: no pattern matching per file
+
+        import pathspec  # here: 10 ms of start-up that the default rules never need
+
+        include = pathspec.GitIgnoreSpec.from_lines(rules.include or ["**"])
+        exclude = pathspec.GitIgnoreSpec.from_lines(rules.exclude)
 
         def keep(rel: str) -> bool:
             return include.match_file(rel) and not exclude.match_file(rel) and rel not in tracked
