@@ -50,7 +50,8 @@ class Cache:
         return self.root / object_path(digest)
 
     def has(self, digest: str) -> bool:
-        return self.object_file(digest).is_file()
+        # A plain string: pathlib costs more than the stat when a pull asks for 20,000 objects.
+        return os.path.isfile(f"{self.root}/{object_path(digest)}")
 
     def temp_path(self) -> Path:
         """A name in the cache's own folder (same filesystem as the objects: rename is atomic)."""

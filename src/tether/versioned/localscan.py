@@ -8,6 +8,7 @@ addition: a symlink that ``checkout --link symlink`` made into the cache is the 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from tether.errors import ScanError
@@ -90,16 +91,17 @@ def scan_dataset(
 def remember_digests(ws: Workspace, dataset: Dataset, done: list[Entry]) -> None:
     """Files checkout just wrote were verified: seed the hash cache so the next scan skips them."""
     hc = HashCache(ws.hash_cache_path)
+    prefix = f"{dataset.path}/"
     try:
         for e in done:
-            path = dataset.path / e.path
+            path = prefix + e.path  # plain strings: pathlib cost more than the lstat here
             try:
-                st = path.lstat()
+                st = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if not os.path.islink(path):
+            if not stat.S_ISLNK(st.st_mode):
                 hc.put(
-                    f"{dataset.path}/{e.path}",
+                    path,
                     st.st_ino,
                     st.st_size,
                     st.st_mtime_ns,
