@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tether import hashing
+from tether import forked, hashing
+from tether.errors import StalePlanError
 from tether.hashing import (
     RACY_WINDOW_NS,
     HashCache,
@@ -388,3 +389,64 @@ def test_many_connections_opening_one_cache_at_once(tmp_path: Path) -> None:
     cache = HashCache(db)
     assert len(cache._db.execute("SELECT path FROM digests_v2").fetchall()) == 8
     cache.close()
+
+
+# -- many small files: forked workers ------------------------------------------------------------
+
+
+@pytest.fixture
+def forked_from_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not forked.available():
+        pytest.skip("forked workers are Linux-only")
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", "1")
+
+
+def test_many_small_files_are_hashed_in_worker_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked_from_one: None
+) -> None:
+    data = tmp_path / "data"
+    rng = random.Random(3)
+    for i in range(300):
+        write(data / f"d{i % 7}" / f"f{i:03}", rng.randbytes(rng.randrange(0, 5000)))
+    write(data / "big", rng.randbytes(hashing.READ_AHEAD_MAX + 1))  # large files stay in threads
+    pids = tmp_path / "pids"
+    real = hashing.digest_file_stat
+
+    def logging_pid(path: Path) -> tuple[str, object]:
+        with open(pids, "a") as log:
+            log.write(f"{os.getpid()} {Path(path).name}\n")
+        return real(path)
+
+    monkeypatch.setattr(hashing, "digest_file_stat", logging_pid)
+    cache = HashCache(None)
+    calls: list[tuple[int, int]] = []
+    out = run(data, cache, on_hashed=lambda f, b: calls.append((f, b)))
+    assert all(e.digest == sha((data / e.path).read_bytes()) for e in out)
+    assert (sum(f for f, _ in calls), sum(b for _, b in calls)) == (301, sum(e.size for e in out))
+    readers = {line.split()[1]: int(line.split()[0]) for line in pids.read_text().splitlines()}
+    assert readers["big"] == os.getpid()
+    small = {pid for name, pid in readers.items() if name != "big"}
+    assert os.getpid() not in small and len(small) > 1
+    pids.unlink()
+    assert [e.digest for e in run(data, cache)] == [e.digest for e in out]  # all cached here
+    assert not pids.exists()
+
+
+def test_a_file_gone_while_workers_hash_is_a_stale_plan(tmp_path: Path, forked_from_one: None) -> None:
+    for i in range(20):
+        write(tmp_path / f"f{i:02}", b"x" * i)
+    stats = scan_tree(tmp_path)
+    (tmp_path / "f07").unlink()
+    with pytest.raises(StalePlanError, match="f07 disappeared"):
+        hash_entries(tmp_path, stats, HashCache(None))
+
+
+def test_a_file_changed_while_workers_hash_it_is_not_cached(tmp_path: Path, forked_from_one: None) -> None:
+    for i in range(20):
+        write(tmp_path / f"f{i:02}", b"x" * i)
+    stats = scan_tree(tmp_path)
+    write(tmp_path / "f03", b"rewritten", mtime_ns=OLD_NS + 5)  # after the scan, before the hashing
+    cache = HashCache(None)
+    hash_entries(tmp_path, stats, cache)
+    keys = [(s.path, s.inode, s.size, s.mtime_ns, s.ctime_ns) for s in stats]
+    assert set(cache.get_many(keys)) == {s.path for s in stats} - {"f03"}

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tether import forked
 from tether.errors import StalePlanError
 from tether.manifest import DEFAULT_ALGORITHM, Entry
 from tether.readahead import Prefetcher
@@ -227,9 +228,13 @@ def _hits(keys: Sequence[tuple[int | str, ...]], rows: dict[str, Row]) -> dict[s
 
 
 ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
+Hashed = tuple[str, tuple[int, int, int], int]  # digest, (size, mtime, ctime) after, started
 
 READ_AHEAD_MIN_FILES = 64
 READ_AHEAD_MAX = 1024 * 1024  # files larger than this are read in big chunks: no read-ahead
+# Worker processes for many small files (see tether.forked): cold, 20,000 files of 1-16 KiB
+# were hashed in 1.2-1.45 s by threads with read-ahead (their reads and the GIL take turns).
+HASH_PROCESSES = 8
 BATCH_FILES = 64  # small files per hashing task: a task (future, GIL hand-off) per file costs
 BATCH_BYTES = 8 * 1024 * 1024  # more than hashing a 4 KiB file; large files go one per task
 
@@ -271,6 +276,57 @@ def hash_entries(
         cached = [e for e, d in zip(entries, digests, strict=True) if d is not None]
         on_hashed(len(cached), sum(e.size for e in cached))
 
+    def hash_one(i: int) -> Hashed:
+        """(digest, the file's (size, mtime, ctime) after reading, when reading started)."""
+        e = entries[i]
+        started = time.time_ns()
+        try:
+            digest, st = digest_file_stat(root / e.path)
+        except FileNotFoundError:
+            raise StalePlanError(f"{e.path} disappeared while it was being scanned") from None
+        return digest, (st.st_size, st.st_mtime_ns, st.st_ctime_ns), started
+
+    def remember(i: int, digest: str, after: tuple[int, int, int], started: int) -> None:
+        e = entries[i]
+        # A file changed while we read it: hash it again from its new state on the next run.
+        if after == (e.size, e.mtime_ns, e.ctime_ns):
+            key = cache_prefix + e.path
+            cache.put(key, e.inode, e.size, e.mtime_ns, digest, started, ctime_ns=e.ctime_ns)
+
+    def work(batch: list[int]) -> list[tuple[int, str]]:
+        out = []
+        for i in batch:
+            ahead.consumed()
+            digest, after, started = hash_one(i)
+            remember(i, digest, after, started)
+            out.append((i, digest))
+        return out
+
+    small = [i for i in todo if entries[i].size <= READ_AHEAD_MAX]
+    if forked.worth_it(len(small), HASH_PROCESSES):
+        # Many small files: forked workers read and hash them, this process keeps the cache.
+        errors: list[BaseException] = []
+
+        def on_outcome(i: int, value: Hashed | None, error: BaseException | None) -> None:
+            if error is not None:
+                errors.append(error)
+                return
+            assert value is not None
+            digests[i] = value[0]
+            remember(i, *value)
+            if on_hashed:
+                on_hashed(1, entries[i].size)
+
+        try:
+            forked.run_forked(
+                small, hash_one, processes=HASH_PROCESSES, on_outcome=on_outcome, stop_on=(StalePlanError,)
+            )
+        finally:
+            cache.flush()
+        if errors:
+            raise errors[0]
+        todo = [i for i in todo if entries[i].size > READ_AHEAD_MAX]
+
     # Cold small files: a read-ahead thread keeps the disk busy while the hashers wait on it
     # (20,000 files of 1-16 KiB, cold cache: 1.7-2.0 s with 2 hashing threads, 1.2-1.3 s with
     # the read-ahead; more threads instead were slower).
@@ -279,24 +335,6 @@ def hash_entries(
         if len(todo) >= READ_AHEAD_MIN_FILES
         else []
     )
-
-    def work(batch: list[int]) -> list[tuple[int, str]]:
-        out = []
-        for i in batch:
-            ahead.consumed()
-            e = entries[i]
-            started = time.time_ns()
-            try:
-                digest, st = digest_file_stat(root / e.path)
-            except FileNotFoundError:
-                raise StalePlanError(f"{e.path} disappeared while it was being scanned") from None
-            # A file changed while we read it: hash it again from its new state on the next run.
-            if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (e.size, e.mtime_ns, e.ctime_ns):
-                cache.put(
-                    cache_prefix + e.path, e.inode, e.size, e.mtime_ns, digest, started, ctime_ns=e.ctime_ns
-                )
-            out.append((i, digest))
-        return out
 
     if todo:
         try:
