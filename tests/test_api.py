@@ -263,3 +263,50 @@ def test_id_is_not_shadowed_by_a_folder_in_the_cwd(ws: WorkspaceFixture, elsewhe
     result = tether.diff("ns/ds", "store", workspace=ws.root)
     assert result.dataset.path == ws.data / "ns/ds"
     assert result.dataset.id == "ns/ds"
+
+
+# -- the remote's check runs beside the local walk -----------------------------------------------
+def test_the_remote_is_checked_while_the_local_tree_is_walked(
+    ws: WorkspaceFixture, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logging in to a cluster and walking 20,000 local files each take about half a second:
+    the check must not wait for the walk, nor the walk for the check."""
+    import threading
+
+    import tether.remotes.local as local_backend
+    import tether.sync as sync_module
+
+    ws.write("a.txt", "A")
+    walking = threading.Event()
+    real_check, real_scan = local_backend.LocalRemote.check, sync_module.scan_tree
+
+    def check_during_walk(self) -> None:  # type: ignore[no-untyped-def]
+        assert walking.wait(timeout=30), "the check waited for the walk to end"
+        real_check(self)
+
+    def walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        walking.set()
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(local_backend.LocalRemote, "check", check_during_walk)
+    monkeypatch.setattr(sync_module, "scan_tree", walk)
+    assert tether.push("ns/ds", "store", workspace=ws.root).state == "transferred"
+    assert tether.diff("ns/ds", "store", workspace=ws.root).in_sync
+
+
+def test_an_unreachable_remote_is_reported_before_anything_is_hashed(
+    ws: WorkspaceFixture, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tether.sync as sync_module
+
+    ws.write("a.txt", "A")
+    ws.remote_dir.rmdir()  # an unmounted share, say
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("hashed before the remote's check failed")
+
+    monkeypatch.setattr(sync_module, "hash_entries", never)
+    for call in (tether.diff, tether.push, tether.pull):
+        with pytest.raises(RemoteUnavailable, match="does not exist") as info:
+            call("ns/ds", "store", workspace=ws.root)
+        assert info.value.exit_code == 5

@@ -1,5 +1,5 @@
 """How a pull promotes what it staged: one rename of the whole tree into an empty dataset
-folder, file by file otherwise, and never before the plan is known to still hold."""
+folder, file by file otherwise; and a plan that went stale before the lock is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 import tether
 from conftest import WorkspaceFixture
+from tether import transfer
 from tether.errors import StalePlanError
 from tether.manifest import Entry
 from tether.plan import Action, Change, Status
@@ -34,20 +35,21 @@ def _remote_with(tmp_path: Path, files: dict[str, bytes]) -> tuple[LocalRemote, 
 FILES = {"records.parquet": b"p" * 100, "_derived/a.bin": b"a" * 10, "_derived/deep/b.bin": b"b"}
 
 
-def test_into_an_empty_folder_the_staged_tree_is_renamed_whole(tmp_path: Path) -> None:
+def test_into_an_empty_folder_the_staged_tree_is_renamed_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     remote, changes = _remote_with(tmp_path, FILES)
     local, staging = tmp_path / "local", tmp_path / "staging"
     local.mkdir()
     staged_inode: list[int] = []
-    result = pull_changes(
-        remote,
-        "ds",
-        local,
-        staging,
-        changes,
-        jobs=1,
-        before_promotion=lambda: staged_inode.append(staging.stat().st_ino),
-    )
+    real = transfer._rename_onto_empty
+
+    def spy(folder: str, empty: str) -> bool:
+        staged_inode.append(os.stat(folder).st_ino)
+        return real(folder, empty)
+
+    monkeypatch.setattr(transfer, "_rename_onto_empty", spy)
+    result = pull_changes(remote, "ds", local, staging, changes, jobs=1)
     assert not result.failed
     assert local.stat().st_ino == staged_inode[0]  # the staging folder itself became the dataset
     assert not staging.exists()
@@ -83,20 +85,6 @@ def test_into_a_folder_with_other_files_each_file_is_moved(tmp_path: Path) -> No
     assert not result.failed
     assert (local / "notes.md").read_text() == "git owns this"
     assert all((local / rel).read_bytes() == data for rel, data in FILES.items())
-
-
-def test_an_error_before_promotion_promotes_nothing(tmp_path: Path) -> None:
-    remote, changes = _remote_with(tmp_path, FILES)
-    local, staging = tmp_path / "local", tmp_path / "staging"
-    local.mkdir()
-
-    def stale() -> None:
-        raise StalePlanError("the remote copy changed after the plan was made")
-
-    with pytest.raises(StalePlanError):
-        pull_changes(remote, "ds", local, staging, changes, jobs=1, before_promotion=stale)
-    assert list(local.iterdir()) == []
-    assert {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()} == set(FILES)
 
 
 # -- the plan is checked again under the lock -------------------------------------------------

@@ -14,9 +14,11 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -94,7 +96,7 @@ class Context:
     workspace: Workspace
     dataset: Dataset
     remote_name: str
-    remote: Remote
+    backend: Remote  # as opened: its check may still run (use ``remote`` for anything but facts)
     progress: Progress = NO_PROGRESS
     jobs: int = DEFAULT_JOBS
     checksum: bool = False
@@ -112,6 +114,19 @@ class Context:
     # Local files a push copies without hashing them first, with their scanned state (the copy
     # hashes them and refuses a file no longer in this state): see scan_local.
     unhashed: dict[str, StatEntry] = field(default_factory=dict)
+    # The remote's check (connect, log in, look at the base folder), running in a thread while
+    # the local tree is walked: an SSH login and helper start took 0.45-0.55 s, as long as the
+    # walk of 20,000 cold files. None once it passed.
+    checking: Future[None] | None = None
+
+    @property
+    def remote(self) -> Remote:
+        """The remote, once its check passed (its error, if it failed)."""
+        checking = self.checking
+        if checking is not None:
+            checking.result()
+            self.checking = None
+        return self.backend
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
@@ -146,7 +161,10 @@ class Context:
         return local_reader(self.dataset.path / rel)
 
     def close(self) -> None:
-        self.remote.close()
+        if self.checking is not None:
+            # Closing under a running check would race its connect: let it end first.
+            futures_wait([self.checking])
+        self.backend.close()
 
 
 class ContextOptions(TypedDict, total=False):
@@ -184,11 +202,6 @@ def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions
     if verify not in VERIFY_MODES:
         raise UsageError(f"--verify {verify!r} is not one of {', '.join(VERIFY_MODES)}")
     remote = open_remote(ws.remote(remote_name), workspace_root=ws.root)
-    try:
-        remote.check()
-    except BaseException:
-        remote.close()  # an SSH master or helper must not outlive a failed check
-        raise
     ctx = Context(
         ws,
         dataset,
@@ -202,11 +215,28 @@ def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions
         scope=scope,
         verify=verify,
         verify_sidecars=options.get("verify_sidecars", True),
+        checking=_check_in_background(remote),
     )
     try:
         yield ctx
     finally:
-        ctx.close()
+        ctx.close()  # an SSH master or helper must not outlive the run, nor a failed check
+
+
+def _check_in_background(remote: Remote) -> Future[None]:
+    """Start ``remote.check()`` in a thread; Context.remote waits for it (and raises its error)."""
+    checking: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            remote.check()
+        except BaseException as exc:
+            checking.set_exception(exc)
+        else:
+            checking.set_result(None)
+
+    threading.Thread(target=run, name="tether-remote-check", daemon=True).start()
+    return checking
 
 
 def _scope(dataset: Dataset, profile: DatasetProfile, primary_only: bool, skip: tuple[str, ...]) -> Scope:
@@ -244,6 +274,9 @@ def scan_local(ctx: Context, *, held_elsewhere: Callable[[], set[str]] | None = 
         # Ownership asks git (a cold start of git took 0.24 s): let it answer during the walk.
         owned = pool.submit(lambda: ctx.keep)
         stats = scan_tree(ds.path, keep=owned, skip_symlinks=ctx.skip_symlinks, report=ctx.scan_report)
+    # The walk overlapped the remote's check; hashing can take minutes, so an unreachable or
+    # refusing remote is reported now, not after it.
+    ctx.remote  # noqa: B018 - waits for the check, raises its error
     for link in ctx.scan_report.skipped_symlinks:
         ctx.progress.message(f"skipped symlink {link}")
     if held_elsewhere is not None:
@@ -367,9 +400,7 @@ class RemoteState:
         return Manifest.from_entries(self.manifest.entries + self.unowned)
 
 
-def scan_remote(
-    ctx: Context, *, fresh: dict[str, Entry] | None = None, progress: Progress | None = None
-) -> RemoteState:
+def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> RemoteState:
     """The remote's real state: its listing, with digests from the index where it vouches.
 
     The index is a cache, never the truth: a file listed with a size or mtime the index does not
@@ -377,7 +408,7 @@ def scan_remote(
     files is never trusted blindly. ``fresh`` holds entries this run just wrote and verified;
     they vouch only for a file with exactly the size and mtime this run gave it.
     """
-    progress = ctx.progress if progress is None else progress  # NO_PROGRESS: beside another stage
+    progress = ctx.progress
     progress.stage("listing remote")
     listing, index = list_remote(ctx)
     known = index.by_path() if index else {}
@@ -622,7 +653,7 @@ def _new_record(
         operation=operation,
         dataset=ctx.dataset.id,
         remote=ctx.remote_name,
-        remote_url=ctx.remote.url,
+        remote_url=ctx.backend.url,
         mode=mode.value,
         state=state,
         started=started,
@@ -655,13 +686,14 @@ def _run(
         # -- scan both sides, plan
         local_exists = ctx.dataset.path.is_dir()
         if direction == Direction.PUSH and not local_exists:
+            ctx.remote  # noqa: B018 - a remote that fails its check is reported first, as ever
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
         if direction == Direction.PUSH:
             fidelity.require_local_primary(ctx)
         base = load_base(ctx)
         # A first push to a backend that hashes what it sends reads each new file once.
         copies_hashing = (
-            direction == Direction.PUSH and not dry_run and ctx.remote.capabilities.hash_on_write_max > 0
+            direction == Direction.PUSH and not dry_run and ctx.backend.capabilities.hash_on_write_max > 0
         )
         local, remote_state = scan_both(ctx, base=base if copies_hashing else None)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
@@ -748,30 +780,21 @@ def _execute_locked(
 ) -> tuple[BatchResult, VerifyReport]:
     """Under the lock: make sure the plan made before it still holds, then carry it out.
 
-    A pull writes only to staging until every file is verified, so where the backend allows,
-    it downloads while the remote is listed again (0.2-0.3 s per 20,000 files) and checks the
-    plan against that listing before anything is promoted.
+    The look under the lock comes before any transfer. (Tried: a pull listing the remote again
+    while it downloads, checked before promotion. It saved no time on a 2-core machine, and a
+    file changing on the remote during the download, such as a ledger a job appends to, was
+    then reported either as a stale plan or as a failed digest, depending on timing.)
     """
-
-    def still_planned(state_now: RemoteState) -> RemoteState:
-        remote_now = state_now.manifest
-        changed = remote_now.entries != remote_m.entries
-        if changed and make_plan(local, remote_now, base, plan.options).fingerprint() != plan.fingerprint():
-            raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
-        return state_now
-
-    if direction == Direction.PULL and ctx.remote.capabilities.listing_alongside_transfers:
-        with ThreadPoolExecutor(1, thread_name_prefix="tether-recheck") as pool:
-            rescan = pool.submit(scan_remote, ctx, progress=NO_PROGRESS)
-            ctx.remote.cleanup_temp(ctx.dataset.id)
-            faults.checkpoint("locked")
-            return _execute_pull(ctx, plan, local, lambda: still_planned(rescan.result()).manifest, base)
-    state_now = still_planned(scan_remote(ctx))
+    state_now = scan_remote(ctx)
+    remote_now = state_now.manifest
+    changed = remote_now.entries != remote_m.entries
+    if changed and make_plan(local, remote_now, base, plan.options).fingerprint() != plan.fingerprint():
+        raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
     ctx.remote.cleanup_temp(ctx.dataset.id)
     faults.checkpoint("locked")
     if direction == Direction.PUSH:
         return _execute_push(ctx, plan, local, base, lease, state_now)
-    return _execute_pull(ctx, plan, local, lambda: state_now.manifest, base)
+    return _execute_pull(ctx, plan, local, remote_now, base)
 
 
 def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification: VerifyReport) -> None:
@@ -858,13 +881,10 @@ def _state_after_push(ctx: Context, before: RemoteState, result: BatchResult) ->
 
 
 def _execute_pull(
-    ctx: Context, plan: Plan, local: Manifest, remote_now: Callable[[], Manifest], base: Manifest
+    ctx: Context, plan: Plan, local: Manifest, remote_m: Manifest, base: Manifest
 ) -> tuple[BatchResult, VerifyReport]:
-    """``remote_now`` gives the remote as seen under the lock, or raises StalePlanError if the
-    plan no longer holds; it is asked once everything is staged, before anything is promoted."""
     staging = _staging_dir(ctx)
     ctx.dataset.path.mkdir(parents=True, exist_ok=True)
-    seen: list[Manifest] = []
     result = pull_changes(
         ctx.remote,
         ctx.dataset.id,
@@ -873,9 +893,7 @@ def _execute_pull(
         plan.changes,
         jobs=ctx.jobs,
         progress=ctx.progress,
-        before_promotion=lambda: seen.append(remote_now()),
     )
-    remote_m = seen[0]
     # provisional digests of foreign objects, now known from their bytes
     remote_m = remote_m.with_digests(result.resolved)
     faults.checkpoint("before_base")

@@ -437,14 +437,11 @@ def pull_changes(
     *,
     jobs: int,
     progress: Progress = NO_PROGRESS,
-    before_promotion: Callable[[], object] = lambda: None,
 ) -> BatchResult:
     """Download into ``staging``, verify, and only if every file arrived promote them all.
 
     Verified staged files survive a failed or killed run, so the next run reuses them instead
-    of fetching them again over a flaky link. ``before_promotion`` runs once all downloads
-    ended (also after failures, whose cause it may explain better); an error from it stops
-    the run with nothing promoted.
+    of fetching them again over a flaky link.
     """
     changes = list(changes)
     result = BatchResult()
@@ -526,7 +523,6 @@ def pull_changes(
             result=result,
             source=None if local is None else lambda c: local.local_file(f"{dataset_id}/{c.path}"),
         )
-    before_promotion()
     if result.failed:
         # Promote nothing: the local dataset stays exactly as it was. What arrived stays staged
         # (verified) for the next run, but none of it counts as done.

@@ -86,10 +86,6 @@ class Capabilities:
     # bytes it sends (HashingUpload.put_file_hashing, or put_many items carrying
     # manifest.UNHASHED and their scanned state), so a first push reads each file once. 0: never.
     hash_on_write_max: int = 0
-    # The dataset may be listed from another thread while this remote object transfers files
-    # (a pull re-lists under the lock while it downloads: see sync._run). False where one
-    # connection carries both (SSH's helper answers one request at a time).
-    listing_alongside_transfers: bool = False
 
 
 SMALL_FILE_BYTES = 1024 * 1024
