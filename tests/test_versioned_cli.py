@@ -454,39 +454,45 @@ def test_interrupted_push_leaves_no_snapshot_pointing_at_missing_objects(
 
 
 # -- interrupted pull -----------------------------------------------------------------------------
+def pull_killed_at(
+    point: str, files: dict[str, bytes], vws: WorkspaceFixture, tmp_path: Path, tether: Tether
+) -> WorkspaceFixture:
+    """Push ``files`` as a snapshot, then kill a fresh clone's first pull at ``point``."""
+    commit_version(vws, tether, files, "v1")
+    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
+    other = clone(vws, tmp_path)
+    r = run_subprocess(["pull", DS, "store"], other.root, env={"TETHER_FAULT_KILL_AT": point})
+    assert r.exit_code == -9, r.output
+    return other
+
+
+def assert_rerun_pulls(other: WorkspaceFixture, files: dict[str, bytes]) -> None:
+    r = run_subprocess(["pull", DS, "store"], other.root)
+    assert r.exit_code == 0, r.output
+    assert tree(other.data / DS) == files
+
+
 def test_interrupted_pull_changes_nothing_and_the_rerun_reuses_what_it_verified(
     vws: WorkspaceFixture, tmp_path: Path, tether: Tether
 ) -> None:
     files = {f"f{i:02d}.txt": f"file {i}\n".encode() for i in range(12)}
-    commit_version(vws, tether, files, "v1")
-    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
-    other = clone(vws, tmp_path)
-    r = run_subprocess(["pull", DS, "store"], other.root, env={"TETHER_FAULT_KILL_AT": "vfetch_object:5"})
-    assert r.exit_code == -9, r.output
+    other = pull_killed_at("vfetch_object:5", files, vws, tmp_path, tether)
     assert tree(other.data / DS) == {}  # downloads wait in staging until all arrived
     staged = [p for p in (other.root / ".tether" / "staging").rglob("*") if p.is_file()]
     assert len(staged) >= 4
     for p in staged:  # the remote loses them: only a reuse of the staged copies can finish
         (vws.remote_dir / object_path(p.name)).unlink()
-    r = run_subprocess(["pull", DS, "store"], other.root)
-    assert r.exit_code == 0, r.output
-    assert tree(other.data / DS) == files
+    assert_rerun_pulls(other, files)
 
 
 def test_pull_killed_while_placing_files_converges_on_rerun(
     vws: WorkspaceFixture, tmp_path: Path, tether: Tether
 ) -> None:
     files = {f"d{i % 3}/f{i:02d}.txt": f"file {i}\n".encode() for i in range(12)}
-    commit_version(vws, tether, files, "v1")
-    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
-    other = clone(vws, tmp_path)
-    r = run_subprocess(["pull", DS, "store"], other.root, env={"TETHER_FAULT_KILL_AT": "vcheckout_file:6"})
-    assert r.exit_code == -9, r.output
+    other = pull_killed_at("vcheckout_file:6", files, vws, tmp_path, tether)
     placed = tree(other.data / DS)
     assert 0 < len(placed) < len(files) and all(files[p] == d for p, d in placed.items())
-    r = run_subprocess(["pull", DS, "store"], other.root)
-    assert r.exit_code == 0, r.output
-    assert tree(other.data / DS) == files
+    assert_rerun_pulls(other, files)
 
 
 # -- gc -------------------------------------------------------------------------------------------
