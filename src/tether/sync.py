@@ -521,9 +521,17 @@ def load_base(ctx: Context) -> Manifest:
 def save_base(ctx: Context, local: Manifest, remote: Manifest, old_base: Manifest) -> None:
     """Record what both sides now agree on. Paths outside this run's scope (--skip,
     --primary-only, a file TARGET) keep their old base entry: a partial sync forgets nothing."""
-    in_scope = [e for e in old_base.entries if ctx.keep(e.path)]
-    untouched = [e for e in old_base.entries if not ctx.keep(e.path)]
-    agreed = list(agreed_base(local, remote, in_scope))
+    keep = ctx.keep
+    in_scope: list[Entry] = []
+    untouched: list[Entry] = []
+    for entry in old_base.entries:
+        (in_scope if keep(entry.path) else untouched).append(entry)
+    if local.entries == remote.entries:
+        # Both sides alike (a push or pull that did all it planned): the base is that state,
+        # with no three-way merge of 20,000 entries.
+        agreed = list(local.entries)
+    else:
+        agreed = list(agreed_base(local, remote, in_scope))
     # agreed_base merges in manifest order: only entries kept out of it need a sort.
     new = Manifest.from_entries([*agreed, *untouched]) if untouched else Manifest(agreed)
     if new.entries == old_base.entries:
