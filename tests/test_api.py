@@ -310,3 +310,43 @@ def test_an_unreachable_remote_is_reported_before_anything_is_hashed(
         with pytest.raises(RemoteUnavailable, match="does not exist") as info:
             call("ns/ds", "store", workspace=ws.root)
         assert info.value.exit_code == 5
+
+
+def test_a_remote_whose_login_may_prompt_is_checked_before_the_walk(
+    ws: WorkspaceFixture, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password or 2FA prompt must not share the terminal with the scan's progress."""
+    import dataclasses
+    import threading
+
+    import tether.remotes.local as local_backend
+    import tether.sync as sync_module
+
+    ws.write("a.txt", "A")
+    walking = threading.Event()
+    checked_while_walking: list[tuple[bool, bool]] = []
+    real_init, real_check, real_scan = (
+        local_backend.LocalRemote.__init__,
+        local_backend.LocalRemote.check,
+        sync_module.scan_tree,
+    )
+
+    def prompting(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        real_init(self, *args, **kwargs)
+        self.capabilities = dataclasses.replace(self.capabilities, login_may_prompt=True)
+
+    def check(self) -> None:  # type: ignore[no-untyped-def]
+        # (walking already?, in the caller's own thread?)
+        in_caller = threading.current_thread() is threading.main_thread()
+        checked_while_walking.append((walking.is_set(), in_caller))
+        real_check(self)
+
+    def walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        walking.set()
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(local_backend.LocalRemote, "__init__", prompting)
+    monkeypatch.setattr(local_backend.LocalRemote, "check", check)
+    monkeypatch.setattr(sync_module, "scan_tree", walk)
+    assert tether.push("ns/ds", "store", workspace=ws.root).state == "transferred"
+    assert checked_while_walking == [(False, True)]

@@ -515,6 +515,16 @@ def test_unknown_or_mistyped_options_are_config_errors(tmp_path: Path) -> None:
         assert words in info.value.message
 
 
+def test_a_login_that_may_prompt_is_said_so() -> None:
+    """batch_mode = false lets ssh ask for a password or 2FA code: sync then checks the remote
+    before anything else writes to the terminal (see sync.open_context)."""
+    interactive = open_remote(RemoteConfig("r", "ssh://h/p", {"batch_mode": False}, "test"))
+    batch = open_remote(RemoteConfig("r", "ssh://h/p", {}, "test"))
+    assert interactive.capabilities.login_may_prompt
+    assert not batch.capabilities.login_may_prompt
+    assert not SshRemote.capabilities.login_may_prompt  # the class default stays untouched
+
+
 def test_settings_from_url_and_options(tmp_path: Path) -> None:
     r = open_remote(
         RemoteConfig(

@@ -202,6 +202,15 @@ def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions
     if verify not in VERIFY_MODES:
         raise UsageError(f"--verify {verify!r} is not one of {', '.join(VERIFY_MODES)}")
     remote = open_remote(ws.remote(remote_name), workspace_root=ws.root)
+    checking = None
+    if remote.capabilities.login_may_prompt:
+        try:
+            remote.check()  # now, while nothing else writes to the terminal
+        except BaseException:
+            remote.close()  # an SSH master or helper must not outlive a failed check
+            raise
+    else:
+        checking = _check_in_background(remote)
     ctx = Context(
         ws,
         dataset,
@@ -215,7 +224,7 @@ def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions
         scope=scope,
         verify=verify,
         verify_sidecars=options.get("verify_sidecars", True),
-        checking=_check_in_background(remote),
+        checking=checking,
     )
     try:
         yield ctx

@@ -86,6 +86,9 @@ class Capabilities:
     # bytes it sends (HashingUpload.put_file_hashing, or put_many items carrying
     # manifest.UNHASHED and their scanned state), so a first push reads each file once. 0: never.
     hash_on_write_max: int = 0
+    # Logging in may ask the user on the terminal (password, 2FA): the check then runs before
+    # anything else, never beside a progress display that would write over the prompt.
+    login_may_prompt: bool = False
 
 
 SMALL_FILE_BYTES = 1024 * 1024

@@ -38,7 +38,7 @@ import threading
 import weakref
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
@@ -802,6 +802,8 @@ class SshRemote:
     def __init__(self, url: str, settings: SshSettings) -> None:
         self.url = url
         self.settings = settings
+        if not settings.batch_mode:
+            self.capabilities = replace(SshRemote.capabilities, login_may_prompt=True)
         self.conn = SshConnection(settings)
         self._session = _Session(self.conn)
         self._finalizer = weakref.finalize(self, self._session.close)
