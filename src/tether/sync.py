@@ -122,11 +122,15 @@ class Context:
     @property
     def remote(self) -> Remote:
         """The remote, once its check passed (its error, if it failed)."""
+        self.wait_for_check()
+        return self.backend
+
+    def wait_for_check(self) -> None:
+        """Block until the remote's check has passed; raise its error if it failed."""
         checking = self.checking
         if checking is not None:
             checking.result()
             self.checking = None
-        return self.backend
 
     @cached_property
     def keep(self) -> Callable[[str], bool]:
@@ -285,7 +289,7 @@ def scan_local(ctx: Context, *, held_elsewhere: Callable[[], set[str]] | None = 
         stats = scan_tree(ds.path, keep=owned, skip_symlinks=ctx.skip_symlinks, report=ctx.scan_report)
     # The walk overlapped the remote's check; hashing can take minutes, so an unreachable or
     # refusing remote is reported now, not after it.
-    ctx.remote  # noqa: B018 - waits for the check, raises its error
+    ctx.wait_for_check()
     for link in ctx.scan_report.skipped_symlinks:
         ctx.progress.message(f"skipped symlink {link}")
     if held_elsewhere is not None:
@@ -417,8 +421,7 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
     files is never trusted blindly. ``fresh`` holds entries this run just wrote and verified;
     they vouch only for a file with exactly the size and mtime this run gave it.
     """
-    progress = ctx.progress
-    progress.stage("listing remote")
+    ctx.progress.stage("listing remote")
     listing, index = list_remote(ctx)
     known = index.by_path() if index else {}
     fresh = fresh or {}
@@ -445,7 +448,7 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
             unknown.append(st)
     comparisons: dict[str, str] = {}
     if unknown and not ctx.checksum and not ctx.remote.capabilities.server_side_hashing:
-        compared, unknown = _compare_foreign(ctx, unknown, progress)
+        compared, unknown = _compare_foreign(ctx, unknown)
         for c in compared:
             entries.append(c.entry)
             comparisons[c.entry.path] = c.comparison
@@ -455,25 +458,23 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
         ]
         unknown = []
     if unknown:
-        progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
+        ctx.progress.stage("hashing remote", files=len(unknown), bytes=sum(s.size for s in unknown))
         digests = ctx.remote.hash_files(
             (f"{ctx.dataset.id}/{s.path}" for s in unknown), use_cache=not ctx.checksum
         )
         for st in unknown:
             entries.append(Entry(st.path, st.size, st.mtime_ns, digests[f"{ctx.dataset.id}/{st.path}"]))
-            progress.advance(files=1, bytes=st.size)
+            ctx.progress.advance(files=1, bytes=st.size)
     manifest = Manifest.from_entries(entries)
     current = index is not None and index.entries == Manifest.from_entries(entries + unowned).entries
     return RemoteState(manifest, bool(listing) or index is not None, current, unowned, comparisons)
 
 
-def _compare_foreign(
-    ctx: Context, unknown: list[RemoteStat], progress: Progress
-) -> tuple[list[Compared], list[RemoteStat]]:
+def _compare_foreign(ctx: Context, unknown: list[RemoteStat]) -> tuple[list[Compared], list[RemoteStat]]:
     """Objects the index cannot vouch for, on a store that cannot hash them for us: judge those
     whose local file has the same size by the ETag (MD5) or by size alone, reading only local
     bytes (see tether.foreign). The rest is hashed by download, as before."""
-    progress.stage("comparing remote by ETag", files=len(unknown))
+    ctx.progress.stage("comparing remote by ETag", files=len(unknown))
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
         compared, rest = compare_with_local(
@@ -703,7 +704,7 @@ def _run(
         # -- scan both sides, plan
         local_exists = ctx.dataset.path.is_dir()
         if direction == Direction.PUSH and not local_exists:
-            ctx.remote  # noqa: B018 - a remote that fails its check is reported first, as ever
+            ctx.wait_for_check()  # a remote that fails its check is reported first, as ever
             raise DatasetNotFound(f"no local dataset {ctx.dataset.id!r} at {ctx.dataset.path}")
         if direction == Direction.PUSH:
             fidelity.require_local_primary(ctx)
