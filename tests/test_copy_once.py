@@ -4,6 +4,7 @@ of what it just verified; the per-file copy path keeps its no-torn-files rules."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -286,18 +287,8 @@ def test_rewrite_with_restored_mtime_during_a_first_push_is_refused(
     assert ws.remote_file("a.bin").read_bytes() == target.read_bytes()
 
 
-@pytest.mark.parametrize(("files", "forks"), [(forked.MIN_FILES - 1, False), (forked.MIN_FILES, True)])
-def test_cli_push_and_pull_of_many_small_files_use_worker_processes(
-    ws: WorkspaceFixture,
-    ws2: WorkspaceFixture,
-    tether: Callable[..., Result],
-    monkeypatch: pytest.MonkeyPatch,
-    files: int,
-    forks: bool,
-) -> None:
-    """With the default threshold, a local disk shares a push's and a pull's small files among
-    forked workers from forked.MIN_FILES files on, and copies fewer in this process."""
-    monkeypatch.delenv("TETHER_FORK_MIN_FILES", raising=False)
+def spy_on_workers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, set[int]]]:
+    """Record each forked.run_forked call: (items, processes, pids of the workers that did them)."""
     calls: list[tuple[int, int, set[int]]] = []
     real = forked.run_forked
 
@@ -316,6 +307,22 @@ def test_cli_push_and_pull_of_many_small_files_use_worker_processes(
         calls.append((len(items), processes, pids))
 
     monkeypatch.setattr(forked, "run_forked", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("files", "forks"), [(forked.MIN_FILES - 1, False), (forked.MIN_FILES, True)])
+def test_cli_push_and_pull_of_many_small_files_use_worker_processes(
+    ws: WorkspaceFixture,
+    ws2: WorkspaceFixture,
+    tether: Callable[..., Result],
+    monkeypatch: pytest.MonkeyPatch,
+    files: int,
+    forks: bool,
+) -> None:
+    """With the default threshold, a local disk shares a push's and a pull's small files among
+    forked workers from forked.MIN_FILES files on, and copies fewer in this process."""
+    monkeypatch.delenv("TETHER_FORK_MIN_FILES", raising=False)
+    calls = spy_on_workers(monkeypatch)
     data = {f"d{i % 9}/f{i:04d}.txt": f"file {i}\n".encode() for i in range(files)}
     for rel, content in data.items():
         ws.write(rel, content)
@@ -331,3 +338,34 @@ def test_cli_push_and_pull_of_many_small_files_use_worker_processes(
         return
     assert [(n, processes) for n, processes, _ in calls] == [(files, 8), (files, 8)]
     assert all(os.getpid() not in pids and len(pids) >= 1 for _, _, pids in calls)
+
+
+def test_cli_diff_hashes_many_new_files_in_worker_processes(
+    ws: WorkspaceFixture,
+    ws2: WorkspaceFixture,
+    tether: Callable[..., Result],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A workspace that never hashed its copy (files put there by hand) compares it through the
+    CLI: from forked.MIN_FILES new small files on, worker processes hash them, the diff is
+    right both ways, and the hash cache keeps every digest for the next run."""
+    monkeypatch.delenv("TETHER_FORK_MIN_FILES", raising=False)
+    data = {f"d{i % 7}/f{i:04d}.txt": f"file {i}\n".encode() for i in range(forked.MIN_FILES)}
+    for rel, content in data.items():
+        ws.write(rel, content)
+        ws2.write(rel, content)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    backdate(ws2.data / "ns/ds")  # outside the racy window, so the cache may vouch next time
+    calls = spy_on_workers(monkeypatch)
+    r = tether("diff", "ns/ds", "store", cwd=ws2.root)
+    assert r.exit_code == 0, r.output
+    assert [(n, processes) for n, processes, _ in calls] == [(forked.MIN_FILES, 8)]
+    assert os.getpid() not in calls[0][2] and len(calls[0][2]) >= 1
+    assert cached_digests(ws2) == {rel: _sha(content) for rel, content in data.items()}
+    ws2.write("d3/f0003.txt", b"edited here\n")
+    r = tether("diff", "ns/ds", "store", "--json", cwd=ws2.root)
+    assert r.exit_code == 1
+    changed = [
+        (c["path"], c["status"]) for c in json.loads(r.stdout)["changes"] if c["status"] != "unchanged"
+    ]
+    assert changed == [("d3/f0003.txt", "differs")]  # no base in this workspace: differs
