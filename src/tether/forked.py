@@ -102,8 +102,7 @@ def run_forked(
         return chunk
 
     def serve(conn: Connection) -> None:
-        _die_with(parent)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _become_worker(parent)
         while (chunk := take()) is not None:
             batch: list[tuple[int, R | None, BaseException | None]] = []  # (index, result, error)
             for index in range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(items))):
@@ -179,8 +178,7 @@ def in_child(work: Callable[[], R]) -> R:
     if pid == 0:  # pragma: no cover - the child's exit skips coverage's own bookkeeping
         try:
             os.close(read_fd)
-            _die_with(parent)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _become_worker(parent)
             try:
                 answer: tuple[bool, object] = (True, work())
             except BaseException as exc:
@@ -205,6 +203,12 @@ def in_child(work: Callable[[], R]) -> R:
     if ok:
         return value  # type: ignore[no-any-return]
     raise value
+
+
+def _become_worker(parent: int) -> None:
+    """In a forked child: die with the parent, and leave Ctrl-C to it (it decides what stops)."""
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _die_with(parent: int) -> None:
