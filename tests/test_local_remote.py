@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tether import forked
 from tether.config import RemoteConfig
 from tether.errors import (
     DiskFullError,
@@ -35,7 +36,7 @@ from tether.fileio import (
 )
 from tether.paths import TEMP_MARKER, is_temp_name
 from tether.remotes import LocalRemote, ParsedURL, Remote, open_remote, parse_url
-from tether.remotes.base import ErrorKind, RemoteStat
+from tether.remotes.base import SMALL_FILE_BYTES, Capabilities, ErrorKind, RemoteStat, lanes
 
 MTIME = 1_600_000_000_123_456_789
 
@@ -633,3 +634,23 @@ def test_filesystem_type_reads_the_longest_mount_prefix() -> None:
     from tether.remotes.local import filesystem_type
 
     assert filesystem_type(Path("/proc/self")) == "proc"
+
+
+# -- lanes: how mirror and versioned transfers split files among workers -----------------------
+def _shape(found: list) -> list[tuple[int, int, bool, bool]]:  # type: ignore[type-arg]
+    return [(len(lane.items), lane.workers, lane.forked, lane.small) for lane in found]
+
+
+@pytest.mark.skipif(not forked.available(), reason="forked workers are Linux-only")
+def test_lanes_split_small_files_the_way_the_backend_does_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TETHER_FORK_MIN_FILES", raising=False)
+    local_disk = Capabilities(small_file_jobs=1, small_file_processes=8)
+    big = [SMALL_FILE_BYTES] * 3
+    many = big + [10] * forked.MIN_FILES
+    few = big + [10] * (forked.MIN_FILES - 1)
+    n = forked.MIN_FILES
+    assert _shape(lanes(many, int, local_disk, 8)) == [(3, 8, False, False), (n, 8, True, True)]
+    assert _shape(lanes(few, int, local_disk, 8)) == [(3, 8, False, False), (n - 1, 1, False, True)]
+    assert _shape(lanes(many, int, local_disk, 2))[1] == (forked.MIN_FILES, 2, True, True)  # --jobs caps them
+    # a network share (small_file_jobs None) or an object store: everything in one lane
+    assert _shape(lanes(many, int, Capabilities(), 8)) == [(len(many), 8, False, False)]

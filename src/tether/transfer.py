@@ -32,7 +32,6 @@ from tether.manifest import Entry, parse_provisional
 from tether.plan import Action, Change
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes.base import (
-    SMALL_FILE_BYTES,
     BatchTransfers,
     ErrorKind,
     HashingUpload,
@@ -41,6 +40,7 @@ from tether.remotes.base import (
     Remote,
     TransferItem,
     ignore_bytes,
+    lanes,
 )
 from tether.scan import StatEntry
 
@@ -267,21 +267,20 @@ def _run_by_size(
     result: BatchResult,
     source: SourceOf | None = None,
 ) -> None:
-    """Large files with ``jobs`` workers, then small ones with the backend's small-file setting:
-    forked processes where the backend copies in this machine's kernel, else one thread."""
-    caps = remote.capabilities
-    small_jobs = caps.small_file_jobs
-    if small_jobs is None or small_jobs >= jobs:
-        _run_parallel(items, work, jobs=jobs, progress=progress, result=result)
-        return
-    large = [c for c in items if c.bytes >= SMALL_FILE_BYTES]
-    small = [c for c in items if c.bytes < SMALL_FILE_BYTES]
-    _run_parallel(large, work, jobs=jobs, progress=progress, result=result)
-    processes = min(caps.small_file_processes, jobs)
-    if forked.worth_it(len(small), processes):
-        _run_forked(small, work, processes=processes, progress=progress, result=result)
-        return
-    _run_parallel(small, work, jobs=small_jobs, progress=progress, result=result, source=source)
+    """Each lane of remotes.base.lanes in turn: threads, or forked processes for many small
+    files where the backend copies in this machine's kernel."""
+    for lane in lanes(items, lambda c: c.bytes, remote.capabilities, jobs):
+        if lane.forked:
+            _run_forked(lane.items, work, processes=lane.workers, progress=progress, result=result)
+        else:
+            _run_parallel(
+                lane.items,
+                work,
+                jobs=lane.workers,
+                progress=progress,
+                result=result,
+                source=source if lane.small else None,  # read-ahead pays off for small files
+            )
 
 
 def _item(

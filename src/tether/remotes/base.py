@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Generic, Protocol, TypeVar, runtime_checkable
 
+from tether import forked
 from tether.paths import TEMP_MARKER, is_temp_name
 from tether.scan import StatEntry
 
@@ -92,6 +93,34 @@ class Capabilities:
 
 
 SMALL_FILE_BYTES = 1024 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Lane(Generic[T]):
+    """Files that go the same way: by ``workers`` threads, or processes when ``forked``."""
+
+    items: list[T]
+    workers: int
+    forked: bool = False
+    small: bool = False  # files under SMALL_FILE_BYTES only (they gain from read-ahead)
+
+
+def lanes(items: Sequence[T], size_of: Callable[[T], int], caps: Capabilities, jobs: int) -> list[Lane[T]]:
+    """How a backend moves ``items`` with ``jobs`` workers (mirror and versioned transfers
+    alike): large files with ``jobs`` threads, small ones the way the backend does best
+    (``small_file_processes`` forked workers from forked.MIN_FILES files on, else
+    ``small_file_jobs`` threads). A backend without a small-file setting takes one lane."""
+    small_jobs = caps.small_file_jobs
+    if small_jobs is None or small_jobs >= jobs:
+        return [Lane(list(items), jobs)]
+    large = [i for i in items if size_of(i) >= SMALL_FILE_BYTES]
+    small = [i for i in items if size_of(i) < SMALL_FILE_BYTES]
+    processes = min(caps.small_file_processes, jobs)
+    if forked.worth_it(len(small), processes):
+        return [Lane(large, jobs), Lane(small, processes, forked=True, small=True)]
+    return [Lane(large, jobs), Lane(small, small_jobs, small=True)]
 
 
 class ErrorKind(StrEnum):

@@ -38,7 +38,7 @@ from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import SMALL_FILE_BYTES, BatchTransfers, Remote, TransferItem, ignore_bytes
+from tether.remotes.base import BatchTransfers, Remote, TransferItem, ignore_bytes, lanes
 from tether.remotes.local import LocalRemote
 from tether.versioned.cache import Cache
 from tether.versioned.layout import (
@@ -334,25 +334,17 @@ def _transfer(
             on_bytes(item.size)
         report(item, error)
 
-    small_jobs = remote.capabilities.small_file_jobs or jobs
-    processes = min(jobs, remote.capabilities.small_file_processes)
-    for group, workers in (
-        ([i for i in items if i.size >= SMALL_FILE_BYTES], jobs),
-        ([i for i in items if i.size < SMALL_FILE_BYTES], min(jobs, small_jobs)),
-    ):
-        if not group:
-            continue
-        if group[0].size < SMALL_FILE_BYTES and forked.worth_it(len(group), processes):
-            # Many small objects on a local disk: forked workers (see tether.forked).
+    for lane in lanes(items, lambda i: i.size, remote.capabilities, jobs):
+        if lane.forked:  # many small objects on a local disk (see tether.forked)
             forked.run_forked(
-                group, lambda i: move(i, ignore_bytes), processes=processes, on_outcome=forked_outcome
+                lane.items, lambda i: move(i, ignore_bytes), processes=lane.workers, on_outcome=forked_outcome
             )
-        elif workers <= 1:
-            for item in group:
+        elif lane.workers <= 1:
+            for item in lane.items:
                 one(item)
         else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, group))
+            with ThreadPoolExecutor(max_workers=lane.workers) as pool:
+                list(pool.map(one, lane.items))
 
 
 def _raise_failures(failures: list[tuple[str, BaseException]], what: str) -> None:
