@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -302,9 +303,49 @@ def settle(cache: str, paths: list[Path]) -> None:
                 f.write("3\n")
         except OSError as exc:
             raise BenchError(f"--cache drop: cannot drop the page cache here ({exc})") from exc
+        wait_for_page_reporting()
         return
+    wait_for_page_reporting()
     for path in paths:
         datasets.warm(path)
+
+
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
+
+
+def wait_for_page_reporting(first_pass: float = 4.0, timeout: float = 10.0) -> None:
+    """Let a VM hand the memory just freed back to its host before the clock starts.
+
+    With free page reporting (virtio-balloon, as on the project's VM) the guest reports free
+    memory to the host about two seconds after it was freed, and the host unbacks it; touching
+    it again then costs a host page fault per page. Dropping the page cache, or deleting the
+    previous run's copy, frees gigabytes. A tool that finished within those two seconds wrote
+    into still-backed memory, and a slower-starting one had the rug pulled mid-run: cp -a of
+    four 512 MiB files took 1.6-1.8 s right after a drop and 7.7-9.2 s once reporting had run
+    (2026-12-02). Waiting until the reporting pass is over gives every tool the same state.
+    Polls the kernel's own counters (passes, reported_kib); no-op where they do not exist.
+    A pass starts within the kernel's two-second reporting delay or not at all (nothing was
+    freed), so at most ``first_pass`` seconds go by waiting for one.
+    """
+    passes, reported = PAGE_REPORTING / "passes", PAGE_REPORTING / "reported_kib"
+    if not passes.exists() or not reported.exists():
+        return
+
+    def counters() -> tuple[str, str]:
+        return passes.read_text(), reported.read_text()
+
+    start, began = counters(), time.monotonic()
+    while counters() == start:
+        if time.monotonic() - began > first_pass:
+            return
+        time.sleep(0.1)
+    deadline = time.monotonic() + timeout
+    last, still_since = int(reported.read_text()), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - still_since < 0.5:
+        time.sleep(0.1)
+        now = int(reported.read_text())
+        if now != last:
+            last, still_since = now, time.monotonic()
 
 
 def verify(
