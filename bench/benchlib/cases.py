@@ -305,7 +305,6 @@ def settle(cache: str, paths: list[Path]) -> None:
             raise BenchError(f"--cache drop: cannot drop the page cache here ({exc})") from exc
         wait_for_page_reporting()
         return
-    wait_for_page_reporting()
     for path in paths:
         datasets.warm(path)
 
