@@ -134,6 +134,10 @@ class SshServer:
         """How many clients authenticated so far (one per ssh connection, not per channel)."""
         return self.log_text().count("Accepted publickey")
 
+    def helper_starts(self) -> int:
+        """How many remote commands (tether helpers) sessions started so far, over all masters."""
+        return self.log_text().count("Starting session: command")
+
     def session_pids(self) -> list[int]:
         """The per-connection sshd processes and everything they run (helpers)."""
         return _descendants(self.proc.pid)

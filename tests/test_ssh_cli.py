@@ -102,6 +102,19 @@ def test_push_diff_pull_round_trip(
     _no_temp_files(hpc.remote_dir, hpc.root, other.root)
 
 
+def test_a_diff_runs_one_remote_helper_and_a_push_two(hpc: WorkspaceFixture, sshd: SshServer, tether) -> None:
+    """The stream helper (a second remote Python) starts only for runs that may move files: a
+    push or pull starts it during its scan, a diff never does."""
+    files = _files(hpc, 20)
+    runs = ((1, ["diff", DS, "hpc"]), (2, ["push", DS, "hpc", "-y"]), (1, ["diff", DS, "hpc"]))
+    for expected, args in runs:
+        before = sshd.helper_starts()
+        r = tether(*args, cwd=hpc.root)
+        assert r.exit_code in (0, 1), r.output
+        assert sshd.helper_starts() - before == expected, args
+    assert _remote_tree(hpc) == files
+
+
 def test_a_whole_push_authenticates_once(hpc: WorkspaceFixture, sshd: SshServer, tether) -> None:
     _files(hpc, 200)
     before = sshd.auth_count()

@@ -162,6 +162,31 @@ def test_hostile_names_round_trip_and_inject_nothing(remote: SshRemote, tmp_path
     assert not list(Path.home().glob("PWNED*")) and not list(remote_root(remote).rglob("PWNED"))
 
 
+def test_stream_helper_starts_on_first_use_or_when_prepared(tmp_path: Path, sshd: SshServer) -> None:
+    """Listing uses the control helper alone; the stream helper starts on first use without
+    prepare_transfers, and prepare_transfers starts it once however often it is called."""
+    src = tmp_path / "src"
+    for prepare in (False, True):
+        (tmp_path / str(prepare)).mkdir()
+        r = ssh_remote(tmp_path / str(prepare))
+        try:
+            before = sshd.helper_starts()
+            r.check()
+            assert list(r.list_files("ds")) == []
+            assert sshd.helper_starts() - before == 1
+            if prepare:
+                r.prepare_transfers()
+                r.prepare_transfers()
+            item = _item(src, f"f{prepare}", b"payload", f"ds/f{prepare}")
+            errors: list[BaseException | None] = []
+            r.put_many([item], on_bytes=lambda n: None, on_done=lambda _i, e: errors.append(e))  # noqa: B023
+            assert errors == [None]
+            assert r.hash_files([item.path]) == {item.path: item.digest}
+            assert sshd.helper_starts() - before == 2
+        finally:
+            r.close()
+
+
 def test_one_stream_many_files_with_failures_reported_per_file(remote: SshRemote, tmp_path: Path) -> None:
     src = tmp_path / "src"
     items = [

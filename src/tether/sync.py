@@ -58,7 +58,7 @@ from tether.plan import (
 from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import Remote, open_remote
-from tether.remotes.base import IndexedListing, RemoteStat
+from tether.remotes.base import IndexedListing, RemoteStat, prepare_transfers
 from tether.scan import ScanReport, StatEntry, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
@@ -188,7 +188,12 @@ class ContextOptions(TypedDict, total=False):
 
 
 @contextlib.contextmanager
-def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions]) -> Iterator[Context]:
+def open_context(
+    target: str, remote_name: str, *, may_transfer: bool = False, **options: Unpack[ContextOptions]
+) -> Iterator[Context]:
+    """``may_transfer``: a push or pull, whose remote gets ready to transfer as soon as it is
+    reachable (remotes.base.WarmsUp: SSH's stream helper starts during the scan); a diff never
+    pays for that."""
     workspace = options.get("workspace")
     ws = workspace if isinstance(workspace, Workspace) else Workspace.find(workspace)
     strict = options.get("strict_id", False) or os.environ.get("TETHER_STRICT_ID", "") not in ("", "0")
@@ -213,8 +218,10 @@ def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions
         except BaseException:
             remote.close()  # an SSH master or helper must not outlive a failed check
             raise
+        if may_transfer:
+            prepare_transfers(remote)
     else:
-        checking = _check_in_background(remote)
+        checking = _check_in_background(remote, prepare=may_transfer)
     ctx = Context(
         ws,
         dataset,
@@ -236,13 +243,16 @@ def open_context(target: str, remote_name: str, **options: Unpack[ContextOptions
         ctx.close()  # an SSH master or helper must not outlive the run, nor a failed check
 
 
-def _check_in_background(remote: Remote) -> Future[None]:
-    """Start ``remote.check()`` in a thread; Context.remote waits for it (and raises its error)."""
+def _check_in_background(remote: Remote, *, prepare: bool) -> Future[None]:
+    """Start ``remote.check()`` (then, with ``prepare``, ``prepare_transfers``) in a thread;
+    Context.remote waits for it (and raises its error)."""
     checking: Future[None] = Future()
 
     def run() -> None:
         try:
             remote.check()
+            if prepare:
+                prepare_transfers(remote)
         except BaseException as exc:
             checking.set_exception(exc)
         else:
@@ -698,7 +708,7 @@ def _run(
 ) -> SyncResult:
     options = _options(direction, mode, prefer, max_delete)
     started = time.time()
-    with open_context(target, remote, **context_options) as ctx:
+    with open_context(target, remote, may_transfer=True, **context_options) as ctx:
         record = _new_record(ctx, direction.value, options.mode, started)
         ctx.defer_foreign_hashing = direction == Direction.PULL
         # -- scan both sides, plan

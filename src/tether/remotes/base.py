@@ -236,6 +236,23 @@ class IndexedListing(Protocol):
 
 
 @runtime_checkable
+class WarmsUp(Protocol):
+    """Optional: get ready for transfers that may follow, without waiting.
+
+    SSH starts its stream helper (a second remote process) only for runs that may move files,
+    so a diff never pays for it: push and pull say so once the remote is reachable, and the
+    helper starts while they scan; a versioned push or fetch says so before listing objects.
+    """
+
+    def prepare_transfers(self) -> None: ...
+
+
+def prepare_transfers(remote: Remote) -> None:
+    if isinstance(remote, WarmsUp):
+        remote.prepare_transfers()
+
+
+@runtime_checkable
 class HashingUpload(Protocol):
     """Optional: upload a file whose digest is not known yet, learning it from the copy.
 

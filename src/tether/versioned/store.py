@@ -38,7 +38,7 @@ from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import BatchTransfers, Remote, TransferItem, ignore_bytes, lanes
+from tether.remotes.base import BatchTransfers, Remote, TransferItem, ignore_bytes, lanes, prepare_transfers
 from tether.remotes.local import LocalRemote
 from tether.versioned.cache import Cache
 from tether.versioned.layout import (
@@ -461,6 +461,7 @@ def push_snapshot(
     """Missing objects first (verified), then the snapshot record, under a push marker."""
     report = PushReport(snap, needed=len(snap.digests()))
     sizes = {e.digest: e.size for e in snap.entries}
+    prepare_transfers(remote)  # starts (SSH) while the remote's objects are listed
     # Read before the marker exists: a gc that starts after this read either sees the marker
     # (and spares our uploads) or rewrites the state, which we notice at the end.
     gc_before = read_gc_state(remote)
@@ -518,6 +519,8 @@ def fetch_objects(
     """Download every object of ``sizes`` the cache lacks; each is hashed before it is visible."""
     report = FetchReport(needed=len(sizes))
     todo = sorted(d for d in sizes if not cache.has(d))
+    if todo:
+        prepare_transfers(remote)
     report.cached = len(sizes) - len(todo)
     now = time.time_ns()
     items = [TransferItem(object_path(d), cache.temp_path(), sizes[d], d, now) for d in todo]
