@@ -214,14 +214,12 @@ def open_context(
     checking = None
     if remote.capabilities.login_may_prompt:
         try:
-            remote.check()  # now, while nothing else writes to the terminal
+            _get_ready(remote, may_transfer)  # now, while nothing else writes to the terminal
         except BaseException:
             remote.close()  # an SSH master or helper must not outlive a failed check
             raise
-        if may_transfer:
-            prepare_transfers(remote)
     else:
-        checking = _check_in_background(remote, prepare=may_transfer)
+        checking = _check_in_background(remote, may_transfer)
     ctx = Context(
         ws,
         dataset,
@@ -243,16 +241,20 @@ def open_context(
         ctx.close()  # an SSH master or helper must not outlive the run, nor a failed check
 
 
-def _check_in_background(remote: Remote, *, prepare: bool) -> Future[None]:
-    """Start ``remote.check()`` (then, with ``prepare``, ``prepare_transfers``) in a thread;
-    Context.remote waits for it (and raises its error)."""
+def _get_ready(remote: Remote, may_transfer: bool) -> None:
+    """Check the remote; for a push or pull, let it get ready to transfer too."""
+    remote.check()
+    if may_transfer:
+        prepare_transfers(remote)
+
+
+def _check_in_background(remote: Remote, may_transfer: bool) -> Future[None]:
+    """Run _get_ready in a thread; Context.remote waits for it (and raises its error)."""
     checking: Future[None] = Future()
 
     def run() -> None:
         try:
-            remote.check()
-            if prepare:
-                prepare_transfers(remote)
+            _get_ready(remote, may_transfer)
         except BaseException as exc:
             checking.set_exception(exc)
         else:
