@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,30 @@ def test_bench_ssh_and_s3_kinds_through_the_latency_proxy(tmp_path: Path) -> Non
     assert by_key[("ssh-20ms", "large-push", "ssh-cat")]["status"] == "ok"
     assert by_key[("s3-20ms", "large-push", "obstore-mp")]["status"] == "ok"
     assert by_key[("s3-20ms", "small-noop", "rsync")]["status"] == "n/a"
+
+
+def _bench_cases():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from benchlib import cases
+    finally:
+        sys.path.pop(0)
+    return cases
+
+
+def test_page_reporting_wait_is_a_no_op_without_the_kernel_module(tmp_path: Path) -> None:
+    """On a machine without free page reporting the bench never waits, however long it may."""
+    cases = _bench_cases()
+    began = time.monotonic()
+    cases.wait_for_page_reporting(first_pass=60, timeout=60, counters_in=tmp_path / "absent")
+    assert time.monotonic() - began < 30
+
+
+def test_page_reporting_wait_ends_when_no_pass_comes(tmp_path: Path) -> None:
+    """Nothing freed, so no reporting pass: the wait ends after ``first_pass`` seconds."""
+    cases = _bench_cases()
+    (tmp_path / "passes").write_text("7\n")
+    (tmp_path / "reported_kib").write_text("1024\n")
+    began = time.monotonic()
+    cases.wait_for_page_reporting(first_pass=0.3, timeout=60, counters_in=tmp_path)
+    assert 0.3 <= time.monotonic() - began < 30

@@ -312,7 +312,9 @@ def settle(cache: str, paths: list[Path]) -> None:
 PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
 
 
-def wait_for_page_reporting(first_pass: float = 4.0, timeout: float = 10.0) -> None:
+def wait_for_page_reporting(
+    first_pass: float = 4.0, timeout: float = 10.0, *, counters_in: Path = PAGE_REPORTING
+) -> None:
     """Let a VM hand the memory just freed back to its host before the clock starts.
 
     With free page reporting (virtio-balloon, as on the project's VM) the guest reports free
@@ -326,7 +328,7 @@ def wait_for_page_reporting(first_pass: float = 4.0, timeout: float = 10.0) -> N
     A pass starts within the kernel's two-second reporting delay or not at all (nothing was
     freed), so at most ``first_pass`` seconds go by waiting for one.
     """
-    passes, reported = PAGE_REPORTING / "passes", PAGE_REPORTING / "reported_kib"
+    passes, reported = counters_in / "passes", counters_in / "reported_kib"
     if not passes.exists() or not reported.exists():
         return
 
@@ -339,10 +341,10 @@ def wait_for_page_reporting(first_pass: float = 4.0, timeout: float = 10.0) -> N
             return
         time.sleep(0.1)
     deadline = time.monotonic() + timeout
-    last, still_since = int(reported.read_text()), time.monotonic()
+    last, still_since = counters(), time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - still_since < 0.5:
         time.sleep(0.1)
-        now = int(reported.read_text())
+        now = counters()
         if now != last:
             last, still_since = now, time.monotonic()
 
