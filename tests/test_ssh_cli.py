@@ -115,6 +115,22 @@ def test_a_diff_runs_one_remote_helper_and_a_push_two(hpc: WorkspaceFixture, ssh
     assert _remote_tree(hpc) == files
 
 
+def test_a_login_that_may_prompt_checks_first_and_still_starts_the_stream_helper(
+    hpc: WorkspaceFixture, sshd: SshServer, tether
+) -> None:
+    """batch_mode = false: the remote is checked before the scan (a prompt would come then),
+    and a push still gets its stream helper, a diff still does not."""
+    add_remote(hpc.root, "ask", f"ssh://{HOST}{hpc.remote_dir}", sshd.options(batch_mode=False))
+    files = _files(hpc, 12)
+    runs = ((2, ["push", DS, "ask", "-y"]), (1, ["diff", DS, "ask"]))
+    for expected, args in runs:
+        before = sshd.helper_starts()
+        r = tether(*args, cwd=hpc.root)
+        assert r.exit_code == 0, r.output
+        assert sshd.helper_starts() - before == expected, args
+    assert _remote_tree(hpc) == files
+
+
 def test_a_whole_push_authenticates_once(hpc: WorkspaceFixture, sshd: SshServer, tether) -> None:
     _files(hpc, 200)
     before = sshd.auth_count()
