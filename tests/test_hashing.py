@@ -418,6 +418,14 @@ def test_many_small_files_are_hashed_in_worker_processes(
         return real(path)
 
     monkeypatch.setattr(hashing, "digest_file_stat", logging_pid)
+    asked: list[tuple[int, int]] = []  # (items, processes) of each run_forked call
+    real_forked = forked.run_forked
+
+    def recording(items, work, *, processes, **kw):  # type: ignore[no-untyped-def]
+        asked.append((len(items), processes))
+        real_forked(items, work, processes=processes, **kw)
+
+    monkeypatch.setattr(forked, "run_forked", recording)
     cache = HashCache(None)
     calls: list[tuple[int, int]] = []
     out = run(data, cache, on_hashed=lambda f, b: calls.append((f, b)))
@@ -426,7 +434,10 @@ def test_many_small_files_are_hashed_in_worker_processes(
     readers = {line.split()[1]: int(line.split()[0]) for line in pids.read_text().splitlines()}
     assert readers["big"] == os.getpid()
     small = {pid for name, pid in readers.items() if name != "big"}
-    assert os.getpid() not in small and len(small) > 1
+    # Which of the workers take the 5 chunks is up to the scheduler (one fast worker may take
+    # them all: seen under CI load); that several run at once is tests/test_forked.py's job.
+    assert asked == [(300, hashing.HASH_PROCESSES)]
+    assert os.getpid() not in small and len(small) >= 1
     pids.unlink()
     assert [e.digest for e in run(data, cache)] == [e.digest for e in out]  # all cached here
     assert not pids.exists()
