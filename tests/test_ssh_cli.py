@@ -395,6 +395,40 @@ def test_link_cut_mid_pull_resumes_the_large_file(
     _no_temp_files(ws2.root / "data")
 
 
+def test_files_changed_or_deleted_after_the_scan_are_refused_and_the_rest_lands(
+    hpc: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push of known (hashed) files stats nothing before streaming: an edit made after the
+    scan fails the helper's digest check, a deleted source fails its open, and both are reported
+    as stale (exit 3) while every other file lands; the rerun finishes the job."""
+    files = _files(hpc, 8)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    names = sorted(files)
+    for rel in names:
+        hpc.write(rel, files[rel] + b"v2\n")
+    edited, deleted = hpc.data / DS / names[0], hpc.data / DS / names[1]
+    real = faults.checkpoint
+
+    def at_lock(name: str) -> None:
+        if name == "locked":
+            edited.write_bytes(b"edited after the scan\n")
+            deleted.unlink()
+        real(name)
+
+    monkeypatch.setattr(faults, "checkpoint", at_lock)
+    r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 3, r.output
+    assert f"{names[0]} changed locally while it was uploaded" in r.output  # the first of the two
+    remote = _remote_tree(hpc)
+    assert remote[names[0]] == files[names[0]] and remote[names[1]] == files[names[1]]
+    assert all(remote[rel] == files[rel] + b"v2\n" for rel in names[2:])
+    monkeypatch.setattr(faults, "checkpoint", real)
+    r = tether("push", DS, "hpc", "-y", "--mode", "mirror", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert _remote_tree(hpc) == {rel: (hpc.data / DS / rel).read_bytes() for rel in names[:1] + names[2:]}
+    _no_temp_files(hpc.remote_dir)
+
+
 def test_first_push_learns_digests_from_what_it_sends(
     hpc: WorkspaceFixture, tether: Callable[..., Result]
 ) -> None:

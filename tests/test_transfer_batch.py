@@ -29,7 +29,7 @@ class BatchLocal(LocalRemote):
                 self.put_file(
                     item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
                 )
-            except VerificationError as exc:
+            except (VerificationError, OSError) as exc:  # as SSH's sender: the open failed
                 on_done(item, exc)
             else:
                 on_done(item, None)
@@ -94,6 +94,22 @@ def test_push_reports_a_source_changed_since_scan_as_stale(remote: BatchLocal, t
     changes = [_upload(_entry(local, "a")), _upload(_entry(local, "b"))]
     (local / "a").write_bytes(b"changed!")
     result = push_changes(remote, "ds", local, changes, jobs=2)
+    assert [c.path for c in result.done] == ["b"]
+    assert [f.path for f in result.failed] == ["a"]
+    assert isinstance(result.failed[0].error, StalePlanError)
+    assert not (remote.root / "ds" / "a").exists()
+
+
+def test_push_reports_a_source_deleted_since_scan_as_stale(remote: BatchLocal, tmp_path: Path) -> None:
+    """No stat pass runs before the batch: the failed open of a vanished source is what tells."""
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a").write_bytes(b"one")
+    (local / "b").write_bytes(b"two")
+    changes = [_upload(_entry(local, "a")), _upload(_entry(local, "b"))]
+    (local / "a").unlink()
+    result = push_changes(remote, "ds", local, changes, jobs=2)
+    assert remote.batches == [2]
     assert [c.path for c in result.done] == ["b"]
     assert [f.path for f in result.failed] == ["a"]
     assert isinstance(result.failed[0].error, StalePlanError)

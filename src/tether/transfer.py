@@ -240,12 +240,13 @@ def _run_batch(
     """Hand a whole list to a streaming backend; record each item's outcome as it completes."""
     if not items:
         return
-    by_item = {}
-    for change in items:
-        by_item[to_item(change)] = change
+    # Keyed by remote path, unique in a batch: hashing the items themselves (a Path and a
+    # StatEntry each) cost 0.2 s for 20,000 files before the first byte was sent.
+    batch = [to_item(change) for change in items]
+    by_path = {item.path: change for item, change in zip(batch, items, strict=True)}
 
     def on_done(item: TransferItem, error: BaseException | None) -> None:
-        change = by_item[item]
+        change = by_path[item.path]
         error = after(change, error)
         if error is None:
             result.done.append(change)
@@ -254,7 +255,7 @@ def _run_batch(
         else:
             result.failed.append(Failure(change.path, error))
 
-    send(list(by_item), on_bytes=on_bytes, on_done=on_done)
+    send(batch, on_bytes=on_bytes, on_done=on_done)
 
 
 def _run_by_size(
@@ -371,15 +372,12 @@ def push_changes(
 
     progress.stage("uploading", files=len(uploads), bytes=sum(c.bytes for c in uploads))
     if isinstance(remote, BatchTransfers):
-        stale = [c for c in uploads if _source_changed(local_root / c.path, c.local)]  # type: ignore[arg-type]
-        for change in stale:
-            result.failed.append(
-                Failure(change.path, StalePlanError(f"{change.path} changed locally after it was scanned"))
-            )
-
+        # No stat of every source first (0.1-0.15 s for 20,000 files): a file that changed since
+        # the scan fails its digest check at the far end (or the sender's check of its scanned
+        # state, when unhashed) or is gone when opened, and is reported as stale here.
         def after_upload(change: Change, error: BaseException | None) -> BaseException | None:
             assert change.local is not None
-            if isinstance(error, VerificationError) and _source_changed(
+            if isinstance(error, (VerificationError, FileNotFoundError)) and _source_changed(
                 local_root / change.path, change.local
             ):
                 return StalePlanError(f"{change.path} changed locally while it was uploaded")
@@ -394,7 +392,7 @@ def push_changes(
                 result.resolved[item.path[skip:]] = digest
 
         _run_batch(
-            [c for c in uploads if c not in stale],
+            uploads,
             lambda c: _item(f"{dataset_id}/{c.path}", local_root / c.path, c.local, unhashed.get(c.path)),
             functools.partial(remote.put_many, on_digest=learnt) if unhashed else remote.put_many,
             on_bytes=on_bytes,
