@@ -101,6 +101,26 @@ def test_get_file_verifies(remote: Remote, tmp_path: Path) -> None:
     assert os.listdir(other.parent) == ["a"]
 
 
+def test_get_file_replaces_what_a_killed_run_left_at_the_staging_path(remote: Remote, tmp_path: Path) -> None:
+    """Backends may write the staging path in place: a longer partial file is truncated away and
+    a planted link is replaced, never followed (its target keeps its bytes)."""
+    src, digest = _file(tmp_path, "a", b"payload")
+    remote.put_file(src, "ds/a", digest=digest, mtime_ns=1_600_000_000_000_000_000)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    partial = staging / "a"
+    partial.write_bytes(b"a much longer partial file from a killed run")
+    remote.get_file("ds/a", partial, digest=digest, mtime_ns=1_600_000_000_000_000_000)
+    assert partial.read_bytes() == b"payload"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not tether's")
+    link = staging / "b"
+    link.symlink_to(victim)
+    remote.get_file("ds/a", link, digest=digest, mtime_ns=1_600_000_000_000_000_000)
+    assert not link.is_symlink() and link.read_bytes() == b"payload"
+    assert victim.read_bytes() == b"not tether's"
+
+
 def test_create_exclusive_is_exclusive(remote: Remote) -> None:
     assert remote.create_exclusive("ds/.tether/lock", b"one") is True
     assert remote.create_exclusive("ds/.tether/lock", b"two") is False

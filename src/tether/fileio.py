@@ -209,6 +209,13 @@ def _create(tmp: str, *, replace: bool = False) -> int:
         return os.open(tmp, CREATE_FLAGS, 0o666)
 
 
+def create_in_place(path: str | Path) -> int:
+    """A write descriptor for a staging path written in place (see Remote.get_file): whatever
+    holds the name (a partial file of a killed run, even a planted link) is replaced, never
+    followed or appended to."""
+    return _create(os.fspath(path), replace=True)
+
+
 def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``final`` with ``data``: readers see old or new bytes, never a mix."""
     final.parent.mkdir(parents=True, exist_ok=True)
