@@ -53,7 +53,7 @@ from tether.errors import (
     TetherError,
     VerificationError,
 )
-from tether.fileio import Prefetcher, check_source_state, os_error_to_tether
+from tether.fileio import Prefetcher, check_source_state, create_in_place, os_error_to_tether
 from tether.lock import local_flock
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
@@ -1370,7 +1370,10 @@ class _GetStream:
                 self.on_bytes(n)
                 if hasher.hexdigest() != item.digest:
                     return _mismatch(item, hasher.hexdigest())
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                # Verified already, and final is a staging path (see Remote.get_file): written in
+                # place, without a temporary name and a rename per file.
+                tmp = final  # what the handlers below remove if the write fails
+                fd = create_in_place(final)
                 try:
                     view = memoryview(data)
                     while view:
@@ -1378,7 +1381,6 @@ class _GetStream:
                     os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
                 finally:
                     os.close(fd)
-                os.replace(tmp, final)
                 return None
             with open(tmp, "xb", buffering=0) as dst:
                 self._pour(dst, n, hasher)
