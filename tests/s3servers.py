@@ -274,7 +274,9 @@ class ThrottlingProxy:
     ``fail_next(n, method)`` throttles (503 SlowDown) the next n requests with that method (all
     methods when None); ``always`` throttles everything; ``canned = (status, code)`` answers every
     request with that error (clock skew, access denied); ``reject_header`` refuses requests that
-    carry a header, as some stores refuse checksum headers. Loopback only; stops with ``close()``.
+    carry a header, as some stores refuse checksum headers; ``truncate`` (a path substring) sends
+    half of each matching GET's body, then closes the connection: a link dropped mid-download.
+    Loopback only; stops with ``close()``.
     """
 
     def __init__(self, target: str) -> None:
@@ -284,6 +286,8 @@ class ThrottlingProxy:
         self.always = False
         self.canned: tuple[int, str] | None = None  # (status, S3 error code) answered to everything
         self.reject_header: str | None = None  # 400 InvalidRequest to requests carrying this header
+        self.truncate: str | None = None  # GETs whose path contains this lose half their body
+        self.truncated = 0
         self.throttled = 0
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
         self._lock = threading.Lock()
@@ -329,6 +333,10 @@ class ThrottlingProxy:
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
+                    if proxy._truncates(self.command, self.path):
+                        self.wfile.write(data[: len(data) // 2])  # then hang up mid-body
+                        self.close_connection = True
+                        return
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
@@ -351,6 +359,13 @@ class ThrottlingProxy:
                 self.throttled += 1
                 return 503, "SlowDown"
         return None
+
+    def _truncates(self, method: str, path: str) -> bool:
+        with self._lock:
+            if method == "GET" and self.truncate is not None and self.truncate in path:
+                self.truncated += 1
+                return True
+        return False
 
     def count(self, method: str, contains: str = "") -> int:
         with self._lock:

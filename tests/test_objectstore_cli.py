@@ -298,6 +298,31 @@ def test_throttled_to_the_end_exit_5(rclone: S3Server, tmp_path: Path, tether: T
         proxy.close()
 
 
+def test_download_cut_mid_body_is_one_clear_error_and_the_rerun_finishes(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    """A link that drops mid-download, again on every retry: exit 5 with one line and a hint (not
+    obstore's pages of debug output), no torn file in the dataset; the rerun pulls everything."""
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        ws = make_workspace(tmp_path / "a")
+        prefix = add_s3_remote(ws, rclone)
+        files = _files(ws, 6)
+        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+        other = make_workspace(tmp_path / "b")
+        add_s3_remote(other, rclone, prefix=prefix, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
+        proxy.truncate = "f004.txt"
+        r = tether("pull", DS, "s3", "-y", cwd=other.root)
+        _clean_error(r, 5, "dropped while transferring", "f004.txt", "Rerun")
+        assert "Debug source" not in r.output and proxy.truncated >= 2  # obstore retried it
+        assert not (other.data / DS / "d1/f004.txt").exists()
+        proxy.truncate = None
+        assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
+        assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
+    finally:
+        proxy.close()
+
+
 def test_a_key_escaping_the_dataset_exit_2_and_nothing_written(
     moto: S3Server, tmp_path: Path, tether: Tether
 ) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tether.errors import StalePlanError, VerificationError
+from tether.errors import StalePlanError, TetherError, VerificationError
 from tether.manifest import Entry
 from tether.plan import Action, Change, Status
 from tether.remotes import LocalRemote
 from tether.remotes.base import BatchTransfers, OnBytes, OnDone, TransferItem
-from tether.transfer import pull_changes, push_changes
+from tether.transfer import BatchResult, Failure, pull_changes, push_changes
 
 
 class BatchLocal(LocalRemote):
@@ -142,3 +142,16 @@ def test_pull_with_a_corrupt_file_promotes_nothing(remote: BatchLocal, tmp_path:
     assert [f.path for f in result.failed] == ["bad"]
     assert isinstance(result.failed[0].error, VerificationError)
     assert list(local.iterdir()) == []
+
+
+def test_an_unmapped_backend_error_is_reported_in_one_line_with_its_cause_kept() -> None:
+    """A backend's error text can run to pages (obstore appends its debug dump): the run's error
+    says the first line and how to go on; the full error stays on the chain for --debug."""
+    cause = RuntimeError("Generic S3 error: HTTP error\n\nDebug source:\nGeneric {\n    store: S3,\n}")
+    result = BatchResult()
+    result.failed.append(Failure("d/a.bin", cause))
+    with pytest.raises(TetherError) as info:
+        result.raise_first()
+    assert info.value.message == "1 file(s) failed, first: d/a.bin: Generic S3 error: HTTP error"
+    assert "Rerun" in info.value.hint
+    assert info.value.__cause__ is cause

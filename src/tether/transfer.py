@@ -89,7 +89,15 @@ class BatchResult:
         first = self.failed[0].error
         if isinstance(first, TetherError):
             raise first
-        raise TetherError(f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {first}")
+        # One line: a backend's error text can carry pages of debug output (obstore's does);
+        # the whole of it stays on the chain for --debug.
+        text = str(first).strip()
+        detail = text.splitlines()[0] if text else type(first).__name__
+        raise TetherError(
+            f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {detail}",
+            hint="Rerun the same command: files already transferred and verified are kept "
+            "(--debug shows the full error).",
+        ) from first
 
 
 def _with_retries(remote: Remote, fn: Callable[[], None]) -> None:

@@ -123,8 +123,18 @@ def _is_connection_failure(exc: BaseException) -> bool:
             "dns error",
             "timed out",
             "TimedOut",
+            *_DROPPED_MID_BODY,
         )
     )
+
+
+# How reqwest/hyper (inside obstore) report a connection that closed while a body was in flight.
+_DROPPED_MID_BODY = ("request or response body error", "IncompleteBody", "connection reset", "broken pipe")
+
+
+def _dropped_mid_body(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in _DROPPED_MID_BODY)
 
 
 def _mtime_ns(when: datetime) -> int:
@@ -330,6 +340,13 @@ class ObjectStoreRemote:
                 f"{where} kept throttling requests (503 {code or 'Service Unavailable'}) after "
                 f"{s.max_retries} retries with backoff",
                 hint="Rerun later (completed files are kept), or lower the concurrency with --jobs.",
+            )
+        if _dropped_mid_body(exc):
+            what = f" while transferring {self._rel(key, s.prefix)}" if key else ""
+            return RemoteUnavailable(
+                f"the connection to {where} dropped{what}, also after {s.max_retries} retries",
+                hint="Rerun the same command: files already transferred and verified are kept. If "
+                "it keeps happening, lower the concurrency with --jobs or check the network.",
             )
         if _is_connection_failure(exc):
             reason = (
