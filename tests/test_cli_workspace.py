@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Result, WorkspaceFixture
+from tether import sync
 from tether.cli import main
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -823,3 +824,19 @@ def test_commands_in_the_committed_file_are_refused_through_the_cli(ws: Workspac
     assert "python" in r.stderr and "tether.toml" in r.stderr
     assert "config.local.toml" in r.stderr  # the hint says where such options belong
     assert "Traceback" not in r.output
+
+
+def test_an_unexpected_error_is_one_line_and_exit_70(
+    ws: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or an unmapped library error: its first line and the --debug hint, not the pages of
+    debug text some libraries put in their messages (obstore does)."""
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("Generic S3 error: HTTP error\n\nDebug source:\nGeneric {\n    store: S3,\n}")
+
+    monkeypatch.setattr(sync, "diff", broken)
+    r = tether("diff", "ns/ds", "store", cwd=ws.root)
+    assert r.exit_code == 70
+    assert "internal error: RuntimeError: Generic S3 error: HTTP error" in r.stderr
+    assert "Debug source" not in r.output and "--debug" in r.stderr

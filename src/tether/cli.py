@@ -247,7 +247,10 @@ def _report_error(exc: BaseException, debug: bool) -> int:
         err.print(f"[bold red]error:[/] {esc(str(exc.strerror or exc))}{esc(where)}", highlight=False)
         err.print("[bold]hint:[/] rerun with --debug for details; completed files are kept.")
         return int(ExitCode.REFUSED)
-    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {esc(str(exc))}", highlight=False)
+    # The first line only: some libraries' messages run to pages (obstore appends a debug dump).
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {esc(first)}", highlight=False)
     err.print("[bold]hint:[/] rerun with --debug and report the traceback.")
     return 70
 
