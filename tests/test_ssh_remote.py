@@ -37,7 +37,7 @@ from tether.errors import (
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER
 from tether.progress import Progress
-from tether.remotes import open_remote
+from tether.remotes import open_remote, ssh_helper
 from tether.remotes import ssh as ssh_mod
 from tether.remotes.base import BatchTransfers, ListingDelta, TransferItem
 from tether.remotes.ssh import PythonMissing, SshRemote
@@ -82,6 +82,19 @@ def remote_root(r: SshRemote) -> Path:
 # -- the helper itself --------------------------------------------------------------------------
 def test_helper_is_python_38_syntax() -> None:
     ast.parse(HELPER.read_text(), feature_version=(3, 8))
+
+
+def test_helper_keeps_runs_of_one_folders_small_files_on_one_writer() -> None:
+    """Small files of one folder go to one writer thread per LANE_RUN of them (threads creating
+    in one folder spin on its lock); a big flat folder still spreads over several writers."""
+    helper = ssh_helper.Helper.__new__(ssh_helper.Helper)  # no connection needed for lane_for
+    helper.lanes = [object() for _ in range(4)]  # type: ignore[misc]
+    helper.folder_counts = {}
+    run = ssh_helper.LANE_RUN
+    assert len({id(helper.lane_for(f"/r/ds/d1/f{i}")) for i in range(run)}) == 1
+    flat = [helper.lane_for(f"/r/ds/flat/f{i}") for i in range(16 * run)]
+    assert len({id(lane) for lane in flat}) > 1
+    assert all(flat[i] is flat[i - i % run] for i in range(len(flat)))  # whole runs stay together
 
 
 def _old_python(version: str) -> str | None:
