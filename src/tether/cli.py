@@ -8,6 +8,7 @@ table from error type to message and hint is :func:`_report_error` (tracebacks o
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -855,7 +856,15 @@ def _hoist_global_flags(args: list[str]) -> list[str]:
     return flags + rest + args[end:]
 
 
+# Fewer young-generation collections: a run over 20,000 files allocates a few hundred thousand
+# small objects (manifest entries, stats) that form no reference cycles. With Python's default
+# (700) a cold no-op diff ran ~300 collections, 2 of them full (80-160 ms of 0.7-1.0 s); with
+# 10,000 it ran ~20, none full (50-80 ms), and finished first in 5 of 6 interleaved pairs.
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    gc.set_threshold(*GC_THRESHOLDS)
     args = _hoist_global_flags(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
     try:
