@@ -372,6 +372,22 @@ def test_staging_of_an_interrupted_pull_does_not_linger(
     assert leftover == {}, f"{len(leftover)} staged file(s), {sum(map(len, leftover.values()))} bytes left"
 
 
+def test_a_folder_left_in_staging_where_a_file_now_goes_does_not_block_the_pull(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether
+) -> None:
+    """An interrupted pull staged ``a/old.txt``; since then ``a`` became a file on the remote.
+    The staged folder is tether's scratch: the rerun replaces it and converges (it used to
+    fail with "Is a directory" on every rerun)."""
+    ws.write("a", "now a file\n")
+    ok(tether, ws, ["push", DS, "store", "-y"])
+    leftover = ws2.workspace().staging_dir / "store" / DS / "a"
+    leftover.mkdir(parents=True)
+    (leftover / "old.txt").write_text("staged by the interrupted run\n")
+    ok(tether, ws2, ["pull", DS, "store", "-y"])
+    assert (ws2.data / DS / "a").read_text() == "now a file\n"
+    assert tree(ws2.workspace().staging_dir) == {}
+
+
 # -- the same kills with small files copied by forked worker processes -------------------------
 # Local disks copy many small files in worker processes (tether.forked); the datasets here are
 # below the size where that starts, so TETHER_FORK_MIN_FILES=1 makes these runs use them. A

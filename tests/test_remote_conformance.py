@@ -102,8 +102,9 @@ def test_get_file_verifies(remote: Remote, tmp_path: Path) -> None:
 
 
 def test_get_file_replaces_what_a_killed_run_left_at_the_staging_path(remote: Remote, tmp_path: Path) -> None:
-    """Backends may write the staging path in place: a longer partial file is truncated away and
-    a planted link is replaced, never followed (its target keeps its bytes)."""
+    """Backends may write the staging path in place: a longer partial file is truncated away, a
+    planted link is replaced, never followed (its target keeps its bytes), and a folder left by
+    an earlier run is removed."""
     src, digest = _file(tmp_path, "a", b"payload")
     remote.put_file(src, "ds/a", digest=digest, mtime_ns=1_600_000_000_000_000_000)
     staging = tmp_path / "staging"
@@ -119,6 +120,11 @@ def test_get_file_replaces_what_a_killed_run_left_at_the_staging_path(remote: Re
     remote.get_file("ds/a", link, digest=digest, mtime_ns=1_600_000_000_000_000_000)
     assert not link.is_symlink() and link.read_bytes() == b"payload"
     assert victim.read_bytes() == b"not tether's"
+    folder = staging / "c"  # staged files of an earlier plan, where this file now goes
+    (folder / "deeper").mkdir(parents=True)
+    (folder / "deeper" / "old.txt").write_bytes(b"staged before")
+    remote.get_file("ds/a", folder, digest=digest, mtime_ns=1_600_000_000_000_000_000)
+    assert folder.read_bytes() == b"payload"
 
 
 def test_create_exclusive_is_exclusive(remote: Remote) -> None:

@@ -14,6 +14,7 @@ import errno
 import itertools
 import os
 import secrets
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -205,8 +206,23 @@ def _create(tmp: str, *, replace: bool = False) -> int:
     except FileExistsError:
         if not replace:
             raise
-        os.unlink(tmp)
+        clear_staged(tmp)
         return os.open(tmp, CREATE_FLAGS, 0o666)
+
+
+def clear_staged(staged: str | Path) -> None:
+    """Remove what holds a staging name, a folder included: a run that staged ``a/b`` and was
+    interrupted leaves the folder ``a``, and a later plan may need the file ``a`` there. Staging
+    is tether's own scratch, so nothing of the user's is lost; without this, every rerun failed
+    on the folder ("Is a directory") and the pull never converged."""
+    try:
+        os.unlink(staged)
+    except FileNotFoundError:
+        pass
+    except (IsADirectoryError, PermissionError):  # Linux says EISDIR for a folder, macOS EPERM
+        if os.path.islink(staged) or not os.path.isdir(staged):
+            raise
+        shutil.rmtree(staged)
 
 
 def create_in_place(path: str | Path) -> int:

@@ -26,7 +26,7 @@ from tether.errors import (
     TetherError,
     VerificationError,
 )
-from tether.fileio import Prefetcher, ensure_dir, syncfs
+from tether.fileio import Prefetcher, clear_staged, ensure_dir, syncfs
 from tether.hashing import digest_file
 from tether.manifest import Entry, parse_provisional
 from tether.plan import Action, Change
@@ -591,7 +591,7 @@ def _staged_ok(path: str, entry: Entry) -> bool:
     except FileNotFoundError:
         return False
     if not stat.S_ISREG(st.st_mode):
-        Path(path).unlink(missing_ok=True)
+        clear_staged(path)  # a folder too: an earlier run may have staged files below this name
         return False
     if st.st_size != entry.size:
         return False
