@@ -1359,7 +1359,9 @@ class _GetStream:
         """
         final = item.local
         self.unread = n  # payload bytes still in the stream: skipped on a local error
-        tmp = _temp_sibling(final)
+        # Small files are verified in memory, then written in place: final is a staging path
+        # (see Remote.get_file), so a temporary name and a rename per file buy nothing there.
+        tmp = final if n <= SMALL else _temp_sibling(final)  # what the handlers remove on failure
         try:
             self._make_parent(final)
             hasher = hashlib.sha256()
@@ -1370,9 +1372,6 @@ class _GetStream:
                 self.on_bytes(n)
                 if hasher.hexdigest() != item.digest:
                     return _mismatch(item, hasher.hexdigest())
-                # Verified already, and final is a staging path (see Remote.get_file): written in
-                # place, without a temporary name and a rename per file.
-                tmp = final  # what the handlers below remove if the write fails
                 fd = create_in_place(final)
                 try:
                     view = memoryview(data)
