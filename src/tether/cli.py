@@ -33,7 +33,7 @@ from tether.config import (
     is_secret,
     write_toml_atomic,
 )
-from tether.errors import ExitCode, Interrupted, RefusedError, ScanError, TetherError, UsageError
+from tether.errors import ExitCode, Interrupted, RefusedError, ScanError, TetherError, UsageError, first_line
 from tether.plan import Change, Plan
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes import parse_url
@@ -248,10 +248,7 @@ def _report_error(exc: BaseException, debug: bool) -> int:
         err.print(f"[bold red]error:[/] {esc(str(exc.strerror or exc))}{esc(where)}", highlight=False)
         err.print("[bold]hint:[/] rerun with --debug for details; completed files are kept.")
         return int(ExitCode.REFUSED)
-    # The first line only: some libraries' messages run to pages (obstore appends a debug dump).
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {esc(first)}", highlight=False)
+    err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {esc(first_line(exc))}", highlight=False)
     err.print("[bold]hint:[/] rerun with --debug and report the traceback.")
     return 70
 

@@ -25,6 +25,13 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message cut to its first line (obstore's messages append a 30-line debug
+    dump); the type's name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class TetherError(Exception):
     """Base of every error tether raises on purpose."""
 

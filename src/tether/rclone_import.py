@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import LOCAL_FILE, WORKSPACE_FILE, edit_toml, write_toml_atomic
-from tether.errors import ConfigError, UsageError
+from tether.errors import ConfigError, UsageError, first_line
 from tether.workspace import Workspace, check_remote_name
 
 SUPPORTED_TYPES = ("s3", "sftp")
@@ -73,7 +73,7 @@ def read_section(name: str, config: Path) -> dict[str, str]:
     try:
         parser.read_string(text, source=str(config))
     except configparser.Error as exc:
-        raise ConfigError(f"cannot parse {config}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse {config}: {first_line(exc)}") from None
     if not parser.has_section(name):
         known = ", ".join(parser.sections()) or "none"
         raise UsageError(f"no remote {name!r} in {config} (it has: {known})")

@@ -25,6 +25,7 @@ from tether.errors import (
     StalePlanError,
     TetherError,
     VerificationError,
+    first_line,
 )
 from tether.fileio import Prefetcher, clear_staged, ensure_dir, syncfs
 from tether.hashing import digest_file
@@ -89,12 +90,9 @@ class BatchResult:
         first = self.failed[0].error
         if isinstance(first, TetherError):
             raise first
-        # One line: a backend's error text can carry pages of debug output (obstore's does);
-        # the whole of it stays on the chain for --debug.
-        text = str(first).strip()
-        detail = text.splitlines()[0] if text else type(first).__name__
+        # One line (first_line); the whole error stays on the chain for --debug.
         raise TetherError(
-            f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {detail}",
+            f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {first_line(first)}",
             hint="Rerun the same command: files already transferred and verified are kept "
             "(--debug shows the full error).",
         ) from first

@@ -51,6 +51,7 @@ from tether.errors import (
     RemoteUnavailable,
     TetherError,
     VerificationError,
+    first_line,
 )
 from tether.fileio import check_source_state, create_in_place, ensure_dir
 from tether.foreign import plain_md5
@@ -91,11 +92,6 @@ _probe_lock = threading.Lock()
 
 
 # -- small helpers ------------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _code(exc: BaseException) -> str | None:
     if isinstance(exc, mp.S3Error):
         return exc.code
@@ -295,7 +291,7 @@ class ObjectStoreRemote:
         where = s.where
         if isinstance(exc, obx.InvalidPathError):
             bad = re.search(r'Error parsing Path "([^"]*)"', str(exc))
-            shown = bad.group(1) if bad else _first_line(exc)
+            shown = bad.group(1) if bad else first_line(exc)
             return InvalidPath(
                 f"remote {self.describe()} lists a key tether refuses: {shown!r}",
                 hint="Someone wrote an object whose name escapes its folder ('..', '//', absolute). "
@@ -924,7 +920,7 @@ def diagnose(remote: ObjectStoreRemote) -> list[tuple[str, bool, str, str]]:
 
     def fail(name: str, exc: BaseException) -> None:
         err = remote.to_tether(exc, key)
-        message = err.message if isinstance(err, TetherError) else _first_line(err)
+        message = err.message if isinstance(err, TetherError) else first_line(err)
         hint = err.hint if isinstance(err, TetherError) else ""
         results.append((name, False, message, hint))
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import obstore
 from obstore import exceptions as obx
 
-from tether.errors import ConfigError
+from tether.errors import ConfigError, first_line
 from tether.remotes import objectstore_multipart as mp
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def read_profile(name: str) -> dict[str, str] | None:
         try:
             parser.read(path)
         except configparser.Error as exc:
-            raise ConfigError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"cannot parse {path}: {first_line(exc)}") from None
         if parser.has_section(section):
             hit = True
             found.update({k.lower(): v.strip() for k, v in parser.items(section)})
@@ -399,9 +399,4 @@ def make_store(s: StoreSettings, *, checksum: bool = False) -> Any:
             hint=f"tether's options: {known}; other keys go to obstore's {s.scheme} configuration.",
         ) from None
     except (obx.BaseError, ValueError) as exc:
-        raise ConfigError(f"cannot configure the {s.scheme}:// store: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ConfigError(f"cannot configure the {s.scheme}:// store: {first_line(exc)}") from None

@@ -41,7 +41,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from tether import faults
-from tether.errors import VerificationError
+from tether.errors import VerificationError, first_line
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -341,7 +341,7 @@ def _short_os_error(exc: BaseException) -> str:
         return "host name not found"
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timed out"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line(exc)
 
 
 # -- XML helpers (namespace-agnostic) -----------------------------------------------------------
