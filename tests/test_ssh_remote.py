@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ from tether.errors import (
     StalePlanError,
     VerificationError,
 )
-from tether.manifest import UNHASHED
+from tether.manifest import UNHASHED, Manifest
 from tether.paths import TEMP_MARKER
 from tether.progress import Progress
 from tether.remotes import open_remote, ssh_helper
@@ -659,15 +660,25 @@ def _pushed_workspace(tmp_path: Path, name: str = "ws", files: int = 40) -> Work
 
 
 def test_no_op_listing_sends_neither_entries_nor_the_index(
-    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
+    tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ws = _pushed_workspace(tmp_path)
     copy = ws.workspace().remote_index_path("hpc", "ns/ds")
     assert copy.read_bytes() == (ws.remote_dir / "ns/ds/.tether/index").read_bytes()
     deltas.clear()
+    parsed_on: list[str] = []
+    loads = Manifest.loads.__func__  # type: ignore[attr-defined]
+
+    def counting_loads(cls: type[Manifest], data: bytes, **kwargs: Any) -> Manifest:
+        parsed_on.append(threading.current_thread().name)
+        return loads(cls, data, **kwargs)
+
+    monkeypatch.setattr(Manifest, "loads", classmethod(counting_loads))
     assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
     (delta,) = deltas
     assert (delta.changed, delta.missing, delta.index) == ([], [], None)
+    # The copy was parsed once, while the remote listed (sync._parse_meanwhile), not after.
+    assert parsed_on == ["tether-index"]
     assert delta.index_digest == hashlib.sha256(copy.read_bytes()).hexdigest()
 
 
@@ -751,6 +762,12 @@ def test_a_damaged_remote_index_falls_back_to_the_full_listing(
     assert result.in_sync
     assert len(deltas[0].changed) == 40  # nothing vouched: everything listed, then rehashed
     assert any("ignoring damaged remote index" in m for m in messages)
+
+    # The workspace's copy now holds the same damaged bytes; it is parsed while the remote
+    # lists (sync._parse_meanwhile), and the damage is still said once, not once per parse.
+    messages.clear()
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root, progress=Collect()).in_sync
+    assert sum("ignoring damaged remote index" in m for m in messages) == 1
 
 
 # -- masters shared between runs (control_persist) ---------------------------------------------

@@ -358,6 +358,25 @@ def _parse_index(ctx: Context, data: bytes) -> Manifest | None:
         return None
 
 
+def _parse_meanwhile(ctx: Context, copy: bytes | None) -> threading.Thread | None:
+    """Parse the workspace's copy of the index while the remote lists: the copy is what a
+    no-op uses, and parsing 20,000 entries (0.08-0.12 s) waited on the listing before.
+
+    Only a clean parse is kept (in ``ctx.index_cache``, where _parse_index finds it); a damaged
+    copy is parsed again there, so its message comes once and from the calling thread."""
+    if not copy or (ctx.index_cache is not None and ctx.index_cache[0] == copy):
+        return None
+    source = f"{ctx.remote.url}/{index_path(ctx.dataset.id)}"
+
+    def parse() -> None:
+        with contextlib.suppress(ManifestFormatError):
+            ctx.index_cache = (copy, Manifest.loads(copy, source=source))
+
+    thread = threading.Thread(target=parse, name="tether-index", daemon=True)
+    thread.start()
+    return thread
+
+
 def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None]:
     """The remote's listing and its index.
 
@@ -376,7 +395,10 @@ def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None]:
     except OSError:
         have = None
     have_digest = hashlib.sha256(have).hexdigest() if have else None
+    parsing = _parse_meanwhile(ctx, have)
     delta = remote.list_against_index(ctx.dataset.id, index_path(ctx.dataset.id), have=have_digest)
+    if parsing is not None:
+        parsing.join()
     if delta.index_digest is None:
         return delta.changed, None  # no index there: everything was listed
     data = delta.index if delta.index is not None else have
