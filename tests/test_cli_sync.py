@@ -6,16 +6,20 @@ stdin is not a terminal here, so a plan that overwrites or deletes needs ``-y``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import Result, WorkspaceFixture
+from tether.errors import ExitCode
+from tether.remotes.local import LocalRemote
 
 OLD_MTIME_NS = 1_000_000_000_123_456_789  # 2001-09-09, with a sub-second part
 
@@ -201,6 +205,42 @@ def test_push_of_missing_local_dataset_exit_2(ws: WorkspaceFixture, tether) -> N
     assert r.exit_code == 2, r.output
     assert "no local dataset 'ns/typo'" in r.stderr
     assert not (ws.remote_dir / "ns/typo").exists()
+
+
+@pytest.mark.parametrize("fork_min", ["1", "100000"], ids=["forked", "threads"])
+def test_a_file_failing_with_an_io_error_is_exit_7_and_the_rest_is_kept(
+    ws: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch, fork_min: str
+) -> None:
+    """A failing disk under one file: the run says which file and exits 7 (rerun), the other
+    files are on the remote and verified, and the rerun sends only the one that failed."""
+    monkeypatch.setenv("TETHER_FORK_MIN_FILES", fork_min)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        ws.write(name, f"content of {name}")
+    real = {name: getattr(LocalRemote, name) for name in ("put_file", "put_file_hashing")}
+
+    def eio_on_b(name: str) -> Any:
+        def put(self: LocalRemote, source: Path, path: str, **kwargs: Any) -> Any:
+            if path.endswith("/b.txt"):
+                raise OSError(errno.EIO, "Input/output error", str(source))
+            return real[name](self, source, path, **kwargs)
+
+        return put
+
+    for name in real:
+        monkeypatch.setattr(LocalRemote, name, eio_on_b(name))
+    r = run(tether, "push", ws, "-y")
+    assert r.exit_code == ExitCode.TRANSFER_FAILED == 7, r.output
+    assert "1 file(s) failed, first: b.txt: [Errno 5] Input/output error" in r.stderr
+    assert "Rerun" in r.stderr and "Traceback" not in r.output
+    assert ws.remote_file("a.txt").read_text() == "content of a.txt"
+    assert ws.remote_file("c.txt").read_text() == "content of c.txt"
+    assert not ws.remote_file("b.txt").exists()
+
+    monkeypatch.undo()
+    again = ok(run(tether, "push", ws, "-y"))
+    assert "1 uploaded" in again.stdout, again.output
+    assert ws.remote_file("b.txt").read_text() == "content of b.txt"
+    ok(run(tether, "diff", ws))
 
 
 def test_unknown_remote_lists_known_ones(ws: WorkspaceFixture, tether) -> None:

@@ -5,6 +5,7 @@ Every error case asserts the exit code and the message (and hint where the contr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 from conftest import Result, WorkspaceFixture
 from tether import sync
 from tether.cli import main
+from tether.errors import ExitCode
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -811,7 +813,8 @@ def test_remote_add_keeps_secrets_and_commands_out_of_the_committed_file(
 def test_help_lists_the_exit_codes(tether) -> None:
     r = tether("--help")
     assert r.exit_code == 0, r.output
-    for code in ("0 ok", "1 diff", "2 usage", "3 refused", "4 verification", "5 remote", "6 locked", "130"):
+    codes = ("0 ok", "1 diff", "2 usage", "3 refused", "4 verification", "5 remote", "6 locked", "7 files")
+    for code in (*codes, "70 internal", "130"):
         assert code in " ".join(r.stdout.split()), code
 
 
@@ -837,6 +840,22 @@ def test_an_unexpected_error_is_one_line_and_exit_70(
 
     monkeypatch.setattr(sync, "diff", broken)
     r = tether("diff", "ns/ds", "store", cwd=ws.root)
-    assert r.exit_code == 70
+    assert r.exit_code == ExitCode.INTERNAL == 70
     assert "internal error: RuntimeError: Generic S3 error: HTTP error" in r.stderr
     assert "Debug source" not in r.output and "--debug" in r.stderr
+
+
+def test_a_bare_io_error_is_exit_7_not_a_safety_refusal(
+    ws: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operating-system error no tether class names (EIO from a failing disk): a rerun may
+    succeed, so it is exit 7 like a failed file, not 3 (refused for safety) or 2 (usage)."""
+
+    def failing_disk(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(ws.root / "data/ns/ds/a.txt"))
+
+    monkeypatch.setattr(sync, "diff", failing_disk)
+    r = tether("diff", "ns/ds", "store", cwd=ws.root)
+    assert r.exit_code == ExitCode.TRANSFER_FAILED == 7, r.output
+    assert "Input/output error" in r.stderr and "a.txt" in r.stderr
+    assert "Traceback" not in r.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tether.errors import StalePlanError, TetherError, VerificationError
+from tether.errors import ExitCode, StalePlanError, TetherError, VerificationError
 from tether.manifest import Entry
 from tether.plan import Action, Change, Status
 from tether.remotes import LocalRemote
@@ -153,5 +153,6 @@ def test_an_unmapped_backend_error_is_reported_in_one_line_with_its_cause_kept()
     with pytest.raises(TetherError) as info:
         result.raise_first()
     assert info.value.message == "1 file(s) failed, first: d/a.bin: Generic S3 error: HTTP error"
+    assert info.value.exit_code == ExitCode.TRANSFER_FAILED  # rerun: not usage (2), not refused (3)
     assert "Rerun" in info.value.hint
     assert info.value.__cause__ is cause

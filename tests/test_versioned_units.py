@@ -4,17 +4,19 @@ and how a push finds missing objects (listing only what the inventory cannot vou
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.errors import VerificationError
+from tether.errors import ExitCode, TransferFailed, VerificationError
 from tether.manifest import Entry
 from tether.remotes import LocalRemote, RemoteStat
 from tether.versioned import lockfile
@@ -357,6 +359,41 @@ def test_push_repairs_objects_a_concurrent_gc_removed(tmp_path: Path) -> None:
     assert report.uploaded == 1 and report.repaired_after_gc == 1
     for data in files.values():
         assert (remote_root / object_path(sha(data))).read_bytes() == data
+
+
+class FailingDisk(LocalRemote):
+    """A remote whose disk fails (EIO) writing one object."""
+
+    def __init__(self, root: Path, bad: str) -> None:
+        super().__init__(str(root), root)
+        self.bad = bad
+
+    def put_file(self, source: Path, path: str, **kwargs: Any) -> None:
+        if path == object_path(self.bad):
+            raise OSError(errno.EIO, "Input/output error", path)
+        super().put_file(source, path, **kwargs)
+
+
+def test_an_object_failing_with_an_io_error_is_exit_7_and_no_snapshot_is_written(tmp_path: Path) -> None:
+    remote_root = tmp_path / "remote"
+    remote_root.mkdir()
+    files = {"a": b"fine", "b": b"lands on a bad sector"}
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    s = snap(files)
+    remote = FailingDisk(remote_root, sha(files["b"]))
+    inv = Inventory.load(tmp_path / "state", remote.url)
+    by_digest = {sha(d): src / n for n, d in files.items()}
+    with pytest.raises(TransferFailed) as info:
+        push_snapshot(remote, s, inv, by_digest.get, host="h", jobs=2)
+    assert info.value.exit_code == ExitCode.TRANSFER_FAILED
+    bad = object_path(sha(files["b"]))
+    assert info.value.message.startswith(f"1 object(s) failed while uploading, first: {bad}: ")
+    assert "Input/output error" in info.value.message and "\n" not in info.value.message
+    assert (remote_root / object_path(sha(files["a"]))).read_bytes() == files["a"]  # kept
+    assert not (remote_root / "snapshots").exists()  # never names a missing object
 
 
 def test_content_digest_matches_the_documented_formula() -> None:

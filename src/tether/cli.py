@@ -247,10 +247,10 @@ def _report_error(exc: BaseException, debug: bool) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         err.print(f"[bold red]error:[/] {esc(str(exc.strerror or exc))}{esc(where)}", highlight=False)
         err.print("[bold]hint:[/] rerun with --debug for details; completed files are kept.")
-        return int(ExitCode.REFUSED)
+        return int(ExitCode.TRANSFER_FAILED)  # an I/O error no class names: rerun, not refused
     err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {esc(first_line(exc))}", highlight=False)
     err.print("[bold]hint:[/] rerun with --debug and report the traceback.")
-    return 70
+    return int(ExitCode.INTERNAL)
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 ok or in sync; 1 diff found differences; 2 usage or config error; "
     "3 refused for safety (conflict, unseen change, --max-delete, empty source, stale plan, "
     "disk full); 4 verification failed; 5 remote unreachable or login failed; 6 locked; "
-    "130 declined or interrupted."
+    "7 files failed to transfer (I/O error; rerun); 70 internal error; 130 declined or interrupted."
 )
 
 

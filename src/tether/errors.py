@@ -22,7 +22,9 @@ class ExitCode(IntEnum):
     VERIFY_FAILED = 4
     UNREACHABLE = 5
     LOCKED = 6
+    TRANSFER_FAILED = 7
     INTERRUPTED = 130
+    INTERNAL = 70  # a bug: an error tether has no message for (sysexits' EX_SOFTWARE)
 
 
 def first_line(exc: BaseException) -> str:
@@ -131,6 +133,18 @@ class LockHeld(TetherError):
 class DiskFullError(TetherError, OSError):
     exit_code = ExitCode.REFUSED
     default_hint = "Free some space on the destination and rerun; completed files are kept."
+
+
+class TransferFailed(TetherError):
+    """Files that could not be read or written for a reason no other class names (an I/O error,
+    a backend error tether does not map): not the user's usage, not a safety refusal, so a
+    script can tell "rerun later" from "fix the command" (exit 2) and "look first" (exit 3)."""
+
+    exit_code = ExitCode.TRANSFER_FAILED
+    default_hint = (
+        "Rerun the same command: files already transferred and verified are kept "
+        "(--debug shows the full error)."
+    )
 
 
 class Interrupted(TetherError):

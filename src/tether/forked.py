@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from tether.errors import ExitCode, TetherError
+from tether.errors import ExitCode, TetherError, TransferFailed
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -224,9 +224,9 @@ def _die_with(parent: int) -> None:
 
 def _portable(exc: BaseException) -> BaseException:
     """The error as the parent can receive it: itself if it survives pickling, else a
-    TetherError with its text (keeping what a user reads)."""
+    TransferFailed with its text (keeping what a user reads)."""
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception:
-        return TetherError(f"{exc}")
+        return TransferFailed(f"{exc}")
     return exc

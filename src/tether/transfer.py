@@ -24,6 +24,7 @@ from tether.errors import (
     RemoteUnavailable,
     StalePlanError,
     TetherError,
+    TransferFailed,
     VerificationError,
     first_line,
 )
@@ -91,10 +92,8 @@ class BatchResult:
         if isinstance(first, TetherError):
             raise first
         # One line (first_line); the whole error stays on the chain for --debug.
-        raise TetherError(
-            f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {first_line(first)}",
-            hint="Rerun the same command: files already transferred and verified are kept "
-            "(--debug shows the full error).",
+        raise TransferFailed(
+            f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {first_line(first)}"
         ) from first
 
 

@@ -33,7 +33,15 @@ from pathlib import Path
 from types import TracebackType
 
 from tether import faults, forked
-from tether.errors import LockHeld, RefusedError, StalePlanError, TetherError, VerificationError
+from tether.errors import (
+    LockHeld,
+    RefusedError,
+    StalePlanError,
+    TetherError,
+    TransferFailed,
+    VerificationError,
+    first_line,
+)
 from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
@@ -359,7 +367,9 @@ def _raise_failures(failures: list[tuple[str, BaseException]], what: str) -> Non
                 f"{len(failures)} object(s) failed while {what}, first: {error.message}",
                 paths=[p for p, _ in failures],
             )
-    raise TetherError(f"{len(failures)} object(s) failed while {what}, first: {failures[0][0]}: {first}")
+    raise TransferFailed(
+        f"{len(failures)} object(s) failed while {what}, first: {failures[0][0]}: {first_line(first)}"
+    ) from first
 
 
 @dataclass
