@@ -327,6 +327,21 @@ def test_inventory_survives_a_round_trip_and_ignores_damage(tmp_path: Path) -> N
     assert Inventory.load(tmp_path, "file:///r").objects == set()
 
 
+def test_an_unchanged_inventory_is_not_rewritten(tmp_path: Path) -> None:
+    inv = Inventory.load(tmp_path, "file:///r")
+    inv.objects = {DIGESTS[0]}
+    inv.save()
+    written = inv.path.stat().st_ino
+    again = Inventory.load(tmp_path, "file:///r")
+    again.save()  # as read: nothing to write
+    inv.save()  # as last written: nothing to write
+    assert inv.path.stat().st_ino == written
+    again.objects.add(DIGESTS[1])
+    again.save()
+    assert inv.path.stat().st_ino != written
+    assert Inventory.load(tmp_path, "file:///r").objects == {DIGESTS[0], DIGESTS[1]}
+
+
 class GcDuringPush(LocalRemote):
     """Runs a gc (deletes an object, records a gc run) just as the push writes its snapshot."""
 

@@ -79,6 +79,9 @@ class Inventory:
     url: str
     objects: set[str] = field(default_factory=set)
     suspect: set[str] = field(default_factory=set)  # present but found corrupt by verify
+    # The state as last read or written: a push saves after its uploads and again at its end,
+    # and rewriting an unchanged 20,000-digest file cost 0.06 s each time.
+    _stored: tuple[frozenset[str], frozenset[str]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def load(cls, state_dir: Path, url: str) -> Inventory:
@@ -98,9 +101,13 @@ class Inventory:
             return inv
         inv.objects = {d for d in raw.get("objects", []) if is_digest(d)}
         inv.suspect = {d for d in raw.get("suspect", []) if is_digest(d)}
+        inv._stored = (frozenset(inv.objects), frozenset(inv.suspect))
         return inv
 
     def save(self) -> None:
+        state = (frozenset(self.objects), frozenset(self.suspect))
+        if state == self._stored:
+            return
         record = {
             "format": INVENTORY_FORMAT,
             "version": INVENTORY_VERSION,
@@ -110,6 +117,7 @@ class Inventory:
         }
         data = gzip.compress(json.dumps(record).encode(), compresslevel=3, mtime=0)
         write_bytes_atomic(self.path, data, durable=False)
+        self._stored = state
 
     def replace_folders(self, folders: Iterable[str], present: set[str]) -> None:
         """A fresh listing of ``folders`` is the truth for them."""
