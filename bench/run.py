@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import datasets
+from benchlib import datasets, discard
 from benchlib.cases import CASE_NAMES, CASES, Result, RunOptions, run_case
 from benchlib.measure import rss_method
 from benchlib.remotes import REMOTE_KINDS, RemoteKind
@@ -106,6 +106,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep each case's scratch folders for inspection")
     p.add_argument(
+        "--deletes",
+        choices=("defer", "now"),
+        default="defer",
+        help="between runs, set small-file trees aside and delete them when the bench ends (defer, "
+        "default), or delete them before each run (now: every tool then creates its files right "
+        "after 20,000 deletes; see README 'Deletes')",
+    )
+    p.add_argument(
         "--fail-on-target", action="store_true", help=f"exit {EXIT_TARGET_FAILED} when a target fails"
     )
     args = p.parse_args(argv)
@@ -148,6 +156,7 @@ def meta_info(
         "cases": args.cases,
         "remotes": args.remotes,
         "cache": args.cache,
+        "deletes": args.deletes,
         "timeout_s": args.timeout,
         "tool_repeat": args.tool_repeat,
         "host": platform.node(),
@@ -186,6 +195,7 @@ def run_kind(
         log,
         args.tool_repeat,
         args.setup_timeout,
+        args.deletes == "defer",
     )
     if why := kind.missing():
         log(f"remote kind {kind.name}: skipped ({why})")
@@ -232,8 +242,13 @@ def footer(args: argparse.Namespace, data: dict[str, datasets.Dataset], elapsed:
         f"× tether = tool median / tether median; '> N' = killed after --timeout N s.{scale_note}\n"
         f"peak RSS: {rss_method()}; "
         "CPU s: user+sys of the tree; bg cores: CPU other processes used meanwhile, in cores (median; "
-        f"above ~0.3 the machine was shared and timings are noisy); cache: {cache}.\n"
-        f"load average now {load}; whole run {elapsed:.0f} s; raw timings: {args.json_out}"
+        f"above ~0.3 the machine was shared and timings are noisy); cache: {cache}; deletes: "
+        + (
+            "small-file trees set aside between runs, deleted at the end.\n"
+            if args.deletes == "defer"
+            else "each destination deleted right before its run.\n"
+        )
+        + f"load average now {load}; whole run {elapsed:.0f} s; raw timings: {args.json_out}"
     )
 
 
@@ -250,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     precompile_tether()
     shutil.rmtree(args.work / "logs", ignore_errors=True)
+    if left := discard.empty_trash_at(args.work / "trash"):
+        log(f"deleted {left} tree(s) an earlier run left in {args.work / 'trash'}")
+    discard.use_trash(args.work / "trash")
     opts = ToolOptions(args.tether, args.dvc, args.tether_jobs)
     tools = [make_tool(name, opts) for name in args.tools]
     unavailable = {t.name: why for t in tools if (why := t.missing())}
@@ -263,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind_name in args.remotes:
         results += run_kind(REMOTE_KINDS[kind_name](), args, tools, unavailable, data)
     outcomes = evaluate(TARGETS, results)
+    if set_aside := discard.empty_trash():
+        log(f"deleted the {set_aside} tree(s) set aside between runs")
     elapsed = time.perf_counter() - started
     meta |= {"elapsed_s": round(elapsed, 1), "loadavg_end": os.getloadavg()}
     write_json(args.json_out, meta, results, outcomes)

@@ -42,6 +42,8 @@ def test_bench_runs_at_tiny_scale_and_writes_medians(tmp_path: Path) -> None:
     assert by_key[("large-push", "cp")]["throughput_mib_s"] > 0
     assert by_key[("small-noop", "cp")]["status"] == "n/a"
     assert {t["verdict"] for t in doc["targets"]} <= {"PASS", "FAIL", "info", "n/a"}
+    assert doc["meta"]["deletes"] == "defer"
+    assert not (tmp_path / "work" / "trash").exists()  # what was set aside is gone at the end
 
 
 @pytest.mark.slow
@@ -96,3 +98,29 @@ def test_page_reporting_wait_ends_when_no_pass_comes(tmp_path: Path) -> None:
     began = time.monotonic()
     cases.wait_for_page_reporting(first_pass=0.3, timeout=60, counters_in=tmp_path)
     assert 0.3 <= time.monotonic() - began < 30
+
+
+def test_discard_sets_small_file_trees_aside_and_deletes_the_rest(tmp_path: Path) -> None:
+    """benchlib.discard: no inode is freed between runs of a small-file case (ext4 without a
+    journal makes files created after a mass delete slow); everything goes at the end."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from benchlib import discard
+
+    trash = tmp_path / "trash"
+    discard.use_trash(trash)
+    tree = tmp_path / "copy"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "f.txt").write_text("x")
+    inode = (tree / "d" / "f.txt").stat().st_ino
+    discard.defer(True)
+    discard.discard(tree)
+    assert not tree.exists()
+    (aside,) = trash.iterdir()
+    assert (aside / "d" / "f.txt").stat().st_ino == inode  # moved, not copied or freed
+    big = tmp_path / "large"
+    big.mkdir()
+    discard.defer(False)
+    discard.discard(big)
+    assert not big.exists() and len(list(trash.iterdir())) == 1
+    assert discard.empty_trash() == 1
+    assert not trash.exists()

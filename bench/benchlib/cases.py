@@ -10,7 +10,6 @@ them, not just one.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from statistics import median
 
-from benchlib import datasets
+from benchlib import datasets, discard
 from benchlib.datasets import Dataset, FileInfo
 from benchlib.measure import BenchError, Cmd, Sample, TimedOut, run_all
 from benchlib.remotes import RemoteKind
@@ -58,6 +57,7 @@ class RunOptions:
     log: Callable[[str], None] = print
     tool_repeats: dict[str, int] = field(default_factory=dict)  # fewer repeats for slow tools
     setup_timeout: float | None = None  # untimed set-up pushes (default: timeout)
+    defer_deletes: bool = True  # small-file trees go to the trash, deleted at the end (benchlib.discard)
 
     def repeats_for(self, tool: str) -> int:
         return min(self.repeats, self.tool_repeats.get(tool, self.repeats))
@@ -172,6 +172,7 @@ def run_case(
     results: list[Result] = []
     active: list[tuple[Tool, Slot, Result]] = []
     case_dir = opts.runs_dir / kind.name / case.name
+    discard.defer(opts.defer_deletes and case.dataset == "small")
     for tool in tools:
         result = Result(kind.name, case, tool.name, len(dataset.files), dataset.total_bytes)
         results.append(result)
@@ -182,7 +183,7 @@ def run_case(
             result.status, result.reason = "n/a", why
             continue
         scratch = case_dir / tool.name
-        shutil.rmtree(scratch, ignore_errors=True)
+        discard.discard(scratch)
         scratch.mkdir(parents=True)
         slot = Slot(
             scratch,
@@ -204,7 +205,7 @@ def run_case(
                 partial(_repeat, case, tool, slot, result, dataset, repeat, opts),
             )
     if not opts.keep:
-        shutil.rmtree(case_dir, ignore_errors=True)
+        discard.discard(case_dir)
     return results
 
 

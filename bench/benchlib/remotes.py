@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from benchlib.discard import discard
 from benchlib.latency import LatencyProxy
 
 TESTS_DIR = Path(__file__).resolve().parent.parent.parent / "tests"
@@ -123,10 +124,7 @@ class LocalLocation(Location):
 
     def reset(self) -> None:
         for child in self.root.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+            discard(child)
 
     def ensure_dir(self, rel: str) -> None:
         os.makedirs(self.root / rel, exist_ok=True)
@@ -337,7 +335,7 @@ class S3Location(Location):
         return path
 
     def reset(self) -> None:
-        shutil.rmtree(self.kind.data_dir / self.kind.bucket / self.prefix, ignore_errors=True)
+        discard(self.kind.data_dir / self.kind.bucket / self.prefix)
         self.generation += 1
 
     def ensure_dir(self, rel: str) -> None:

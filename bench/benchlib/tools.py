@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from benchlib.discard import discard
 from benchlib.measure import Cmd, run_untimed
 from benchlib.remotes import Location
 
@@ -74,7 +75,7 @@ def first_line(argv: list[str]) -> str:
 
 
 def rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    discard(path)  # set aside until the run ends where the case defers deletes (benchlib.discard)
 
 
 class Tool(ABC):
