@@ -107,11 +107,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep each case's scratch folders for inspection")
     p.add_argument(
         "--deletes",
-        choices=("defer", "now"),
+        choices=("defer", "keep", "now"),
         default="defer",
         help="between runs, set small-file trees aside and delete them when the bench ends (defer, "
-        "default), or delete them before each run (now: every tool then creates its files right "
-        "after 20,000 deletes; see README 'Deletes')",
+        "default), or leave them in WORK/trash for you to delete after several benches (keep), "
+        "or delete them before each run (now: every tool then creates its files right after "
+        "20,000 deletes; see README 'Deletes')",
     )
     p.add_argument(
         "--fail-on-target", action="store_true", help=f"exit {EXIT_TARGET_FAILED} when a target fails"
@@ -195,7 +196,7 @@ def run_kind(
         log,
         args.tool_repeat,
         args.setup_timeout,
-        args.deletes == "defer",
+        args.deletes != "now",
     )
     if why := kind.missing():
         log(f"remote kind {kind.name}: skipped ({why})")
@@ -245,7 +246,7 @@ def footer(args: argparse.Namespace, data: dict[str, datasets.Dataset], elapsed:
         f"above ~0.3 the machine was shared and timings are noisy); cache: {cache}; deletes: "
         + (
             "small-file trees set aside between runs, deleted at the end.\n"
-            if args.deletes == "defer"
+            if args.deletes != "now"
             else "each destination deleted right before its run.\n"
         )
         + f"load average now {load}; whole run {elapsed:.0f} s; raw timings: {args.json_out}"
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     precompile_tether()
     shutil.rmtree(args.work / "logs", ignore_errors=True)
-    if left := discard.empty_trash_at(args.work / "trash"):
+    if args.deletes != "keep" and (left := discard.empty_trash_at(args.work / "trash")):
         log(f"deleted {left} tree(s) an earlier run left in {args.work / 'trash'}")
     discard.use_trash(args.work / "trash")
     opts = ToolOptions(args.tether, args.dvc, args.tether_jobs)
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind_name in args.remotes:
         results += run_kind(REMOTE_KINDS[kind_name](), args, tools, unavailable, data)
     outcomes = evaluate(TARGETS, results)
-    if set_aside := discard.empty_trash():
+    if args.deletes == "keep":
+        log(f"left the trees set aside between runs in {args.work / 'trash'} (--deletes keep)")
+    elif set_aside := discard.empty_trash():
         log(f"deleted the {set_aside} tree(s) set aside between runs")
     elapsed = time.perf_counter() - started
     meta |= {"elapsed_s": round(elapsed, 1), "loadavg_end": os.getloadavg()}
