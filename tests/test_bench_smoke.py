@@ -124,3 +124,20 @@ def test_discard_sets_small_file_trees_aside_and_deletes_the_rest(tmp_path: Path
     assert not big.exists() and len(list(trash.iterdir())) == 1
     assert discard.empty_trash() == 1
     assert not trash.exists()
+
+
+def test_discard_deletes_at_once_when_the_disk_is_nearly_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    from benchlib import discard
+
+    discard.use_trash(tmp_path / "trash")
+    discard.defer(True)
+    monkeypatch.setattr(discard, "MIN_FREE_BYTES", shutil.disk_usage(tmp_path).free + (1 << 40))
+    tree = tmp_path / "copy"
+    tree.mkdir()
+    (tree / "f.txt").write_text("x")
+    discard.discard(tree)
+    assert not tree.exists() and list((tmp_path / "trash").iterdir()) == []
+    discard.defer(False)

@@ -38,7 +38,7 @@ def discard(path: Path) -> None:
     """Remove ``path`` from where it is: set aside when deferring, else deleted now."""
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_dir() and not path.is_symlink() and _deferring and _trash is not None:
+    if path.is_dir() and not path.is_symlink() and _deferring and _trash is not None and _room(_trash):
         try:
             os.rename(path, _trash / f"{os.getpid()}-{next(_names)}")
             return
@@ -48,6 +48,16 @@ def discard(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+MIN_FREE_BYTES = 4 << 30  # below this, trees are deleted at once: a full disk fails every tool
+
+
+def _room(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free >= MIN_FREE_BYTES
+    except OSError:
+        return False
 
 
 def empty_trash() -> int:
