@@ -357,19 +357,24 @@ class GcDuringPush(LocalRemote):
             self.victim = ""
 
 
-def test_push_repairs_objects_a_concurrent_gc_removed(tmp_path: Path) -> None:
+def _push_setup(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, dict[str, Path]]:
+    """An empty remote folder, and ``files`` in a source folder, keyed by digest for push_snapshot."""
     remote_root = tmp_path / "remote"
     remote_root.mkdir()
-    files = {"a": b"kept from before", "b": b"new"}
-    _put_objects(remote_root, [files["a"]])  # present: the push relies on it without uploading
     src = tmp_path / "src"
     src.mkdir()
     for name, data in files.items():
         (src / name).write_bytes(data)
+    return remote_root, {sha(d): src / n for n, d in files.items()}
+
+
+def test_push_repairs_objects_a_concurrent_gc_removed(tmp_path: Path) -> None:
+    files = {"a": b"kept from before", "b": b"new"}
+    remote_root, by_digest = _push_setup(tmp_path, files)
+    _put_objects(remote_root, [files["a"]])  # present: the push relies on it without uploading
     s = snap(files)
     remote = GcDuringPush(remote_root, sha(files["a"]))
     inv = Inventory.load(tmp_path / "state", remote.url)
-    by_digest = {sha(d): src / n for n, d in files.items()}
     report = push_snapshot(remote, s, inv, by_digest.get, host="h", jobs=2)
     assert report.uploaded == 1 and report.repaired_after_gc == 1
     for data in files.values():
@@ -390,17 +395,11 @@ class FailingDisk(LocalRemote):
 
 
 def test_an_object_failing_with_an_io_error_is_exit_7_and_no_snapshot_is_written(tmp_path: Path) -> None:
-    remote_root = tmp_path / "remote"
-    remote_root.mkdir()
     files = {"a": b"fine", "b": b"lands on a bad sector"}
-    src = tmp_path / "src"
-    src.mkdir()
-    for name, data in files.items():
-        (src / name).write_bytes(data)
+    remote_root, by_digest = _push_setup(tmp_path, files)
     s = snap(files)
     remote = FailingDisk(remote_root, sha(files["b"]))
     inv = Inventory.load(tmp_path / "state", remote.url)
-    by_digest = {sha(d): src / n for n, d in files.items()}
     with pytest.raises(TransferFailed) as info:
         push_snapshot(remote, s, inv, by_digest.get, host="h", jobs=2)
     assert info.value.exit_code == ExitCode.TRANSFER_FAILED
