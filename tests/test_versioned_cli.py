@@ -453,6 +453,37 @@ def test_interrupted_push_leaves_no_snapshot_pointing_at_missing_objects(
     assert list((vws.remote_dir / "pushes").glob("*.json")) == []  # killed runs' markers cleared
 
 
+def test_an_object_failing_with_an_io_error_is_exit_7_and_the_rerun_finishes(
+    vws: WorkspaceFixture, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing disk under one object: one line naming it, exit 7 (rerun), no snapshot that
+    names a missing object; the rerun uploads only what is missing and writes the snapshot."""
+    from tether.remotes.local import LocalRemote
+
+    files = {"a.txt": b"fine\n", "b.txt": b"lands on a bad sector\n"}
+    commit_version(vws, tether, files, "v1")
+    bad = object_path(hashlib.sha256(files["b.txt"]).hexdigest())
+    real_put = LocalRemote.put_file
+
+    def failing(self: LocalRemote, source: Path, path: str, **kwargs: object) -> None:
+        if path == bad:
+            raise OSError(5, "Input/output error", path)
+        real_put(self, source, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocalRemote, "put_file", failing)
+    r = tether("push", DS, "store", cwd=vws.root)
+    assert r.exit_code == 7, r.output
+    assert f"1 object(s) failed while uploading, first: {bad}: " in r.stderr
+    assert "Input/output error" in r.stderr and "Rerun" in r.stderr and "Traceback" not in r.output
+    assert remote_snapshots(vws.remote_dir) == set()
+    assert len(remote_objects(vws.remote_dir)) == 1
+    monkeypatch.undo()
+    r = tether("push", DS, "store", cwd=vws.root)
+    assert r.exit_code == 0, r.output
+    assert "uploaded 1 of 2 objects" in r.stdout
+    assert len(remote_snapshots(vws.remote_dir)) == 1
+
+
 # -- interrupted pull -----------------------------------------------------------------------------
 def pull_killed_at(
     point: str, files: dict[str, bytes], vws: WorkspaceFixture, tmp_path: Path, tether: Tether
