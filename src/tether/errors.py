@@ -146,6 +146,12 @@ class TransferFailed(TetherError):
         "(--debug shows the full error)."
     )
 
+    @classmethod
+    def first_of(cls, failed: str, path: str, cause: BaseException) -> TransferFailed:
+        """ "N file(s) failed, first: PATH: first line of its error" (mirror and versioned runs
+        alike); raise it ``from cause`` so --debug still shows the whole error."""
+        return cls(f"{failed}, first: {path}: {first_line(cause)}")
+
 
 class Interrupted(TetherError):
     """The user said no (or stopped the run): not an error, so the CLI prints it plainly."""

@@ -26,7 +26,6 @@ from tether.errors import (
     TetherError,
     TransferFailed,
     VerificationError,
-    first_line,
 )
 from tether.fileio import Prefetcher, clear_staged, ensure_dir, syncfs
 from tether.hashing import digest_file
@@ -91,9 +90,8 @@ class BatchResult:
         first = self.failed[0].error
         if isinstance(first, TetherError):
             raise first
-        # One line (first_line); the whole error stays on the chain for --debug.
-        raise TransferFailed(
-            f"{len(self.failed)} file(s) failed, first: {self.failed[0].path}: {first_line(first)}"
+        raise TransferFailed.first_of(
+            f"{len(self.failed)} file(s) failed", self.failed[0].path, first
         ) from first
 
 

@@ -40,7 +40,6 @@ from tether.errors import (
     TetherError,
     TransferFailed,
     VerificationError,
-    first_line,
 )
 from tether.fileio import write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
@@ -375,8 +374,8 @@ def _raise_failures(failures: list[tuple[str, BaseException]], what: str) -> Non
                 f"{len(failures)} object(s) failed while {what}, first: {error.message}",
                 paths=[p for p, _ in failures],
             )
-    raise TransferFailed(
-        f"{len(failures)} object(s) failed while {what}, first: {failures[0][0]}: {first_line(first)}"
+    raise TransferFailed.first_of(
+        f"{len(failures)} object(s) failed while {what}", failures[0][0], first
     ) from first
 
 
