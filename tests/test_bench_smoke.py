@@ -73,6 +73,24 @@ def test_bench_ssh_and_s3_kinds_through_the_latency_proxy(tmp_path: Path) -> Non
     assert by_key[("s3-20ms", "small-noop", "rsync")]["status"] == "n/a"
 
 
+@pytest.mark.slow
+def test_bench_deletes_keep_leaves_the_set_aside_trees(tmp_path: Path) -> None:
+    """--deletes keep: the copies replaced between repeats stay in WORK/trash after the run,
+    for several benches in a row; the next run with the default deletes them first."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(RUN), "--scale", "tiny", "--repeat", "2", "--tools", "cp"]
+    cmd += ["--cases", "small-push", "--work", str(work), "--json-out", str(tmp_path / "r.json")]
+    done = subprocess.run([*cmd, "--deletes", "keep"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    kept = list((work / "trash").iterdir())
+    assert kept and all(tree.is_dir() for tree in kept)  # set aside, not deleted
+    assert "left the trees set aside" in done.stdout + done.stderr
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"deleted {len(kept)} tree(s) an earlier run left" in again.stdout + again.stderr
+    assert not (work / "trash").exists()
+
+
 def _bench_cases():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(REPO / "bench"))
     try:
