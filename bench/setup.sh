@@ -48,5 +48,7 @@ pip_install -e "$REPO_DIR"
 echo "setup: done"
 "$VENV/bin/python" -c 'import importlib.metadata as m; print("  tether", m.version("tether-data"))'
 "$VENV/bin/dvc" --version | sed 's/^/  dvc /'
-rsync --version | head -1 | sed 's/^/  /'
+# sed reads all of rsync's output: `head -1` would close the pipe early, and under pipefail
+# rsync's SIGPIPE made a successful setup exit 141.
+rsync --version | sed -n '1s/^/  /p'
 echo "run: $VENV/bin/python $BENCH_DIR/run.py --quick   (or without --quick for the full run)"
