@@ -275,7 +275,8 @@ class ThrottlingProxy:
     methods when None); ``always`` throttles everything; ``canned = (status, code)`` answers every
     request with that error (clock skew, access denied); ``reject_header`` refuses requests that
     carry a header, as some stores refuse checksum headers; ``truncate`` (a path substring) sends
-    half of each matching GET's body, then closes the connection: a link dropped mid-download.
+    half of each matching GET's body, then closes the connection: a link dropped mid-download
+    (only the next ``truncate_times`` such GETs when that is set: a link that drops, then holds).
     Loopback only; stops with ``close()``.
     """
 
@@ -287,6 +288,7 @@ class ThrottlingProxy:
         self.canned: tuple[int, str] | None = None  # (status, S3 error code) answered to everything
         self.reject_header: str | None = None  # 400 InvalidRequest to requests carrying this header
         self.truncate: str | None = None  # GETs whose path contains this lose half their body
+        self.truncate_times: int | None = None  # how many more matching GETs to cut (None: all)
         self.truncated = 0
         self.throttled = 0
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
@@ -363,6 +365,10 @@ class ThrottlingProxy:
     def _truncates(self, method: str, path: str) -> bool:
         with self._lock:
             if method == "GET" and self.truncate is not None and self.truncate in path:
+                if self.truncate_times is not None:
+                    if self.truncate_times <= 0:
+                        return False
+                    self.truncate_times -= 1
                 self.truncated += 1
                 return True
         return False

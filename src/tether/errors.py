@@ -117,6 +117,12 @@ class RemoteUnavailable(TetherError, ConnectionError):
     default_hint = "Check that the remote's location exists and is mounted or reachable."
 
 
+class ConnectionDropped(RemoteUnavailable):
+    """A link that broke while one file's bytes were in flight: the remote is still there, so
+    the file is worth another try on its own (a whole-run failure only once retries ran out).
+    A laptop on flaky Wi-Fi sees these; one of them must not end a 20,000-file pull."""
+
+
 class RemotePermissionError(TetherError, PermissionError):
     exit_code = ExitCode.UNREACHABLE
     default_hint = "Check your permissions on the remote's base path."

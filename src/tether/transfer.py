@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tether import faults, forked
 from tether.errors import (
+    ConnectionDropped,
     DiskFullError,
     RemotePermissionError,
     RemoteUnavailable,
@@ -95,12 +96,17 @@ class BatchResult:
         ) from first
 
 
-def _with_retries(remote: Remote, fn: Callable[[], None]) -> None:
+def with_retries(remote: Remote, fn: Callable[[], None]) -> None:
+    """Run one file's transfer, again after a transient failure (the remote's classify_error,
+    or a link dropped mid-file); whole-run failures and verification errors end it at once."""
     delay = 0.2
     for attempt in range(RETRIES + 1):
         try:
             fn()
             return
+        except ConnectionDropped:
+            if attempt == RETRIES:
+                raise
         except WHOLE_RUN_FAILURES:
             raise
         except (VerificationError, StalePlanError):
@@ -108,8 +114,8 @@ def _with_retries(remote: Remote, fn: Callable[[], None]) -> None:
         except Exception as exc:
             if attempt == RETRIES or remote.classify_error(exc) != ErrorKind.RETRYABLE:
                 raise
-            time.sleep(delay)  # backoff between retries of a flaky link, not synchronisation
-            delay *= 2
+        time.sleep(delay)  # backoff between retries of a flaky link, not synchronisation
+        delay *= 2
 
 
 @dataclass(frozen=True)
@@ -341,7 +347,7 @@ def push_changes(
         state = unhashed.get(change.path)
         if state is not None:
             got: list[str] = []
-            _with_retries(
+            with_retries(
                 remote,
                 lambda: got.append(
                     remote.put_file_hashing(  # type: ignore[attr-defined]
@@ -356,7 +362,7 @@ def push_changes(
             faults.checkpoint("uploaded")
             return Done(digest=got[-1])
         try:
-            _with_retries(
+            with_retries(
                 remote,
                 lambda: remote.put_file(
                     source,
@@ -417,7 +423,7 @@ def push_changes(
         progress.stage("deleting on remote", files=len(deletes))
         for change in deletes:
             try:
-                _with_retries(remote, lambda c=change: remote.delete(f"{dataset_id}/{c.path}"))
+                with_retries(remote, lambda c=change: remote.delete(f"{dataset_id}/{c.path}"))
                 faults.checkpoint("deleted_remote")
                 result.done.append(change)
                 progress.advance(files=1)
@@ -465,7 +471,7 @@ def pull_changes(
             on_bytes(change.remote.size)
             return Done(reused=True)
         got: list[str | None] = []
-        _with_retries(
+        with_retries(
             remote,
             lambda: got.append(
                 remote.get_file(

@@ -46,6 +46,7 @@ import obstore
 from obstore import exceptions as obx
 
 from tether.errors import (
+    ConnectionDropped,
     InvalidPath,
     RemotePermissionError,
     RemoteUnavailable,
@@ -339,8 +340,8 @@ class ObjectStoreRemote:
             )
         if _dropped_mid_body(exc):
             what = f" while transferring {self._rel(key, s.prefix)}" if key else ""
-            return RemoteUnavailable(
-                f"the connection to {where} dropped{what}, also after {s.max_retries} retries",
+            return ConnectionDropped(
+                f"the connection to {where} dropped{what}, again on every retry",
                 hint="Rerun the same command: files already transferred and verified are kept. If "
                 "it keeps happening, lower the concurrency with --jobs or check the network.",
             )

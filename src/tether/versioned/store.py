@@ -47,6 +47,7 @@ from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
 from tether.remotes.base import BatchTransfers, Remote, TransferItem, ignore_bytes, lanes, prepare_transfers
 from tether.remotes.local import LocalRemote
+from tether.transfer import with_retries
 from tether.versioned.cache import Cache
 from tether.versioned.layout import (
     GC_LOCK_ID,
@@ -326,7 +327,7 @@ def _transfer(
         (remote.put_many if up else remote.get_many)(items, on_bytes=on_bytes, on_done=report)
         return
 
-    def move(item: TransferItem, on_bytes: Callable[[int], None]) -> None:
+    def move_once(item: TransferItem, on_bytes: Callable[[int], None]) -> None:
         if up:
             remote.put_file(
                 item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
@@ -335,6 +336,11 @@ def _transfer(
             remote.get_file(
                 item.path, item.local, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
             )
+
+    def move(item: TransferItem, on_bytes: Callable[[int], None]) -> None:
+        # The same per-object retries as a mirror transfer: one dropped link among 20,000
+        # objects is not a failed run.
+        with_retries(remote, lambda: move_once(item, on_bytes))
 
     def one(item: TransferItem) -> None:
         try:
