@@ -126,6 +126,30 @@ def test_lockfile_round_trip_is_sorted_and_strict(tmp_path: Path) -> None:
 
 
 # -- cache ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("many", [False, True], ids=["stat-each", "list-folders"])
+def test_cache_which_have_finds_exactly_the_cached_objects(tmp_path: Path, many: bool) -> None:
+    """Both lookups (a stat per digest, a listing per fan-out folder) give the same answer; a
+    folder or a temporary file under an object's name is not the object."""
+    from tether.versioned.cache import BULK_LOOKUP
+
+    cache = Cache(tmp_path / "cache")
+    count = BULK_LOOKUP + 10 if many else 5
+    blobs = [f"object {i}".encode() for i in range(count)]
+    digests = [sha(b) for b in blobs]
+    assert cache.which_have(digests) == set()  # no objects folder yet
+    for i, blob in enumerate(blobs):
+        if i % 3 == 0:
+            src = tmp_path / "src"
+            src.write_bytes(blob)
+            cache.insert_copy(src, digests[i])
+    (cache.root / object_path(digests[1])).mkdir(parents=True)
+    (cache.root / object_path(digests[2])).parent.mkdir(parents=True, exist_ok=True)
+    (cache.root / object_path(digests[2])).with_name(digests[2][2:] + ".tmp").write_bytes(b"x")
+    expected = {d for i, d in enumerate(digests) if i % 3 == 0}
+    assert cache.which_have(digests) == expected
+    assert cache.which_have(set(digests[3:])) == {d for d in expected if d in digests[3:]}
+
+
 def test_cache_verifies_on_insert_and_keeps_objects_read_only(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "cache")
     src = tmp_path / "f"

@@ -325,12 +325,15 @@ def _push(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                 )
             # No scan of the dataset: an object the cache lacks is read from the path the snapshot
             # gives it, and the backend's digest check refuses bytes that changed since the commit.
-            by_digest = {e.digest: env.dataset.path / e.path for e in snap.entries}
+            # Paths are joined only for the objects sent: 20,000 Path objects cost 50 ms.
+            by_digest = {e.digest: e.path for e in snap.entries}
+            cached = env.cache.which_have(by_digest.keys())
 
             def source_for(digest: str) -> Path | None:
-                if env.cache.has(digest):
+                if digest in cached:
                     return env.cache.object_file(digest)
-                return by_digest.get(digest)
+                rel = by_digest.get(digest)
+                return None if rel is None else env.dataset.path / rel
 
             inv = Inventory.load(env.ws.state_dir, remote.url)
             trust = not options.get("checksum")

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import stat
+from collections.abc import Collection
 from pathlib import Path
 
 from tether.errors import ConfigError, VerificationError
@@ -27,6 +28,7 @@ from tether.versioned.layout import (
 )
 
 DEFAULT_DIR = ".tether/cache"
+BULK_LOOKUP = 256  # digests from which which_have lists folders rather than stat each object
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
 
 
@@ -52,6 +54,32 @@ class Cache:
     def has(self, digest: str) -> bool:
         # A plain string: pathlib costs more than the stat when a pull asks for 20,000 objects.
         return os.path.isfile(f"{self.root}/{object_path(digest)}")
+
+    def which_have(self, digests: Collection[str]) -> set[str]:
+        """The digests among ``digests`` whose objects the cache holds.
+
+        Many digests: one listing per fan-out folder that exists instead of a stat per digest
+        (20,000 stats of absent objects cost 0.12 s of a 1.6 s push; an empty cache costs one
+        failed scandir). A few digests: a stat each.
+        """
+        if len(digests) < BULK_LOOKUP:
+            return {d for d in digests if self.has(d)}
+        wanted: dict[str, set[str]] = {}
+        for d in digests:
+            wanted.setdefault(d[:2], set()).add(d[2:])
+        try:
+            folders = {e.name for e in os.scandir(self.root / "objects") if e.is_dir(follow_symlinks=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+        found: set[str] = set()
+        for head, tails in wanted.items():
+            if head not in folders:
+                continue
+            with os.scandir(self.root / "objects" / head) as it:
+                found.update(
+                    head + e.name for e in it if e.name in tails and e.is_file(follow_symlinks=False)
+                )
+        return found
 
     def temp_path(self) -> Path:
         """A name in the cache's own folder (same filesystem as the objects: rename is atomic)."""

@@ -541,7 +541,7 @@ def fetch_objects(
 ) -> FetchReport:
     """Download every object of ``sizes`` the cache lacks; each is hashed before it is visible."""
     report = FetchReport(needed=len(sizes))
-    todo = sorted(d for d in sizes if not cache.has(d))
+    todo = sorted(sizes.keys() - cache.which_have(sizes.keys()))
     if todo:
         prepare_transfers(remote)
     report.cached = len(sizes) - len(todo)
