@@ -299,6 +299,20 @@ def test_throttled_to_the_end_exit_5(rclone: S3Server, tmp_path: Path, tether: T
         proxy.close()
 
 
+def _pushed_then_cloned_behind(
+    proxy: ThrottlingProxy, server: S3Server, tmp_path: Path, tether: Tether
+) -> tuple[WorkspaceFixture, dict[str, bytes]]:
+    """Six files pushed straight to ``server``; a second workspace that reaches the same prefix
+    through ``proxy``, with obstore allowed one retry."""
+    ws = make_workspace(tmp_path / "a")
+    prefix = add_s3_remote(ws, server)
+    files = _files(ws, 6)
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    other = make_workspace(tmp_path / "b")
+    add_s3_remote(other, server, prefix=prefix, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
+    return other, files
+
+
 def test_download_cut_mid_body_is_one_clear_error_and_the_rerun_finishes(
     rclone: S3Server, tmp_path: Path, tether: Tether
 ) -> None:
@@ -306,12 +320,7 @@ def test_download_cut_mid_body_is_one_clear_error_and_the_rerun_finishes(
     obstore's pages of debug output), no torn file in the dataset; the rerun pulls everything."""
     proxy = ThrottlingProxy(rclone.endpoint)
     try:
-        ws = make_workspace(tmp_path / "a")
-        prefix = add_s3_remote(ws, rclone)
-        files = _files(ws, 6)
-        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
-        other = make_workspace(tmp_path / "b")
-        add_s3_remote(other, rclone, prefix=prefix, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
+        other, files = _pushed_then_cloned_behind(proxy, rclone, tmp_path, tether)
         proxy.truncate = "f004.txt"
         r = tether("pull", DS, "s3", "-y", cwd=other.root)
         _clean_error(r, 5, "dropped while transferring", "f004.txt", "Rerun")
@@ -331,12 +340,7 @@ def test_a_download_cut_more_often_than_the_store_client_retries_is_retried_per_
     Wi-Fi, a saturated proxy) costs the file another try, not the whole 20,000-file pull."""
     proxy = ThrottlingProxy(rclone.endpoint)
     try:
-        ws = make_workspace(tmp_path / "a")
-        prefix = add_s3_remote(ws, rclone)
-        files = _files(ws, 6)
-        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
-        other = make_workspace(tmp_path / "b")
-        add_s3_remote(other, rclone, prefix=prefix, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
+        other, files = _pushed_then_cloned_behind(proxy, rclone, tmp_path, tether)
         proxy.truncate, proxy.truncate_times = "f004.txt", 2  # the first GET and obstore's one retry
         r = tether("pull", DS, "s3", "-y", cwd=other.root)
         assert r.exit_code == 0, r.output
