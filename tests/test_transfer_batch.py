@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from tether.errors import ExitCode, StalePlanError, TetherError, VerificationError
+from tether.errors import (
+    ConnectionDropped,
+    ExitCode,
+    RemoteUnavailable,
+    StalePlanError,
+    TetherError,
+    VerificationError,
+)
 from tether.manifest import Entry
 from tether.plan import Action, Change, Status
 from tether.remotes import LocalRemote
 from tether.remotes.base import BatchTransfers, OnBytes, OnDone, TransferItem
-from tether.transfer import BatchResult, Failure, pull_changes, push_changes
+from tether.transfer import BatchResult, Failure, pull_changes, push_changes, with_retries
 
 
 class BatchLocal(LocalRemote):
@@ -156,3 +163,41 @@ def test_an_unmapped_backend_error_is_reported_in_one_line_with_its_cause_kept()
     assert info.value.exit_code == ExitCode.TRANSFER_FAILED  # rerun: not usage (2), not refused (3)
     assert "Rerun" in info.value.hint
     assert info.value.__cause__ is cause
+
+
+@pytest.mark.parametrize(
+    ("error", "calls"),
+    [
+        (ConnectionDropped("the connection dropped while transferring f"), 4),  # 1 + RETRIES
+        (RemoteUnavailable("cannot reach the remote"), 1),  # the whole run is over: no retry
+        (VerificationError("f: content hash mismatch"), 1),
+    ],
+    ids=["dropped-mid-file", "unreachable", "mismatch"],
+)
+def test_with_retries_tries_a_dropped_file_again_but_not_a_lost_remote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, calls: int
+) -> None:
+    import tether.transfer as transfer
+
+    slept: list[float] = []
+    monkeypatch.setattr(transfer.time, "sleep", slept.append)
+    attempts: list[int] = []
+
+    def always_fails() -> None:
+        attempts.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        with_retries(LocalRemote("x", tmp_path), always_fails)
+    assert len(attempts) == calls
+    assert slept == [0.2, 0.4, 0.8][: calls - 1]
+
+    attempts.clear()
+
+    def fails_once() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionDropped("the connection dropped while transferring f")
+
+    with_retries(LocalRemote("x", tmp_path), fails_once)
+    assert len(attempts) == 2
