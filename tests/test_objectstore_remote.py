@@ -28,7 +28,7 @@ from tether.errors import (
 )
 from tether.remotes import objectstore_multipart as mp
 from tether.remotes import open_remote, parse_url
-from tether.remotes.objectstore import ObjectStoreRemote, build_settings, diagnose
+from tether.remotes.objectstore import ObjectStoreRemote, OrderedHasher, build_settings, diagnose
 
 MiB = 1024 * 1024
 
@@ -462,3 +462,37 @@ def test_diagnose_reports_bad_credentials(rclone: S3Server, tmp_path: Path) -> N
     assert (name, ok) == ("credentials", False)
     assert "SignatureDoesNotMatch" in detail and fix
     assert "wrong-secret-abc" not in detail + fix
+
+
+def test_ordered_hasher_hashes_parts_written_out_of_order_from_the_file(tmp_path: Path) -> None:
+    """Parts land in any order; the digest is of the file's bytes in order, read back from disk
+    (what was written, not what was received), and a part may not run ahead of the window."""
+    data = os.urandom(10 * 1000 + 7)
+    span = 1000
+    count = -(-len(data) // span)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(len(data)))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        hasher = OrderedHasher(fd, len(data), span, window=count)
+        order = [3, 0, 10, 1, 2, 5, 4, 9, 8, 6, 7]
+        for i in order:
+            os.pwrite(fd, data[i * span : (i + 1) * span], i * span)
+            hasher.written(i)
+        assert hasher.cursor == count
+        assert hasher.hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+        # the bytes on disk are what gets hashed: a part damaged after its write, before its turn
+        damaged = OrderedHasher(fd, len(data), span, window=count)
+        damaged.written(1)
+        os.pwrite(fd, bytes([data[span + 5] ^ 0xFF]), span + 5)
+        damaged.written(0)
+        for i in range(2, count):
+            damaged.written(i)
+        on_disk = path.read_bytes()
+        assert on_disk != data and damaged.hasher.hexdigest() == hashlib.sha256(on_disk).hexdigest()
+        narrow = OrderedHasher(fd, len(data), span, window=2)
+        assert narrow.wait_turn(1)
+        narrow.fail()
+        assert not narrow.wait_turn(5)  # past the window: waits, and a failure ends the wait
+    finally:
+        os.close(fd)
