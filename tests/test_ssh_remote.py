@@ -89,13 +89,27 @@ def test_helper_keeps_runs_of_one_folders_small_files_on_one_writer() -> None:
     """Small files of one folder go to one writer thread per LANE_RUN of them (threads creating
     in one folder spin on its lock); a big flat folder still spreads over several writers."""
     helper = ssh_helper.Helper.__new__(ssh_helper.Helper)  # no connection needed for lane_for
-    helper.lanes = [object() for _ in range(4)]  # type: ignore[misc]
+    helper._lanes = [object() for _ in range(4)]
     helper.folder_counts = {}
     run = ssh_helper.LANE_RUN
     assert len({id(helper.lane_for(f"/r/ds/d1/f{i}")) for i in range(run)}) == 1
     flat = [helper.lane_for(f"/r/ds/flat/f{i}") for i in range(16 * run)]
     assert len({id(lane) for lane in flat}) > 1
     assert all(flat[i] is flat[i - i % run] for i in range(len(flat)))  # whole runs stay together
+
+
+def test_helper_starts_without_thread_pools_or_their_imports() -> None:
+    """A no-op's control helper never moves a file: it must not pay for concurrent.futures
+    (and the logging module it imports) at start, which a cluster's shared filesystem makes
+    slow. Run in a fresh interpreter: the test process has them imported already."""
+    code = (
+        "import sys; sys.argv = ['x']; import runpy; "
+        f"ns = runpy.run_path({str(HELPER)!r}, run_name='helper_check'); "
+        "h = ns['Helper'].__new__(ns['Helper']); h._pool = None; h._lanes = []; h.shutdown(); "
+        "print(sorted(m for m in ('concurrent.futures', 'logging', 'secrets', 'gzip') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def _old_python(version: str) -> str | None:

@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import itertools
 import json
 import os
 import queue
-import secrets
 import stat
 import struct
 import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 PROTOCOL = 1
 MAGIC = b"\x00tether-helper\x00"  # precedes the first frame: shell start-up chatter may come first
@@ -213,7 +210,7 @@ def check_rel(rel: object) -> str:
     return rel
 
 
-_TEMP_TAG = secrets.token_hex(4)
+_TEMP_TAG = os.urandom(4).hex()
 _temp_counter = itertools.count()
 
 
@@ -275,13 +272,37 @@ class Helper:
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.base = Base("~")
-        self.pool = ThreadPoolExecutor(max_workers=WORKERS)
-        self.lanes = [ThreadPoolExecutor(max_workers=1) for _ in range(WORKERS)]  # see lane_for
+        self._pool = None
+        self._lanes: list = []
         self.folder_counts: dict[str, int] = {}
         self.parts: dict[str, tuple[int, object]] = {}  # .part path -> (prefix size, hasher)
         self.cond = threading.Condition()
         self.in_flight = 0  # bytes of queued small writes (bounds memory)
         self.pending = 0  # queued small writes, empty files included (the barrier waits for them)
+
+    # Thread pools are made on first use: concurrent.futures (and the logging module it
+    # imports) were a quarter of the helper's import time, paid by every no-op's control
+    # helper, on clusters where the standard library sits on a slow shared filesystem.
+    @property
+    def pool(self):  # type: ignore[no-untyped-def]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=WORKERS)
+        return self._pool
+
+    @property
+    def lanes(self) -> list:
+        if not self._lanes:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._lanes = [ThreadPoolExecutor(max_workers=1) for _ in range(WORKERS)]  # see lane_for
+        return self._lanes
+
+    def shutdown(self) -> None:
+        """Wait for the pools that were started (a no-op's helper started none)."""
+        for pool in ([self._pool] if self._pool is not None else []) + self._lanes:
+            pool.shutdown(wait=True)
 
     # requests answered in order
     def op_init(self, h: dict, data: bytes) -> dict:
@@ -311,7 +332,7 @@ class Helper:
         except OSError as exc:
             out["free_error"] = str(exc)
         if h.get("write") and out["is_dir"]:
-            probe = os.path.join(self.base.path, f".tether-probe{TEMP_MARKER}{secrets.token_hex(6)}")
+            probe = os.path.join(self.base.path, f".tether-probe{TEMP_MARKER}{os.urandom(6).hex()}")
             try:
                 fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 os.close(fd)
@@ -822,6 +843,8 @@ def read_index_stats(raw: bytes) -> dict:
     """path -> [size, mtime_ns] of a tether index (docs/format.md), or {} if it cannot be read:
     then every file is listed as unvouched and the client judges the damage itself."""
     try:
+        import gzip  # here: the transfer helper never reads an index
+
         lines = gzip.decompress(raw).decode("utf-8").split("\n")
         header = json.loads(lines[0])
         if header.get("format") != "tether-manifest" or header.get("version") != 1:
@@ -1003,7 +1026,7 @@ def main() -> None:
         helper.serve()  # returns at a clean end of input: the client has sent all it will
     except EOFError:
         conn.close()  # the client left mid-request: drop answers (the next run cleans up)
-    helper.pool.shutdown(wait=True)  # files already received complete (verified) or are removed
+    helper.shutdown()  # files already received complete (verified) or are removed
     conn.drain(timeout=30)
     os._exit(0)  # without joining a writer that may be stuck on a dead channel
 
