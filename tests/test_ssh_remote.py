@@ -894,3 +894,34 @@ def test_an_unsafe_shared_socket_folder_is_not_used(
     shared.unlink() if shared.is_symlink() or shared.is_file() else shared.rmdir()
     assert ssh_mod._shared_control_dir() == str(shared)
     assert shared.stat().st_mode & 0o777 == 0o700
+
+
+def test_stale_private_master_folders_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A run killed with SIGKILL leaves its empty private folder; the next private-master run
+    removes such folders once they are an hour old, and never a live, young, shared or foreign
+    one."""
+    now = time.time()
+    old = now - ssh_mod.STALE_PRIVATE_S - 10
+
+    def folder(name: str, *, age: float, files: int = 0) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for i in range(files):
+            (path / f"socket{i}").write_bytes(b"")
+        os.utime(path, (age, age))
+        return path
+
+    stale = [folder("tether-ssh-abcd1234", age=old), folder("tether-ssh-zz9_x0yq", age=old)]
+    kept = [
+        folder("tether-ssh-live0001", age=old, files=1),  # a live master's socket inside
+        folder("tether-ssh-young001", age=now),  # a run between mkdtemp and its master
+        folder(f"tether-ssh-{os.geteuid()}", age=old),  # the shared folder, even when empty
+        folder("other-abcd1234", age=old),
+    ]
+    (tmp_path / "tether-ssh-afile000").write_bytes(b"")
+    (tmp_path / "tether-ssh-link0000").symlink_to(stale[0])
+    assert ssh_mod.remove_stale_private_dirs(str(tmp_path), now=now) == 2
+    assert not any(p.exists() for p in stale)
+    assert all(p.is_dir() for p in kept)
+    assert (tmp_path / "tether-ssh-afile000").is_file() and (tmp_path / "tether-ssh-link0000").is_symlink()
+    assert ssh_mod.remove_stale_private_dirs(str(tmp_path / "missing"), now=now) == 0

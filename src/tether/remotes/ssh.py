@@ -35,6 +35,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -230,6 +231,39 @@ def _short_tmp() -> str:
     return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
+STALE_PRIVATE_S = 3600  # an empty private master folder this old belongs to no live run
+
+
+def remove_stale_private_dirs(base: str, *, now: float | None = None) -> int:
+    """Remove this user's empty ``tether-ssh-XXXXXXXX`` folders older than an hour; return how
+    many went.
+
+    A run killed with SIGKILL cannot remove its private master's folder. A live run's folder
+    holds the master's socket, and a run's folder is only empty for the instant before ssh
+    makes it, so an empty one that old is litter; ``rmdir`` removes nothing that is not empty.
+    """
+    now = time.time() if now is None else now
+    shared = f"tether-ssh-{os.geteuid()}"
+    removed = 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith("tether-ssh-") or entry.name == shared:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            young = now - st.st_mtime < STALE_PRIVATE_S
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or young:
+                continue
+            os.rmdir(entry.path)
+            removed += 1
+        except OSError:
+            continue  # not empty, not ours, or gone meanwhile
+    return removed
+
+
 def _shared_control_dir() -> str | None:
     """This user's folder for masters that outlive a run (``/tmp/tether-ssh-<uid>``, 0700).
 
@@ -360,6 +394,7 @@ class SshConnection:
             self.effective()
             shared = None if private or self.s.control_persist == 0 else _shared_control_dir()
             if shared is None:
+                remove_stale_private_dirs(_short_tmp())
                 self.dir = tempfile.mkdtemp(prefix="tether-ssh-", dir=_short_tmp())
                 self.socket = f"{self.dir}/%C"
                 self._start_master(CONTROL_PERSIST_S)
