@@ -3,6 +3,7 @@ implements BatchTransfers item by item."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from tether.errors import (
 from tether.manifest import Entry
 from tether.plan import Action, Change, Status
 from tether.remotes import LocalRemote
-from tether.remotes.base import BatchTransfers, OnBytes, OnDone, TransferItem
+from tether.remotes.base import BatchTransfers, ErrorKind, OnBytes, OnDone, TransferItem
 from tether.transfer import BatchResult, Failure, pull_changes, push_changes, with_retries
 
 
@@ -165,16 +166,24 @@ def test_an_unmapped_backend_error_is_reported_in_one_line_with_its_cause_kept()
     assert info.value.__cause__ is cause
 
 
+class _DropsAreTransient(LocalRemote):
+    """Classifies as an object store does: a link dropped mid-file is worth another try."""
+
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        return ErrorKind.RETRYABLE if isinstance(exc, ConnectionDropped) else super().classify_error(exc)
+
+
 @pytest.mark.parametrize(
     ("error", "calls"),
     [
         (ConnectionDropped("the connection dropped while transferring f"), 4),  # 1 + RETRIES
         (RemoteUnavailable("cannot reach the remote"), 1),  # the whole run is over: no retry
+        (OSError(errno.EIO, "Input/output error"), 4),  # the local backend's transient errno
         (VerificationError("f: content hash mismatch"), 1),
     ],
-    ids=["dropped-mid-file", "unreachable", "mismatch"],
+    ids=["dropped-mid-file", "unreachable", "eio", "mismatch"],
 )
-def test_with_retries_tries_a_dropped_file_again_but_not_a_lost_remote(
+def test_with_retries_retries_what_the_backend_calls_transient(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, calls: int
 ) -> None:
     import tether.transfer as transfer
@@ -188,7 +197,7 @@ def test_with_retries_tries_a_dropped_file_again_but_not_a_lost_remote(
         raise error
 
     with pytest.raises(type(error)):
-        with_retries(LocalRemote("x", tmp_path), always_fails)
+        with_retries(_DropsAreTransient("x", tmp_path), always_fails)
     assert len(attempts) == calls
     assert slept == [0.2, 0.4, 0.8][: calls - 1]
 
@@ -197,7 +206,21 @@ def test_with_retries_tries_a_dropped_file_again_but_not_a_lost_remote(
     def fails_once() -> None:
         attempts.append(1)
         if len(attempts) == 1:
-            raise ConnectionDropped("the connection dropped while transferring f")
+            raise error
 
-    with_retries(LocalRemote("x", tmp_path), fails_once)
-    assert len(attempts) == 2
+    if calls > 1:
+        with_retries(_DropsAreTransient("x", tmp_path), fails_once)
+        assert len(attempts) == 2
+    # a backend that does not call a dropped link transient (SSH: the connection is gone) stops
+    attempts.clear()
+    with pytest.raises(type(error)):
+        with_retries(LocalRemote("x", tmp_path), always_fails)
+    assert len(attempts) == (4 if isinstance(error, OSError) and error.errno == errno.EIO else 1)
+
+
+def test_the_object_store_calls_a_dropped_link_transient_and_a_lost_remote_final() -> None:
+    from tether.remotes.objectstore import ObjectStoreRemote
+
+    classify = ObjectStoreRemote.classify_error
+    assert classify(None, ConnectionDropped("dropped")) == ErrorKind.RETRYABLE  # type: ignore[arg-type]
+    assert classify(None, RemoteUnavailable("gone")) == ErrorKind.PERMANENT  # type: ignore[arg-type]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from tether import faults, forked
 from tether.errors import (
-    ConnectionDropped,
     DiskFullError,
     RemotePermissionError,
     RemoteUnavailable,
@@ -97,18 +96,14 @@ class BatchResult:
 
 
 def with_retries(remote: Remote, fn: Callable[[], None]) -> None:
-    """Run one file's transfer, again after a transient failure (the remote's classify_error,
-    or a link dropped mid-file); whole-run failures and verification errors end it at once."""
+    """Run one file's transfer, again after a failure its backend calls transient
+    (``classify_error``); a digest mismatch or a stale plan ends it at once, and so does a
+    whole-run failure unless the backend says it was one file's link dropping mid-transfer."""
     delay = 0.2
     for attempt in range(RETRIES + 1):
         try:
             fn()
             return
-        except ConnectionDropped:
-            if attempt == RETRIES:
-                raise
-        except WHOLE_RUN_FAILURES:
-            raise
         except (VerificationError, StalePlanError):
             raise
         except Exception as exc:

@@ -395,6 +395,8 @@ class ObjectStoreRemote:
             raise mapped from exc
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, ConnectionDropped):  # one file's body cut after obstore's retries
+            return ErrorKind.RETRYABLE
         if isinstance(exc, mp.S3Error) and exc.retryable:
             return ErrorKind.RETRYABLE
         if isinstance(exc, obx.GenericError) and (_is_connection_failure(exc) or (_status(exc) or 0) >= 500):
