@@ -19,8 +19,11 @@ from tether.errors import ConfigError, VerificationError
 from tether.fileio import copy_verified, ensure_dir, write_bytes_atomic
 from tether.hashing import digest_file
 from tether.versioned.layout import (
+    OBJECTS,
     Snapshot,
     SnapshotFormatError,
+    digest_from_listing,
+    fanout,
     is_digest,
     object_path,
     snapshot_folder,
@@ -64,21 +67,17 @@ class Cache:
         """
         if len(digests) < BULK_LOOKUP:
             return {d for d in digests if self.has(d)}
-        wanted: dict[str, set[str]] = {}
-        for d in digests:
-            wanted.setdefault(d[:2], set()).add(d[2:])
-        try:
-            folders = {e.name for e in os.scandir(self.root / "objects") if e.is_dir(follow_symlinks=False)}
-        except (FileNotFoundError, NotADirectoryError):
-            return set()
+        wanted = set(digests)
         found: set[str] = set()
-        for head, tails in wanted.items():
-            if head not in folders:
-                continue
-            with os.scandir(self.root / "objects" / head) as it:
-                found.update(
-                    head + e.name for e in it if e.name in tails and e.is_file(follow_symlinks=False)
-                )
+        for folder in {fanout(d) for d in wanted}:
+            try:
+                with os.scandir(self.root / OBJECTS / folder) as it:
+                    for entry in it:
+                        digest = digest_from_listing(entry.name, folder)
+                        if digest in wanted and entry.is_file(follow_symlinks=False):
+                            found.add(digest)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # no object of this fan-out folder cached yet
         return found
 
     def temp_path(self) -> Path:
