@@ -4,6 +4,7 @@ exit 5 with a one-line message and a hint (never a traceback)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -513,3 +514,32 @@ def test_a_bad_control_persist_is_a_config_error(hpc: WorkspaceFixture, tether, 
     r = tether("diff", DS, "hpc", cwd=hpc.root)
     assert r.exit_code == 2, r.output
     assert "option control_persist must be 0 or a number of seconds" in r.output
+
+
+def test_a_run_with_a_private_master_removes_folders_killed_runs_left(hpc: WorkspaceFixture, tether) -> None:
+    """Through the CLI: a run killed with SIGKILL leaves its empty private master folder in /tmp;
+    the next private-master run removes it once it is an hour old, keeps a young one, and leaves
+    no folder of its own behind."""
+    import time as _time
+
+    from tether.remotes import ssh as ssh_mod
+
+    tag = os.urandom(4).hex()
+    stale = Path(f"/tmp/tether-ssh-stale{tag}")
+    young = Path(f"/tmp/tether-ssh-young{tag}")
+    try:
+        for path in (stale, young):
+            path.mkdir(mode=0o700)
+        old = _time.time() - ssh_mod.STALE_PRIVATE_S - 60
+        os.utime(stale, (old, old))
+        before = {p.name for p in Path("/tmp").glob("tether-ssh-*")}
+        _files(hpc, 2)
+        r = tether("diff", DS, "hpc", cwd=hpc.root)
+        assert r.exit_code == 1, r.output
+        assert not stale.exists() and young.is_dir()
+        after = {p.name for p in Path("/tmp").glob("tether-ssh-*")}
+        assert after <= before - {stale.name}  # the run's own folder went with its master
+    finally:
+        for path in (stale, young):
+            with contextlib.suppress(OSError):
+                path.rmdir()
