@@ -16,13 +16,14 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tether import faults
 from tether.errors import DiskFullError, RemotePermissionError, StalePlanError, VerificationError
 from tether.hashing import CHUNK, new_hasher
 from tether.paths import TEMP_MARKER
+from tether.progress import BytesTap, Progress
 from tether.readahead import Prefetcher as Prefetcher  # re-exported: the copiers' read-ahead
 from tether.scan import StatEntry
 
@@ -69,6 +70,82 @@ def syncfs(path: Path) -> None:
             os.sync()
     finally:
         os.close(fd)
+
+
+# Bytes landed between two background flushes (see FlushBehind). On the 2-core test VM, a
+# versioned push of 20,000 small files (166 MiB) to a local remote took 0.15 s less with a
+# flush every 32 MiB (11 of 12 interleaved pairs); every 16 MiB gained nothing and every
+# 64 MiB was within noise.
+FLUSH_BEHIND_BYTES = 32 * 1024 * 1024
+
+
+class FlushBehind:
+    """Flush while the copy still runs, so the flush that must finish before an index or a
+    snapshot is written finds little left to write.
+
+    Nothing asks the kernel to write 166 MiB of fresh small files early (the dirty limits are
+    a share of RAM, the expiry 30 s), so one ``syncfs`` at the end wrote them all while the
+    copy was already over. Here a thread calls ``flush`` each time ``step`` more bytes have
+    landed (never two at once), and the disk writes while the copiers work. It only moves
+    writes earlier: durability still comes from the caller's own final flush, which is why a
+    background flush's error is left for that one to report.
+    """
+
+    def __init__(self, flush: Callable[[], None], *, step: int | None = None) -> None:
+        self._flush = flush
+        self._step = step or FLUSH_BEHIND_BYTES
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None  # started on the first step: small runs pay nothing
+
+    def landed(self, nbytes: int) -> None:
+        """``nbytes`` more were written (from any thread)."""
+        with self._lock:
+            self._pending += nbytes
+            if self._pending < self._step or self._stopped:
+                return
+            self._pending = 0
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tether-flush-behind", daemon=True)
+                self._thread.start()
+        self._wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopped:
+                return
+            with contextlib.suppress(OSError):
+                self._flush()
+
+    def close(self) -> None:
+        """Stop, after a flush in progress ends (the caller's final flush follows)."""
+        with self._lock:
+            self._stopped = True
+            thread = self._thread
+        self._wanted.set()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> FlushBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def flushing_behind(progress: Progress, flush: Callable[[], None] | None) -> Iterator[Progress]:
+    """``progress``, tapped so that ``flush`` runs in the background as the bytes it counts
+    land (FlushBehind); ``progress`` itself when ``flush`` is None (nothing to flush here)."""
+    if flush is None:
+        yield progress
+        return
+    with FlushBehind(flush) as behind:
+        yield BytesTap(progress, behind.landed)
 
 
 def os_error_to_tether(exc: OSError, where: Path) -> Exception:

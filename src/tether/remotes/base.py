@@ -90,6 +90,9 @@ class Capabilities:
     # Logging in may ask the user on the terminal (password, 2FA): the check then runs before
     # anything else, never beside a progress display that would write over the prompt.
     login_may_prompt: bool = False
+    # flush() is this machine's syncfs: calling it in the background while writing starts the
+    # disk's writes during the copy instead of after it (tether.fileio.FlushBehind).
+    flush_behind: bool = False
 
 
 SMALL_FILE_BYTES = 1024 * 1024

@@ -84,6 +84,7 @@ class LocalRemote:
             small_file_jobs=None if network else 1,
             small_file_processes=0 if network else SMALL_FILE_PROCESSES,
             hash_on_write_max=2**63,
+            flush_behind=not network,
         )
 
     def _abs(self, path: str) -> Path:

@@ -41,7 +41,7 @@ from tether.errors import (
     TransferFailed,
     VerificationError,
 )
-from tether.fileio import write_bytes_atomic
+from tether.fileio import flushing_behind, write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
@@ -449,7 +449,8 @@ def upload_objects(
 
     progress.stage("uploading objects", files=len(items), bytes=sum(i.size for i in items))
     try:
-        _transfer(remote, items, up=True, jobs=jobs, progress=progress, done=done)
+        with flushing_behind(progress, remote.flush if remote.capabilities.flush_behind else None) as tapped:
+            _transfer(remote, items, up=True, jobs=jobs, progress=tapped, done=done)
     finally:
         remote.flush()  # durable before the snapshot that lists them (invariant 2)
         inv.save()

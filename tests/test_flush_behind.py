@@ -1,0 +1,211 @@
+"""Flushing while the copy runs (fileio.FlushBehind): the disk starts writing during a transfer,
+and the final flush that the invariants rely on still runs after the last byte.
+
+Unit tests drive FlushBehind with a flush function that signals through events (no sleeps);
+the CLI tests push and pull through a local remote with a one-byte step and record every
+syncfs: some run on the background thread while files are still arriving, and the last one on
+the run's own thread, after every file landed and before the index or the promotion.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import Result, WorkspaceFixture
+from test_versioned_cli import versioned_ws
+from tether import fileio, transfer
+from tether.fileio import FlushBehind, flushing_behind
+from tether.progress import NO_PROGRESS, BytesTap, Progress
+from tether.remotes import local as local_remote
+
+Tether = Callable[..., Result]
+WAIT_S = 10  # a bound for waits that succeed at once unless something is broken
+
+
+def test_no_flush_before_a_step_has_landed() -> None:
+    calls: list[str] = []
+    with FlushBehind(lambda: calls.append("flush"), step=100) as behind:
+        behind.landed(60)
+        behind.landed(39)
+    assert calls == []
+
+
+def test_a_step_landed_starts_a_flush_in_the_background() -> None:
+    ran = threading.Event()
+    threads: list[str] = []
+
+    def flush() -> None:
+        threads.append(threading.current_thread().name)
+        ran.set()
+
+    with FlushBehind(flush, step=100) as behind:
+        behind.landed(60)
+        behind.landed(40)
+        assert ran.wait(WAIT_S)
+    assert threads == ["tether-flush-behind"]
+
+
+def test_close_waits_for_the_flush_in_progress() -> None:
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def flush() -> None:
+        started.set()
+        release.wait(WAIT_S)
+        finished.set()
+
+    behind = FlushBehind(flush, step=1)
+    behind.landed(1)
+    assert started.wait(WAIT_S)
+    closer = threading.Thread(target=behind.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() returned while a flush was still running"
+    release.set()
+    closer.join(WAIT_S)
+    assert not closer.is_alive() and finished.is_set()
+
+
+def test_a_failed_background_flush_is_left_to_the_final_one() -> None:
+    attempts: list[int] = []
+    second = threading.Event()
+
+    def flush() -> None:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise OSError(errno.EIO, "I/O error")
+        second.set()
+
+    with FlushBehind(flush, step=1) as behind:
+        behind.landed(1)
+        behind.landed(1)  # the thread survived the first error and flushes again
+        while not second.is_set():
+            behind.landed(1)
+            second.wait(0.05)
+    assert len(attempts) >= 2
+
+
+def test_nothing_is_flushed_after_close() -> None:
+    calls: list[str] = []
+    behind = FlushBehind(lambda: calls.append("flush"), step=1)
+    behind.close()
+    behind.landed(10**9)
+    behind.close()
+    assert calls == []
+
+
+class Recording(Progress):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+        self.calls.append(("stage", (name, files, bytes)))
+
+    def advance(self, *, files: int = 0, bytes: int = 0) -> None:
+        self.calls.append(("advance", (files, bytes)))
+
+    def message(self, text: str) -> None:
+        self.calls.append(("message", text))
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_bytes_tap_forwards_everything_and_hears_the_bytes() -> None:
+    inner, heard = Recording(), []
+    tap = BytesTap(inner, heard.append)
+    tap.stage("copying", files=2, bytes=30)
+    tap.advance(files=1)
+    tap.advance(bytes=10)
+    tap.advance(files=1, bytes=20)
+    tap.message("note")
+    tap.close()
+    assert inner.calls == [
+        ("stage", ("copying", 2, 30)),
+        ("advance", (1, 0)),
+        ("advance", (0, 10)),
+        ("advance", (1, 20)),
+        ("message", "note"),
+        ("close", None),
+    ]
+    assert heard == [10, 20]
+
+
+def test_nothing_to_flush_means_the_progress_itself() -> None:
+    with flushing_behind(NO_PROGRESS, None) as progress:
+        assert progress is NO_PROGRESS
+
+
+# -- through the CLI ----------------------------------------------------------------------------
+FILES = {f"part{i}/f{i}.bin": os.urandom(4096 + i) for i in range(12)}
+
+
+@pytest.fixture
+def syncfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
+    """Every syncfs of a push or pull: (thread name, folder, files present below it then)."""
+    calls: list[tuple[str, str, int]] = []
+    real = fileio.syncfs
+
+    def recording(path: Path) -> None:
+        present = sum(len(names) for _d, _s, names in os.walk(path))
+        calls.append((threading.current_thread().name, str(path), present))
+        real(path)
+
+    monkeypatch.setattr(fileio, "FLUSH_BEHIND_BYTES", 1)
+    monkeypatch.setattr(local_remote, "syncfs", recording)
+    monkeypatch.setattr(transfer, "syncfs", recording)
+    return calls
+
+
+def test_push_flushes_behind_and_last_after_every_file(
+    ws: WorkspaceFixture, tether: Tether, syncfs_calls: list[tuple[str, str, int]]
+) -> None:
+    for rel, data in FILES.items():
+        ws.write(rel, data)
+    r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.err
+    remote = [c for c in syncfs_calls if c[1] == str(ws.remote_dir)]
+    assert any(name == "tether-flush-behind" for name, _p, _n in remote), remote
+    final_name, _path, present = remote[-1]  # the run's own flush, before the index
+    assert final_name != "tether-flush-behind" and present >= len(FILES)
+    assert {rel: (ws.remote_dir / "ns/ds" / rel).read_bytes() for rel in FILES} == FILES
+
+
+def test_pull_flushes_staging_behind_and_before_promotion(
+    ws: WorkspaceFixture,
+    ws2: WorkspaceFixture,
+    tether: Tether,
+    syncfs_calls: list[tuple[str, str, int]],
+) -> None:
+    for rel, data in FILES.items():
+        ws.write(rel, data)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    syncfs_calls.clear()
+    r = tether("pull", "ns/ds", "store", "-y", cwd=ws2.root)
+    assert r.exit_code == 0, r.err
+    staging = [c for c in syncfs_calls if ".tether/staging" in c[1]]
+    assert any(name == "tether-flush-behind" for name, _p, _n in staging), syncfs_calls
+    final_name, _path, present = staging[-1]
+    assert final_name != "tether-flush-behind" and present == len(FILES)  # staged, not yet promoted
+    assert {rel: (ws2.data / "ns/ds" / rel).read_bytes() for rel in FILES} == FILES
+
+
+def test_versioned_push_flushes_objects_behind_and_last_before_the_snapshot(
+    ws: WorkspaceFixture, tether: Tether, syncfs_calls: list[tuple[str, str, int]]
+) -> None:
+    vws = versioned_ws(ws)
+    for rel, data in FILES.items():
+        vws.write(rel, data)
+    assert tether("commit", "ns/ds", cwd=vws.root).exit_code == 0
+    r = tether("push", "ns/ds", "store", "-y", cwd=vws.root)
+    assert r.exit_code == 0, r.err
+    remote = [c for c in syncfs_calls if c[1] == str(vws.remote_dir)]
+    assert any(name == "tether-flush-behind" for name, _p, _n in remote), remote
+    final_name, _path, present = remote[-1]
+    assert final_name != "tether-flush-behind" and present >= len(FILES)
+    assert len(list((vws.remote_dir / "snapshots").rglob("*.json"))) == 1
