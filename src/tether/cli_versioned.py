@@ -244,7 +244,7 @@ def _commit(
     normalized = [Entry(e.path, e.size, 0, e.digest) for e in entries]
     if current is not None and current.digest == content_digest(normalized):
         return env.cache.get_snapshot(env.dataset.id, current.snapshot), current, False
-    snap = _local_snapshot(env, entries, current.snapshot if current else None, message)
+    snap = _local_snapshot(env, normalized, current.snapshot if current else None, message)
     env.cache.put_snapshot(snap)
     lock[env.dataset.id] = LockEntry.of(snap)
     lockfile.write(env.ws.root, lock)
