@@ -1,5 +1,7 @@
-"""Flushing while the copy runs (fileio.FlushBehind): the disk starts writing during a transfer,
-and the final flush that the invariants rely on still runs after the last byte.
+"""Flushing while the copy runs (fileio.FlushBehind), and flushing before anything vouches for
+the bytes: the disk starts writing during a transfer, the final flush that the invariants rely
+on still runs after the last byte, and a versioned fetch or pull names no cache object and
+seeds no hash-cache row before the bytes behind it are flushed.
 
 Unit tests drive FlushBehind with a flush function that signals through events (no sleeps);
 the CLI tests push and pull through a local remote with a one-byte step and record every
@@ -10,19 +12,24 @@ the run's own thread, after every file landed and before the index or the promot
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import Result, WorkspaceFixture
-from test_versioned_cli import versioned_ws
-from tether import fileio, transfer
+from test_versioned_cli import clone, commit_version, versioned_ws
+from tether import cli_versioned, fileio, transfer
 from tether.fileio import FlushBehind, flushing_behind
 from tether.progress import NO_PROGRESS, BytesTap, Progress
 from tether.remotes import local as local_remote
+from tether.versioned import cache as cache_module
+from tether.versioned import checkout, store
+from tether.versioned.cache import Cache
 
 Tether = Callable[..., Result]
 WAIT_S = 10  # a bound for waits that succeed at once unless something is broken
@@ -209,3 +216,92 @@ def test_versioned_push_flushes_objects_behind_and_last_before_the_snapshot(
     final_name, _path, present = remote[-1]
     assert final_name != "tether-flush-behind" and present >= len(FILES)
     assert len(list((vws.remote_dir / "snapshots").rglob("*.json"))) == 1
+
+
+# -- versioned fetch and pull: nothing is trusted by name before its bytes are flushed ------------
+def _files_below(path: Path) -> int:
+    return sum(len(names) for _d, _s, names in os.walk(path))
+
+
+def test_fetch_names_no_cache_object_before_its_bytes_are_flushed(
+    ws: WorkspaceFixture, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vws = versioned_ws(ws)
+    commit_version(vws, tether, FILES, "v1")
+    assert tether("push", "ns/ds", "store", cwd=vws.root).exit_code == 0
+    other = clone(vws, tmp_path)
+    log: list[tuple[str, str]] = []  # ("written" | "adopted", temp file) and ("syncfs", cache)
+    real_syncfs, real_copy, real_adopt = fileio.syncfs, local_remote.copy_verified, Cache.adopt
+
+    def syncing(path: Path) -> None:
+        log.append(("syncfs", str(path)))
+        real_syncfs(path)
+
+    def copying(source: str | Path, final: str | Path, **kwargs: Any) -> str:
+        digest = real_copy(source, final, **kwargs)
+        log.append(("written", str(final)))
+        return digest
+
+    def adopting(self: Cache, verified: Path, digest: str) -> Path:
+        log.append(("adopted", str(verified)))
+        return real_adopt(self, verified, digest)
+
+    monkeypatch.setattr(store, "syncfs", syncing)
+    monkeypatch.setattr(local_remote, "copy_verified", copying)
+    monkeypatch.setattr(Cache, "adopt", adopting)
+    monkeypatch.setattr(fileio, "FLUSH_BEHIND_BYTES", 1)
+    r = tether("fetch", "ns/ds", "store", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    adopted = [i for i, (what, _p) in enumerate(log) if what == "adopted"]
+    assert len(adopted) == len(FILES)
+    for i in adopted:
+        written = log.index(("written", log[i][1]))
+        flushes = [what for what, _p in log[written:i] if what == "syncfs"]
+        assert flushes, f"{log[i][1]} took its name with no flush since its bytes were written"
+    assert _files_below(other.root / ".tether/cache/objects") == len(FILES)
+
+
+def test_pull_flushes_staged_objects_before_placing_and_placed_files_before_the_hash_cache(
+    ws: WorkspaceFixture, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vws = versioned_ws(ws)
+    commit_version(vws, tether, FILES, "v1")
+    assert tether("push", "ns/ds", "store", cwd=vws.root).exit_code == 0
+    other = clone(vws, tmp_path)
+    dataset = other.data / "ns/ds"
+    events: list[tuple[str, int]] = []  # (what, files in the dataset folder then)
+    real_syncfs, real_remember = fileio.syncfs, cli_versioned.remember_digests
+
+    def recording(path: Path) -> None:
+        where = "staging" if "staging" in str(path) else "dataset" if Path(path) == dataset else str(path)
+        events.append((f"syncfs {where}", _files_below(dataset) if dataset.exists() else 0))
+        real_syncfs(path)
+
+    def remembering(*args: object) -> None:
+        events.append(("hash cache", _files_below(dataset)))
+        real_remember(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkout, "syncfs", recording)
+    monkeypatch.setattr(cli_versioned, "remember_digests", remembering)
+    r = tether("pull", "ns/ds", "store", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    n = len(FILES)
+    assert events == [("syncfs staging", 0), ("syncfs dataset", n), ("hash cache", n)]
+
+
+def test_a_copy_into_the_cache_is_flushed_before_it_takes_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = b"committed, about to be replaced\n"
+    source = tmp_path / "f.txt"
+    source.write_bytes(data)
+    cache = Cache(tmp_path / "cache")
+    digest = hashlib.sha256(data).hexdigest()
+    seen: list[bool] = []
+
+    def recording(path: Path) -> None:
+        seen.append(cache.has(digest))
+
+    monkeypatch.setattr(cache_module, "syncfs", recording)
+    assert cache.insert_copy(source, digest).read_bytes() == data
+    assert seen == [False]

@@ -24,6 +24,7 @@ import click
 
 from tether.config import RemoteConfig
 from tether.errors import DatasetNotFound, RefusedError, UsageError, VerificationError
+from tether.fileio import syncfs
 from tether.lock import local_flock
 from tether.manifest import Entry
 from tether.progress import Progress
@@ -444,8 +445,12 @@ def _pull(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                 )
             jobs = options.get("jobs") or remote.capabilities.parallel_connections
 
+            staging = env.ws.staging_dir / "versioned" / env.dataset.id
+
             def download(dests: dict[str, Path], sizes: dict[str, int]) -> None:
-                download_objects(remote, dests, sizes, jobs=jobs, progress=progress)
+                download_objects(
+                    remote, dests, sizes, jobs=jobs, progress=progress, flush_behind=lambda: syncfs(staging)
+                )
 
             result = apply_checkout(
                 env.dataset.path,
@@ -455,7 +460,7 @@ def _pull(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                 force=False,
                 progress=progress,
                 download=download,
-                staging=env.ws.staging_dir / "versioned" / env.dataset.id,
+                staging=staging,
             )
             remember_digests(env.ws, env.dataset, result.written)
             if entry is None:

@@ -118,7 +118,7 @@ class FlushBehind:
             self._wanted.clear()
             if self._stopped:
                 return
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # the caller's final flush reports it
                 self._flush()
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from tether.errors import ConfigError, VerificationError
-from tether.fileio import copy_verified, ensure_dir, write_bytes_atomic
+from tether.fileio import copy_verified, ensure_dir, syncfs, write_bytes_atomic
 from tether.hashing import digest_file
 from tether.versioned.layout import (
     OBJECTS,
@@ -87,7 +87,9 @@ class Cache:
         return folder / f"{secrets.token_hex(8)}.tether-tmp-part"
 
     def adopt(self, verified: Path, digest: str) -> Path:
-        """Promote a file whose bytes were already checked against ``digest``."""
+        """Promote a file whose bytes were already checked against ``digest`` and flushed: once
+        named, an object is trusted by its name (a torn one left by a crash would be linked into
+        workspaces and vouched for by the hash cache)."""
         final = self.object_file(digest)
         ensure_dir(final.parent)
         os.chmod(verified, READ_ONLY)
@@ -95,11 +97,16 @@ class Cache:
         return final
 
     def insert_copy(self, source: Path, digest: str) -> Path:
-        """Copy ``source`` in, hashing on the way; VerificationError if it is not ``digest``."""
+        """Copy ``source`` in, hashing on the way; VerificationError if it is not ``digest``.
+
+        The cache trusts an object by its name, so the copy is flushed before it takes it (one
+        ``syncfs`` per file: only checkout's rare copy across filesystems comes here).
+        """
         if self.has(digest):
             return self.object_file(digest)
         tmp = self.temp_path()
         copy_verified(source, tmp, digest=digest, mtime_ns=None, label=str(source))
+        syncfs(self.root)
         return self.adopt(tmp, digest)
 
     def insert_move(self, source: Path, digest: str) -> bool:

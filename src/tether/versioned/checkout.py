@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tether import faults
 from tether.errors import RefusedError, UsageError
-from tether.fileio import temp_sibling
+from tether.fileio import syncfs, temp_sibling
 from tether.manifest import Entry
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
@@ -233,6 +233,7 @@ def apply_checkout(
         staged = {d: prefix + d for d in lacking}
         todo = {d: p for d, p in staged.items() if not (earlier and _staged_ok(Path(p), d, lacking[d]))}
         download({d: Path(p) for d, p in todo.items()}, lacking)
+        syncfs(staging)  # staged bytes are durable before they take their final names
     for e in plan.preserve:  # committed content that exists nowhere else: keep it in the cache
         path = root / check_relpath(e.path)
         if not cache.insert_move(path, e.digest):
@@ -264,6 +265,9 @@ def apply_checkout(
             linker.place(cache.object_file(t.digest), Path(final))
         faults.checkpoint("vcheckout_file")
         progress.advance(files=1, bytes=t.size)
+    # What was placed is durable before the caller's hash cache vouches for it (a crash must not
+    # leave a torn file whose cached digest says it is the committed one).
+    syncfs(root)
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
     return CheckoutResult(plan, dict(linker.used), targets)

@@ -41,7 +41,7 @@ from tether.errors import (
     TransferFailed,
     VerificationError,
 )
-from tether.fileio import flushing_behind, write_bytes_atomic
+from tether.fileio import flushing_behind, syncfs, write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
@@ -549,11 +549,13 @@ def fetch_objects(
     now = time.time_ns()
     items = [TransferItem(object_path(d), cache.temp_path(), sizes[d], d, now) for d in todo]
     failures: list[tuple[str, BaseException]] = []
+    verified: list[TransferItem] = []
     lock = threading.Lock()
 
     def done(item: TransferItem, error: BaseException | None) -> None:
         if error is None:
-            cache.adopt(item.local, item.digest)
+            with lock:
+                verified.append(item)
             faults.checkpoint("vfetch_object")
         else:
             item.local.unlink(missing_ok=True)
@@ -561,8 +563,30 @@ def fetch_objects(
             with lock:
                 failures.append((item.path, error))
 
+    def flush_and_adopt() -> None:
+        """The cache trusts an object by its name: verified bytes take it only once flushed
+        (one syncfs per batch, not per object). Runs behind the downloads too, so a killed
+        fetch keeps what was flushed for its rerun."""
+        with lock:
+            ready = verified[:]
+            del verified[:]
+        adopted = 0
+        try:
+            syncfs(cache.root)
+            for item in ready:
+                cache.adopt(item.local, item.digest)
+                adopted += 1
+        except BaseException:
+            with lock:
+                verified[:0] = ready[adopted:]  # left for the final call, which reports the error
+            raise
+
     progress.stage("downloading objects", files=len(items), bytes=sum(i.size for i in items))
-    _transfer(remote, items, up=False, jobs=jobs, progress=progress, done=done)
+    try:
+        with flushing_behind(progress, flush_and_adopt) as tapped:
+            _transfer(remote, items, up=False, jobs=jobs, progress=tapped, done=done)
+    finally:
+        flush_and_adopt()  # also when the run stops half-way: what was verified is kept
     _raise_failures(failures, "downloading")
     report.downloaded = len(items)
     report.downloaded_bytes = sum(i.size for i in items)
@@ -576,8 +600,12 @@ def download_objects(
     *,
     jobs: int,
     progress: Progress = NO_PROGRESS,
+    flush_behind: Callable[[], None] | None = None,
 ) -> None:
-    """Download objects straight to ``dests`` (digest -> path), each verified before its rename."""
+    """Download objects straight to ``dests`` (digest -> path), each verified before its rename.
+
+    ``flush_behind`` (the flush of the folder holding ``dests``) runs in the background as
+    bytes land; the caller's own flush afterwards is the one that makes them durable."""
     now = time.time_ns()
     items = [TransferItem(object_path(d), p, sizes[d], d, now) for d, p in sorted(dests.items())]
     failures: list[tuple[str, BaseException]] = []
@@ -591,7 +619,8 @@ def download_objects(
             failures.append((item.path, _missing_as_verification(remote, item, error)))
 
     progress.stage("downloading objects", files=len(items), bytes=sum(i.size for i in items))
-    _transfer(remote, items, up=False, jobs=jobs, progress=progress, done=done)
+    with flushing_behind(progress, flush_behind) as tapped:
+        _transfer(remote, items, up=False, jobs=jobs, progress=tapped, done=done)
     _raise_failures(failures, "downloading")
 
 
