@@ -115,7 +115,9 @@ class Inventory:
             "objects": sorted(self.objects),
             "suspect": sorted(self.suspect),
         }
-        data = gzip.compress(json.dumps(record).encode(), compresslevel=3, mtime=0)
+        # Level 1: hex digests shrink to about half at any level (20,000: 1.46 MB to 0.77 MB at
+        # level 1 or 3), and level 1 took 13 ms where level 3 took 23 ms.
+        data = gzip.compress(json.dumps(record).encode(), compresslevel=1, mtime=0)
         write_bytes_atomic(self.path, data, durable=False)
         self._stored = state
 
