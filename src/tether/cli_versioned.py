@@ -45,7 +45,7 @@ from tether.versioned.gc import (
     sweep,
     write_gc_state,
 )
-from tether.versioned.layout import GC_LOCK_ID, Snapshot, SnapshotFormatError, changes, content_digest
+from tether.versioned.layout import GC_LOCK_ID, Snapshot, SnapshotFormatError, changes
 from tether.versioned.localscan import remember_digests, scan_dataset
 from tether.versioned.lockfile import LockEntry
 from tether.versioned.scrub import scrub
@@ -242,10 +242,9 @@ def _commit(
     progress.close()
     lock = lockfile.read(env.ws.root)
     current = lock.get(env.dataset.id)
-    normalized = [Entry(e.path, e.size, 0, e.digest) for e in entries]
-    if current is not None and current.digest == content_digest(normalized):
+    snap = _local_snapshot(env, entries, current.snapshot if current else None, message)
+    if current is not None and current.digest == snap.digest:  # the content digest: mtimes aside
         return env.cache.get_snapshot(env.dataset.id, current.snapshot), current, False
-    snap = _local_snapshot(env, normalized, current.snapshot if current else None, message)
     env.cache.put_snapshot(snap)
     lock[env.dataset.id] = LockEntry.of(snap)
     lockfile.write(env.ws.root, lock)
