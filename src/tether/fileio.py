@@ -73,9 +73,9 @@ def syncfs(path: Path) -> None:
 
 
 # Bytes landed between two background flushes (see FlushBehind). On the 2-core test VM, a
-# versioned push of 20,000 small files (166 MiB) to a local remote took 0.15 s less with a
-# flush every 32 MiB (11 of 12 interleaved pairs); every 16 MiB gained nothing and every
-# 64 MiB was within noise.
+# versioned push of 20,000 small files (166 MiB) to a local remote was faster with a flush
+# every 32 MiB in 21 of 26 interleaved pairs (by 0.05-0.3 s of 1.5-2.0 s); every 16 MiB
+# gained nothing (4 pairs) and every 64 MiB was within noise.
 FLUSH_BEHIND_BYTES = 32 * 1024 * 1024
 
 

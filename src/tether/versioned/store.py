@@ -587,8 +587,11 @@ def fetch_objects(
     try:
         with flushing_behind(progress, flush_and_adopt) as tapped:
             _transfer(remote, items, up=False, jobs=jobs, progress=tapped, done=done)
-    finally:
-        flush_and_adopt()  # also when the run stops half-way: what was verified is kept
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            flush_and_adopt()  # what was verified is kept for the rerun
+        raise
+    flush_and_adopt()
     _raise_failures(failures, "downloading")
     report.downloaded = len(items)
     report.downloaded_bytes = sum(i.size for i in items)
