@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
+from tether.versioned.cache import STALE_TEMP_S
 from tether.versioned.layout import object_path
 
 DS = "ns/ds"
@@ -514,6 +515,25 @@ def test_interrupted_pull_changes_nothing_and_the_rerun_reuses_what_it_verified(
     for p in staged:  # the remote loses them: only a reuse of the staged copies can finish
         (vws.remote_dir / object_path(p.name)).unlink()
     assert_rerun_pulls(other, files)
+
+
+def test_a_fetch_clears_what_a_day_old_killed_fetch_left_in_the_cache(
+    vws: WorkspaceFixture, tmp_path: Path, tether: Tether
+) -> None:
+    commit_version(vws, tether, V1, "v1")
+    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
+    other = clone(vws, tmp_path)
+    tmp = other.root / ".tether" / "cache" / "tmp"
+    tmp.mkdir(parents=True)
+    leftover, recent = tmp / "a.tether-tmp-part", tmp / "b.tether-tmp-part"
+    leftover.write_bytes(b"half an object")
+    recent.write_bytes(b"another workspace's download")
+    day_old = leftover.stat().st_mtime - STALE_TEMP_S - 60
+    os.utime(leftover, (day_old, day_old))
+    r = tether("fetch", DS, "store", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    assert not leftover.exists() and recent.exists()
+    assert [p.name for p in tmp.iterdir()] == [recent.name]  # every fetched object was adopted
 
 
 def test_pull_killed_while_placing_files_converges_on_rerun(

@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from tether.errors import ExitCode, TransferFailed, VerificationError
 from tether.manifest import Entry
 from tether.remotes import LocalRemote, RemoteStat
 from tether.versioned import lockfile
-from tether.versioned.cache import Cache
+from tether.versioned.cache import STALE_TEMP_S, Cache
 from tether.versioned.checkout import plan_checkout
 from tether.versioned.gc import GcPlan, Scope, plan_gc
 from tether.versioned.layout import (
@@ -443,3 +445,16 @@ def test_content_digest_matches_the_documented_formula() -> None:
     assert content_digest(entries) == sha(text.encode())
     canon = json.dumps({"content": "c" * 64, "dataset": "ns/ds", "parent": None}, sort_keys=True)
     assert snapshot_id("ns/ds", None, "c" * 64) == sha(canon.encode())
+
+
+def test_cache_removes_temporary_files_untouched_for_a_day_and_keeps_the_rest(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    old, fresh = cache.temp_path(), cache.temp_path()
+    old.write_bytes(b"left by a killed fetch")
+    fresh.write_bytes(b"a download in progress")
+    now = time.time()
+    os.utime(old, (now - STALE_TEMP_S - 60, now - STALE_TEMP_S - 60))
+    os.utime(fresh, (now - STALE_TEMP_S + 60, now - STALE_TEMP_S + 60))
+    assert cache.remove_stale_temps(now=now) == 1
+    assert not old.exists() and fresh.exists()
+    assert Cache(tmp_path / "no-cache-yet").remove_stale_temps() == 0

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tether.versioned.layout import (
 DEFAULT_DIR = ".tether/cache"
 BULK_LOOKUP = 256  # digests from which which_have lists folders rather than stat each object
 READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+STALE_TEMP_S = 24 * 3600  # a temporary file untouched this long belongs to no live run
 
 
 def cache_dir(root: Path, raw_settings: dict[str, object]) -> Path:
@@ -85,6 +87,30 @@ class Cache:
         folder = self.root / "tmp"
         ensure_dir(folder)
         return folder / f"{secrets.token_hex(8)}.tether-tmp-part"
+
+    def remove_stale_temps(self, *, now: float | None = None) -> int:
+        """Remove temporary files no run has written to for STALE_TEMP_S; return how many went.
+
+        A fetch killed outright (SIGKILL, a power cut, the OOM killer) leaves its downloads in
+        ``tmp/``, and nothing else would ever remove them. A live download touches its file as
+        bytes arrive, and workspaces sharing the cache only ever write their own temporary
+        names, so a file that old is litter whoever made it.
+        """
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            entries = list(os.scandir(self.root / "tmp"))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= STALE_TEMP_S:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
+        return removed
 
     def adopt(self, verified: Path, digest: str) -> Path:
         """Promote a file whose bytes were already checked against ``digest`` and flushed: once

@@ -544,6 +544,7 @@ def fetch_objects(
 ) -> FetchReport:
     """Download every object of ``sizes`` the cache lacks; each is hashed before it is visible."""
     report = FetchReport(needed=len(sizes))
+    cache.remove_stale_temps()  # what killed fetches left behind
     todo = sorted(sizes.keys() - cache.which_have(sizes.keys()))
     if todo:
         prepare_transfers(remote)
