@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import Result, WorkspaceFixture
-from test_versioned_cli import clone, commit_version, versioned_ws
+from test_versioned_cli import pushed_clone, versioned_ws
 from tether import cli_versioned, fileio, transfer
 from tether.fileio import FlushBehind, flushing_behind
 from tether.progress import NO_PROGRESS, BytesTap, Progress
@@ -226,10 +226,7 @@ def _files_below(path: Path) -> int:
 def test_fetch_names_no_cache_object_before_its_bytes_are_flushed(
     ws: WorkspaceFixture, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    vws = versioned_ws(ws)
-    commit_version(vws, tether, FILES, "v1")
-    assert tether("push", "ns/ds", "store", cwd=vws.root).exit_code == 0
-    other = clone(vws, tmp_path)
+    other = pushed_clone(versioned_ws(ws), tmp_path, tether, FILES)
     log: list[tuple[str, str]] = []  # ("written" | "adopted", temp file) and ("syncfs", cache)
     real_syncfs, real_copy, real_adopt = fileio.syncfs, local_remote.copy_verified, Cache.adopt
 
@@ -264,10 +261,7 @@ def test_fetch_names_no_cache_object_before_its_bytes_are_flushed(
 def test_pull_flushes_staged_objects_before_placing_and_placed_files_before_the_hash_cache(
     ws: WorkspaceFixture, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    vws = versioned_ws(ws)
-    commit_version(vws, tether, FILES, "v1")
-    assert tether("push", "ns/ds", "store", cwd=vws.root).exit_code == 0
-    other = clone(vws, tmp_path)
+    other = pushed_clone(versioned_ws(ws), tmp_path, tether, FILES)
     dataset = other.data / "ns/ds"
     events: list[tuple[str, int]] = []  # (what, files in the dataset folder then)
     real_syncfs, real_remember = fileio.syncfs, cli_versioned.remember_digests

@@ -101,6 +101,15 @@ def clone(ws: WorkspaceFixture, tmp_path: Path, name: str = "clone") -> Workspac
     return WorkspaceFixture(dest, ws.remote_dir)
 
 
+def pushed_clone(
+    vws: WorkspaceFixture, tmp_path: Path, tether: Tether, files: dict[str, bytes]
+) -> WorkspaceFixture:
+    """Commit ``files``, push them to the versioned remote, and clone the workspace fresh."""
+    commit_version(vws, tether, files, "v1")
+    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
+    return clone(vws, tmp_path)
+
+
 V1 = {"a.txt": b"alpha\n", "sub/b.bin": bytes(range(256)) * 40, "sub/c.txt": b"shared\n"}
 V2 = {"a.txt": b"alpha two\n", "d/new.txt": b"new in v2\n"}
 
@@ -141,9 +150,7 @@ def test_round_trip_across_git_commits(
 def test_pull_is_fetch_plus_checkout_and_says_which_snapshot(
     vws: WorkspaceFixture, tmp_path: Path, tether: Tether
 ) -> None:
-    commit_version(vws, tether, V1, "v1")
-    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
-    other = clone(vws, tmp_path)
+    other = pushed_clone(vws, tmp_path, tether, V1)
     r = tether("pull", DS, "store", "--dry-run", "--json", cwd=other.root)
     assert r.exit_code == 0 and json.loads(r.stdout)["files"] == {"create": 3, "replace": 0, "delete": 0}
     assert not (other.data / DS).exists()
@@ -520,9 +527,7 @@ def test_interrupted_pull_changes_nothing_and_the_rerun_reuses_what_it_verified(
 def test_a_fetch_clears_what_a_day_old_killed_fetch_left_in_the_cache(
     vws: WorkspaceFixture, tmp_path: Path, tether: Tether
 ) -> None:
-    commit_version(vws, tether, V1, "v1")
-    assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
-    other = clone(vws, tmp_path)
+    other = pushed_clone(vws, tmp_path, tether, V1)
     tmp = other.root / ".tether" / "cache" / "tmp"
     tmp.mkdir(parents=True)
     leftover, recent = tmp / "a.tether-tmp-part", tmp / "b.tether-tmp-part"
