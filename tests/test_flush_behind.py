@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -154,18 +155,32 @@ FILES = {f"part{i}/f{i}.bin": os.urandom(4096 + i) for i in range(12)}
 
 @pytest.fixture
 def syncfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
-    """Every syncfs of a push or pull: (thread name, folder, files present below it then)."""
+    """Every syncfs of a push or pull: (thread name, folder, files present below it then).
+
+    The second copy waits (up to WAIT_S) for a background flush to have run, so a
+    run of a dozen small files cannot end before the flush thread is first scheduled: that is
+    allowed (the final flush covers it) but would leave nothing for the test to see."""
     calls: list[tuple[str, str, int]] = []
-    real = fileio.syncfs
+    behind_ran = threading.Event()
+    copies = itertools.count()
+    real_syncfs, real_copy = fileio.syncfs, local_remote.copy_verified
 
     def recording(path: Path) -> None:
         present = sum(len(names) for _d, _s, names in os.walk(path))
         calls.append((threading.current_thread().name, str(path), present))
-        real(path)
+        real_syncfs(path)
+        if threading.current_thread().name == "tether-flush-behind":
+            behind_ran.set()
+
+    def copying(source: str | Path, final: str | Path, **kwargs: Any) -> str:
+        if next(copies) == 1:  # the first file's bytes asked for a flush
+            behind_ran.wait(WAIT_S)
+        return real_copy(source, final, **kwargs)
 
     monkeypatch.setattr(fileio, "FLUSH_BEHIND_BYTES", 1)
     monkeypatch.setattr(local_remote, "syncfs", recording)
     monkeypatch.setattr(transfer, "syncfs", recording)
+    monkeypatch.setattr(local_remote, "copy_verified", copying)
     return calls
 
 
