@@ -40,6 +40,7 @@ from tether.remotes.base import (
     OnBytes,
     Remote,
     TransferItem,
+    background_flush,
     ignore_bytes,
     lanes,
 )
@@ -372,8 +373,7 @@ def push_changes(
         return DONE
 
     progress.stage("uploading", files=len(uploads), bytes=sum(c.bytes for c in uploads))
-    behind = remote.flush if remote.capabilities.flush_behind else None
-    with flushing_behind(progress, behind) as progress:
+    with flushing_behind(progress, background_flush(remote)) as progress:
 
         def on_bytes(n: int) -> None:
             progress.advance(bytes=n)

@@ -255,6 +255,12 @@ def prepare_transfers(remote: Remote) -> None:
         remote.prepare_transfers()
 
 
+def background_flush(remote: Remote) -> Callable[[], None] | None:
+    """The flush to run behind a batch of writes to ``remote`` (tether.fileio.FlushBehind), or
+    None where its flush is not this machine's syncfs (Capabilities.flush_behind)."""
+    return remote.flush if remote.capabilities.flush_behind else None
+
+
 @runtime_checkable
 class HashingUpload(Protocol):
     """Optional: upload a file whose digest is not known yet, learning it from the copy.

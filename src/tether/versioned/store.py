@@ -45,7 +45,15 @@ from tether.fileio import flushing_behind, syncfs, write_bytes_atomic
 from tether.lock import DEFAULT_TTL_S, LockRecord, read_lock
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
-from tether.remotes.base import BatchTransfers, Remote, TransferItem, ignore_bytes, lanes, prepare_transfers
+from tether.remotes.base import (
+    BatchTransfers,
+    Remote,
+    TransferItem,
+    background_flush,
+    ignore_bytes,
+    lanes,
+    prepare_transfers,
+)
 from tether.remotes.local import LocalRemote
 from tether.transfer import with_retries
 from tether.versioned.cache import Cache
@@ -451,7 +459,7 @@ def upload_objects(
 
     progress.stage("uploading objects", files=len(items), bytes=sum(i.size for i in items))
     try:
-        with flushing_behind(progress, remote.flush if remote.capabilities.flush_behind else None) as tapped:
+        with flushing_behind(progress, background_flush(remote)) as tapped:
             _transfer(remote, items, up=True, jobs=jobs, progress=tapped, done=done)
     finally:
         remote.flush()  # durable before the snapshot that lists them (invariant 2)
