@@ -440,6 +440,28 @@ def test_fetch_refuses_a_corrupt_object(vws: WorkspaceFixture, tmp_path: Path, t
     assert not any(p.read_bytes() == b"ALPHA\n" for p in cache.rglob("*") if p.is_file())
 
 
+def test_a_fetch_that_meets_a_corrupt_object_keeps_the_verified_ones_and_says_which_failed(
+    vws: WorkspaceFixture, tmp_path: Path, tether: Tether
+) -> None:
+    digest = hashlib.sha256(V1["a.txt"]).hexdigest()
+    other = pushed_clone(vws, tmp_path, tether, V1)
+    path = vws.remote_dir / object_path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"ALPHA\n")
+    r = tether("fetch", DS, "store", cwd=other.root)
+    assert r.exit_code == 4, r.output
+    assert object_path(digest) in r.stderr and "Traceback" not in r.output
+    cache = other.root / ".tether" / "cache"
+    kept = {p.read_bytes() for p in (cache / "objects").rglob("*") if p.is_file()}
+    assert kept == {V1["sub/b.bin"], V1["sub/c.txt"]}  # flushed and named despite the failure
+    assert not any((cache / "tmp").iterdir())
+    path.write_bytes(V1["a.txt"])
+    r = tether("fetch", DS, "store", "--json", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    objects = json.loads(r.stdout)["objects"]
+    assert (objects["cached"], objects["downloaded"]) == (2, 1)
+
+
 # -- interrupted push -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fork_min", ["256", "1"], ids=["in-process", "forked"])
 def test_interrupted_push_leaves_no_snapshot_pointing_at_missing_objects(
