@@ -17,6 +17,7 @@ from tether import faults, forked
 from tether.errors import StalePlanError
 from tether.fileio import Prefetcher, copy_verified
 from tether.manifest import UNHASHED, Entry, Manifest
+from tether.readahead import read_soon
 from tether.scan import StatEntry
 from tether.sync import index_path, open_context, scan_remote
 
@@ -123,6 +124,24 @@ def test_prefetcher_tolerates_missing_files_and_an_early_stop(tmp_path: Path) ->
         for _ in range(10):  # the copier stops early (a whole-run failure)
             ahead.consumed()
     assert not ahead._thread.is_alive()
+
+
+def test_read_soon_advises_existing_files_and_ignores_missing_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    advised: list[str] = []
+    fadvise = os.posix_fadvise
+
+    def recording(fd: int, offset: int, length: int, advice: int) -> None:
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_WILLNEED)
+        advised.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", recording)
+    db = tmp_path / "hashcache.sqlite"
+    db.write_bytes(b"x" * 4096)
+    read_soon(db, tmp_path / "hashcache.sqlite-wal")  # no WAL after a clean close
+    assert advised == [str(db)]
 
 
 # -- through the CLI --------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from conftest import Result, WorkspaceFixture, snapshot
 from tether.hashing import digest_bytes
 from tether.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from tether.paths import STATE_DIR
+from tether.remotes.base import RemoteStat
+from tether.remotes.local import LocalRemote
 
 DS = "ns/ds"
 
@@ -186,6 +190,50 @@ def test_damaged_index_is_ignored_and_rebuilt_from_the_files(pushed: WorkspaceFi
     r = tether("diff", DS, "store", cwd=ws.root)
     assert r.exit_code == 0, r.output
     assert "damaged remote index" in r.output
+    assert r.output.count("damaged remote index") == 1  # parsed beside the listing, said once
+
+
+def test_index_is_read_while_the_remote_lists(
+    pushed: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index read overlaps the listing (a cold walk mostly waits on the disk): the listing
+    here cannot finish until the index has been read, which would hang if they ran in turn."""
+    index_read = threading.Event()
+    read_bytes, list_files = LocalRemote.read_bytes, LocalRemote.list_files
+
+    def reading(self: LocalRemote, path: str) -> bytes:
+        data = read_bytes(self, path)
+        if path.endswith("/.tether/index"):
+            index_read.set()
+        return data
+
+    def listing(self: LocalRemote, prefix: str) -> Iterator[RemoteStat]:
+        assert index_read.wait(timeout=30), "the index was not read until the listing ended"
+        return list_files(self, prefix)
+
+    monkeypatch.setattr(LocalRemote, "read_bytes", reading)
+    monkeypatch.setattr(LocalRemote, "list_files", listing)
+    code, report = diff_json(tether, pushed)
+    assert code == 0 and report["in_sync"], report
+
+
+def test_unreadable_index_is_an_error_not_a_guess(
+    pushed: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index that exists but cannot be read fails the run (read in the background, it still
+    reaches the user); only a missing index means "no index"."""
+    read_bytes = LocalRemote.read_bytes
+
+    def refusing(self: LocalRemote, path: str) -> bytes:
+        if path.endswith("/.tether/index"):
+            raise PermissionError(13, "Permission denied", path)
+        return read_bytes(self, path)
+
+    monkeypatch.setattr(LocalRemote, "read_bytes", refusing)
+    r = tether("diff", DS, "store", cwd=pushed.root)
+    assert r.exit_code == 7, r.output
+    assert "Permission denied (ns/ds/.tether/index)" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_index_vouching_for_wrong_digests_is_caught_by_checksum(pushed: WorkspaceFixture, tether) -> None:

@@ -71,3 +71,22 @@ class Prefetcher:
                 pass
             finally:
                 os.close(fd)
+
+
+def read_soon(*paths: Path) -> None:
+    """Queue a read of whole files the run will need after a long walk (the hash cache):
+    ``posix_fadvise(WILLNEED)`` returns at once and the disk reads them while the walk waits on
+    inodes, instead of after it. Missing files and platforms without fadvise are ignored."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

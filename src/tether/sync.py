@@ -57,6 +57,7 @@ from tether.plan import (
 )
 from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
+from tether.readahead import read_soon
 from tether.remotes import Remote, open_remote
 from tether.remotes.base import IndexedListing, RemoteStat, prepare_transfers
 from tether.scan import ScanReport, StatEntry, scan_tree
@@ -295,6 +296,10 @@ def scan_local(ctx: Context, *, held_elsewhere: Callable[[], set[str]] | None = 
     """
     ds = ctx.dataset
     ctx.progress.stage("scanning local")
+    # The cache lookup after the walk read the cold database from disk (0.06-0.08 s of a cold
+    # no-op diff); asked for now, the disk reads it while the walk waits on inodes.
+    db = ctx.workspace.hash_cache_path
+    read_soon(db, db.with_name(f"{db.name}-wal"))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-ownership") as pool:
         # Ownership asks git (a cold start of git took 0.24 s): let it answer during the walk.
         owned = pool.submit(lambda: ctx.keep)
@@ -377,6 +382,37 @@ def _parse_meanwhile(ctx: Context, copy: bytes | None) -> threading.Thread | Non
     return thread
 
 
+def _read_index_meanwhile(ctx: Context) -> Callable[[], Manifest | None]:
+    """Start reading and parsing the remote index while the remote lists; the returned call
+    waits for it. A cold no-op diff of 20,000 files on a local remote read and parsed the index
+    (0.10-0.16 s) only after the walk, while the walk itself mostly waited on the disk; on an
+    object store the GET also overlaps the LIST pages.
+
+    The index is only a cache that vouches for exact (size, mtime) pairs the listing shows, so
+    reading it before the listing ends trusts nothing more than reading it after. Errors and the
+    damaged-index message reach the caller from the calling thread, through read_index."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-index")
+
+    def fetch() -> bytes | None:
+        try:
+            data = ctx.remote.read_bytes(index_path(ctx.dataset.id))
+        except FileNotFoundError:
+            return None
+        source = f"{ctx.remote.url}/{index_path(ctx.dataset.id)}"
+        with contextlib.suppress(ManifestFormatError):  # reported by _parse_index, in the caller
+            ctx.index_cache = (data, Manifest.loads(data, source=source))
+        return data
+
+    fetched = pool.submit(fetch)
+    pool.shutdown(wait=False)
+
+    def wait() -> Manifest | None:
+        data = fetched.result()
+        return None if data is None else _parse_index(ctx, data)
+
+    return wait
+
+
 def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None]:
     """The remote's listing and its index.
 
@@ -388,7 +424,9 @@ def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None]:
     """
     remote = ctx.remote
     if not isinstance(remote, IndexedListing):
-        return list(remote.list_files(ctx.dataset.id)), read_index(ctx)
+        index = _read_index_meanwhile(ctx)
+        listing = list(remote.list_files(ctx.dataset.id))
+        return listing, index()
     copy = ctx.workspace.remote_index_path(ctx.remote_name, ctx.dataset.id)
     try:
         have: bytes | None = copy.read_bytes()
