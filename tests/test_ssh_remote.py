@@ -239,6 +239,53 @@ def test_one_stream_many_files_with_failures_reported_per_file(remote: SshRemote
     assert _temp_files(remote_root(remote)) == []
 
 
+def test_one_download_stream_keeps_order_and_reports_changed_files_per_file(
+    remote: SshRemote, tmp_path: Path
+) -> None:
+    """The helper reads small files in runs and frames them together; large ones stream alone.
+    Files changed on the remote since the listing fail alone, and the rest arrive intact."""
+    src = tmp_path / "src"
+    big = os.urandom(ssh_helper.SMALL + 12_345)
+    items = [_item(src, f"f{i:04d}", os.urandom(i % 300), f"ds/d{i % 7}/f{i:04d}") for i in range(400)]
+    items.insert(150, _item(src, "big1", big, "ds/big1"))
+    items.insert(151, _item(src, "big2", big[::-1], "ds/big2"))
+    remote.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: None)
+    root = remote_root(remote)
+    gone, grown, linked = items[10], items[200], items[300]
+    (root / gone.path).unlink()
+    with open(root / grown.path, "ab") as f:
+        f.write(b"appended after the listing")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not to be sent")
+    (root / linked.path).unlink()
+    (root / linked.path).symlink_to(secret)
+    back = [dataclasses.replace(i, local=tmp_path / "back" / i.path) for i in items]
+    order: list[str] = []
+    outcome: dict[str, BaseException | None] = {}
+
+    def done(item: TransferItem, error: BaseException | None) -> None:
+        order.append(item.path)
+        outcome[item.path] = error
+
+    remote.get_many(back, on_bytes=lambda n: None, on_done=done)
+    assert order == [i.path for i in items]  # answered in the order asked
+    assert isinstance(outcome[gone.path], FileNotFoundError)
+    assert isinstance(outcome[grown.path], VerificationError)
+    # A link made since the listing is not followed: refused there, its target never sent.
+    assert isinstance(outcome[linked.path], OSError), outcome[linked.path]
+    failed = {gone.path, grown.path, linked.path}
+    for sent, got in zip(items, back, strict=True):
+        if sent.path in failed:
+            assert not got.local.exists()
+            continue
+        assert outcome[sent.path] is None, (sent.path, outcome[sent.path])
+        assert got.local.read_bytes() == sent.local.read_bytes()
+        assert got.local.stat().st_mtime_ns == sent.mtime_ns
+    assert b"not to be sent" not in b"".join(
+        p.read_bytes() for p in (tmp_path / "back").rglob("*") if p.is_file()
+    )
+
+
 def test_requests_do_not_grow_with_the_number_of_files(
     tmp_path: Path,
     sshd: SshServer,

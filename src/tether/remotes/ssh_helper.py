@@ -49,6 +49,8 @@ HASH_CACHE = "hashcache.json"
 RACY_WINDOW_NS = 50_000_000
 LIST_PAGE = 10_000
 WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))  # I/O-bound on NFS/Lustre: latency, not CPU
+RUN_FILES = 64  # small files read and framed as one unit by op_get
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 LANE_RUN = 64  # consecutive small files of one folder written by one thread (Helper.lane_for)
 
 
@@ -697,40 +699,70 @@ class Helper:
 
     # the streamed download: the client sent the whole list once
     def op_get(self, h: dict, n: int) -> None:
+        """Send every listed file, in order, as one frame each.
+
+        Small files are read by the pool in runs (up to RUN_FILES files or CHUNK bytes), and a
+        run's frames go to the writer as one buffer: a future, a queue hand-off and three writes
+        per file cost this helper 4.0 CPU-seconds for a cold 20,000-file pull (2.8 s alone on a
+        pipe); by runs of 64, 2.0-2.5 CPU-seconds and 1.3-1.7 s. The pool still reads several
+        runs at once, so a cold disk sees many requests."""
         rid = h["id"]
         items = h["items"]
-        window: deque = deque()
+        window: deque = deque()  # (future of a run's frames, None) or (None, a large item)
         todo = iter(range(len(items)))
 
-        def read_small(rel: str) -> tuple[bytes, int]:
-            with open(self.base.parent_ok(rel, False), "rb") as f:
-                return f.read(), os.fstat(f.fileno()).st_mtime_ns
-
         def refill() -> None:
-            i = next(todo, None)
-            if i is None:
+            run: list = []
+            run_bytes = 0
+            while len(run) < RUN_FILES and run_bytes < CHUNK:
+                i = next(todo, None)
+                if i is None:
+                    break
+                rel, size = items[i][0], items[i][1]
+                # [rel, size, offset, prefix digest]: resume a partial download from offset
+                resume = (items[i][2], items[i][3]) if len(items[i]) > 3 else (0, "")
+                if 0 <= size <= SMALL and not resume[0]:
+                    run.append((i, rel))
+                    run_bytes += size
+                    continue
+                if run:
+                    window.append((self.pool.submit(self.read_run, rid, run), None))
+                window.append((None, (i, rel, resume)))
                 return
-            rel, size = items[i][0], items[i][1]
-            # [rel, size, offset, prefix digest]: resume a partial download from offset
-            resume = (items[i][2], items[i][3]) if len(items[i]) > 3 else (0, "")
-            fut = self.pool.submit(read_small, rel) if 0 <= size <= SMALL and not resume[0] else None
-            window.append((i, rel, fut, resume))
+            if run:
+                window.append((self.pool.submit(self.read_run, rid, run), None))
 
-        for _ in range(WORKERS * 4):  # read ahead: small files arrive while others are sent
+        for _ in range(WORKERS * 2):  # read ahead: runs arrive while others are sent
             refill()
         while window:
-            i, rel, fut, resume = window.popleft()
+            run, large = window.popleft()
             refill()
-            if fut is None:
-                self.send_large(rid, i, rel, resume)
-                continue
-            try:
-                body, mtime = fut.result()
-            except BaseException as exc:
-                self.conn.send({"id": rid, "i": i, "error": error_info(exc, rel)})
-                continue
-            self.conn.send({"id": rid, "i": i, "mtime_ns": mtime}, body)
+            if large is not None:
+                self.send_large(rid, *large)
+            else:
+                self.conn.send_raw(b"".join(run.result()))
         self.conn.send({"id": rid, "ok": True, "end": True})
+
+    def read_run(self, rid: int, run: list) -> list:
+        """The frames of a run of small files, an error frame for each one that fails. The last
+        name is not followed (the listing refused links; one made since is an error here)."""
+        frames: list = []
+        for i, rel in run:
+            body = b""
+            try:
+                fd = os.open(self.base.parent_ok(rel, False), READ_FLAGS)
+                try:
+                    st = os.fstat(fd)
+                    body = read_to_end(fd, st.st_size)
+                finally:
+                    os.close(fd)
+                header: dict = {"id": rid, "i": i, "mtime_ns": st.st_mtime_ns}
+            except BaseException as exc:
+                header = {"id": rid, "i": i, "error": error_info(exc, rel)}
+                body = b""
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            frames += (FRAME.pack(len(raw), len(body)), raw, body)
+        return frames
 
     def send_large(self, rid: int, i: int, rel: str, resume: tuple = (0, "")) -> None:
         offset, prefix_digest = resume
@@ -817,6 +849,19 @@ class Sink:
         self.thread.join()
         self.f.close()
         return self.error
+
+
+def read_to_end(fd: int, size: int) -> bytes:
+    """A file's bytes, in one read when it still has the ``size`` it had (one more read sees
+    the end; a file that grew meanwhile is read to its new end)."""
+    parts = []
+    size = max(size, 1)
+    while True:
+        chunk = os.read(fd, size)
+        if not chunk:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.append(chunk)
+        size = CHUNK
 
 
 def write_all(fd: int, data: bytes) -> None:
