@@ -28,6 +28,7 @@ from tether import cli_versioned, fileio, transfer
 from tether.fileio import FlushBehind, flushing_behind
 from tether.progress import NO_PROGRESS, BytesTap, Progress
 from tether.remotes import local as local_remote
+from tether.remotes import ssh_helper
 from tether.versioned import cache as cache_module
 from tether.versioned import checkout, store
 from tether.versioned.cache import Cache
@@ -314,3 +315,49 @@ def test_a_copy_into_the_cache_is_flushed_before_it_takes_its_name(
     monkeypatch.setattr(cache_module, "syncfs", recording)
     assert cache.insert_copy(source, digest).read_bytes() == data
     assert seen == [False]
+
+
+# -- the SSH helper's own flush-behind (it runs remotely on the standard library alone) ----------
+def test_helper_flushes_behind_once_a_step_landed_and_its_last_flush_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    flushed: list[str] = []
+
+    def slow_syncfs(path: str) -> None:
+        started.set()
+        assert release.wait(WAIT_S)
+        flushed.append(path)
+
+    monkeypatch.setattr(ssh_helper, "syncfs", slow_syncfs)
+    behind = ssh_helper.FlushBehind.for_folder(str(tmp_path), 100)
+    assert behind is not None
+    behind.landed(99)
+    assert behind.asked == 0 and behind.thread is None  # no step yet: no thread, no flush
+    behind.landed(1)
+    assert started.wait(WAIT_S)  # the step started a flush in the background
+    behind.landed(100)  # asked while one runs: served by one more flush, never two at once
+    finished: list[int] = []
+    waiter = threading.Thread(target=lambda: finished.append(behind.finish()))
+    waiter.start()
+    assert finished == []  # the final flush waits for the background ones
+    release.set()
+    waiter.join(WAIT_S)
+    assert finished == [2] and flushed == [str(tmp_path)] * 2
+
+
+def test_helper_does_not_flush_behind_on_network_or_unknown_filesystems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 0) is None  # the client said never
+    for kind in ("nfs4", "lustre", "fuse.sshfs", "gpfs", "unknown"):
+        monkeypatch.setattr(ssh_helper, "filesystem_type", lambda _path, kind=kind: kind)
+        assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 1) is None, kind
+    monkeypatch.setattr(ssh_helper, "filesystem_type", lambda _path: "ext4")
+    assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 1) is not None
+
+
+def test_helper_and_client_agree_on_a_folders_filesystem(tmp_path: Path) -> None:
+    """The helper carries its own copy of the /proc/mounts lookup (it imports nothing of tether)."""
+    for folder in (tmp_path, Path("/"), Path("/proc/self")):
+        assert ssh_helper.filesystem_type(str(folder)) == local_remote.filesystem_type(folder)

@@ -26,13 +26,14 @@ from conftest import (
     run_subprocess,
 )
 from sshd import HOST, Relay, SshServer, add_remote, sshd_fixture  # noqa: F401
-from tether import faults
+from tether import faults, fileio
 from tether.config import RemoteConfig
 from tether.errors import ExitCode
 from tether.lock import Lease
 from tether.manifest import Manifest
 from tether.paths import TEMP_MARKER
 from tether.remotes import open_remote
+from tether.remotes.ssh import SshRemote
 
 DS = "ns/ds"
 
@@ -543,3 +544,24 @@ def test_a_run_with_a_private_master_removes_folders_killed_runs_left(hpc: Works
         for path in (stale, young):
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+def test_the_helper_flushes_behind_what_it_receives_and_before_the_index(
+    hpc: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a one-byte step the helper that received the files flushed in the background, and
+    the flush the index waits for came after those."""
+    monkeypatch.setattr(fileio, "FLUSH_BEHIND_BYTES", 1)
+    seen: list[int] = []
+    real_flush = SshRemote.flush
+
+    def flush(self: SshRemote) -> None:
+        real_flush(self)
+        seen.append(self.flushed_behind)
+
+    monkeypatch.setattr(SshRemote, "flush", flush)
+    for i in range(12):
+        hpc.write(f"d{i % 3}/f{i}.bin", os.urandom(1000 + i))
+    r = tether("push", "ns/ds", "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert seen and seen[-1] >= 1, seen

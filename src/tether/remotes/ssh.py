@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
+from tether import fileio
 from tether.errors import (
     ConfigError,
     DiskFullError,
@@ -847,6 +848,7 @@ class SshRemote:
         self._bulk: _Channel | None = None
         self._lost: TetherError | None = None
         self.facts: dict[str, Any] = {}
+        self.flushed_behind = 0  # background flushes the helper ran before the last flush()
 
     # -- connection and channels ------------------------------------------------------------------
     def mark_lost(self, error: TetherError) -> None:
@@ -855,7 +857,7 @@ class SshRemote:
     def _spawn(self, label: str) -> _Channel:
         channel = _Channel(self, label)
         self._session.channels.append(channel)
-        channel.pipeline("init", base=self.settings.path)
+        channel.pipeline("init", base=self.settings.path, flush_step=fileio.FLUSH_BEHIND_BYTES)
         return channel
 
     def _init(self, channel: _Channel) -> dict[str, Any]:
@@ -1043,7 +1045,15 @@ class SshRemote:
         return int(header["removed"])
 
     def flush(self) -> None:
-        self._call("flush")
+        """syncfs on the remote, asked of the helper that received the files when there is one:
+        it knows the background flushes it started, and waits for them first."""
+        with self._lock:
+            bulk = self._bulk
+        if bulk is not None and bulk.initialised and not bulk.closed:
+            header, _ = bulk.call("flush")
+        else:
+            header, _ = self._call("flush")
+        self.flushed_behind = int(header.get("flushed_behind") or 0)
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
         """Retry only what a retry can fix on a live connection: transient remote errnos. A lost
