@@ -616,6 +616,11 @@ def helper_command(python: str) -> str:
     return f"{python} -S -c '{_BOOTSTRAP}'"
 
 
+# A frame's JSON header, parsed without json.loads' checks for bytes and trailing text: 0.7 us
+# instead of 2.0 us, paid once per file of a pull (headers are written by our helper alone).
+_parse_header = json.JSONDecoder().raw_decode
+
+
 class _Channel:
     """One helper process: framed requests over its stdin/stdout, one caller at a time."""
 
@@ -661,7 +666,7 @@ class _Channel:
 
     def recv_head(self) -> tuple[dict[str, Any], int]:
         hlen, n = FRAME.unpack(self.read_exact(FRAME.size))
-        return json.loads(self.read_exact(hlen)), n
+        return _parse_header(self.read_exact(hlen).decode())[0], n
 
     def recv(self) -> tuple[dict[str, Any], bytes]:
         header, n = self.recv_head()

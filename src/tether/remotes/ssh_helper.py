@@ -79,6 +79,11 @@ class Refused(Exception):
 
 
 # -- framing ------------------------------------------------------------------------------------
+# Frame headers parsed without json.loads' checks (bytes detection, trailing text): 0.7 us
+# instead of 2.0 us, paid once per file of a push.
+parse_header = json.JSONDecoder().raw_decode
+
+
 class Conn:
     """Frames in from stdin; frames out through one writer thread that flushes when idle.
 
@@ -185,7 +190,7 @@ class Conn:
         if len(head) != FRAME.size:
             raise EOFError
         hlen, n = FRAME.unpack(head)
-        return json.loads(self.read_exact(hlen)), n
+        return parse_header(self.read_exact(hlen).decode())[0], n
 
     def skip(self, n: int) -> None:
         while n:
@@ -782,11 +787,12 @@ class Helper:
                     body = read_to_end(fd, st.st_size)
                 finally:
                     os.close(fd)
-                header: dict = {"id": rid, "i": i, "mtime_ns": st.st_mtime_ns}
+                # json.dumps of three integers, written out (a fifth of its cost per file)
+                raw = b'{"id":%d,"i":%d,"mtime_ns":%d}' % (rid, i, st.st_mtime_ns)
             except BaseException as exc:
-                header = {"id": rid, "i": i, "error": error_info(exc, rel)}
+                failed = {"id": rid, "i": i, "error": error_info(exc, rel)}
+                raw = json.dumps(failed, separators=(",", ":")).encode()
                 body = b""
-            raw = json.dumps(header, separators=(",", ":")).encode()
             frames += (FRAME.pack(len(raw), len(body)), raw, body)
         return frames
 
