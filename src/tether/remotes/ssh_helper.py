@@ -959,7 +959,8 @@ class FlushBehind:
         self.step = step
         self.pending = 0
         self.asked = 0  # flushes asked for so far
-        self.done = 0  # flushes that ran (each covers every request made before it began)
+        self.done = 0  # requests served (a flush covers every request made before it began)
+        self.runs = 0  # flushes that ran
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None  # started on the first step
 
@@ -993,6 +994,7 @@ class FlushBehind:
                 syncfs(self.path)
             with self.cond:
                 self.done = serving
+                self.runs += 1
                 self.cond.notify_all()
 
     def finish(self) -> int:
@@ -1000,7 +1002,7 @@ class FlushBehind:
         with self.cond:
             while self.done != self.asked:
                 self.cond.wait()
-            return self.done
+            return self.runs
 
 
 def filesystem_type(path: str) -> str:
