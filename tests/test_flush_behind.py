@@ -154,39 +154,54 @@ def test_nothing_to_flush_means_the_progress_itself() -> None:
 FILES = {f"part{i}/f{i}.bin": os.urandom(4096 + i) for i in range(12)}
 
 
-@pytest.fixture
-def syncfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
-    """Every syncfs of a push or pull: (thread name, folder, files present below it then).
+class SyncfsLog(list[tuple[str, str, int]]):
+    """Every syncfs of a run: (thread name, folder, files present below it then). ``clear()``
+    starts a new run: its second copy again waits for a background flush."""
 
-    The second copy waits (up to WAIT_S) for a background flush to have run, so a
+    def __init__(self) -> None:
+        super().__init__()
+        self.behind_ran = threading.Event()
+        self.copies = itertools.count(1)  # next() is atomic: copies may run on several threads
+
+    def clear(self) -> None:
+        super().clear()
+        self.behind_ran.clear()
+        self.copies = itertools.count(1)
+
+
+@pytest.fixture
+def syncfs_calls(monkeypatch: pytest.MonkeyPatch) -> SyncfsLog:
+    """Every syncfs of a push or pull (see SyncfsLog).
+
+    The second copy of a run waits (up to WAIT_S) for a background flush to have run, so a
     run of a dozen small files cannot end before the flush thread is first scheduled: that is
-    allowed (the final flush covers it) but would leave nothing for the test to see."""
-    calls: list[tuple[str, str, int]] = []
-    behind_ran = threading.Event()
-    copies = itertools.count()
+    allowed (the final flush covers it) but would leave nothing for the test to see. (Counted
+    over the push and the pull together, the pull's copies were not held, and the pull test
+    failed when the machine was busy.)"""
+    log = SyncfsLog()
     real_syncfs, real_copy = fileio.syncfs, local_remote.copy_verified
 
     def recording(path: Path) -> None:
         present = sum(len(names) for _d, _s, names in os.walk(path))
-        calls.append((threading.current_thread().name, str(path), present))
+        log.append((threading.current_thread().name, str(path), present))
         real_syncfs(path)
         if threading.current_thread().name == "tether-flush-behind":
-            behind_ran.set()
+            log.behind_ran.set()
 
     def copying(source: str | Path, final: str | Path, **kwargs: Any) -> str:
-        if next(copies) == 1:  # the first file's bytes asked for a flush
-            behind_ran.wait(WAIT_S)
+        if next(log.copies) == 2:  # the first file's bytes asked for a flush
+            log.behind_ran.wait(WAIT_S)
         return real_copy(source, final, **kwargs)
 
     monkeypatch.setattr(fileio, "FLUSH_BEHIND_BYTES", 1)
     monkeypatch.setattr(local_remote, "syncfs", recording)
     monkeypatch.setattr(transfer, "syncfs", recording)
     monkeypatch.setattr(local_remote, "copy_verified", copying)
-    return calls
+    return log
 
 
 def test_push_flushes_behind_and_last_after_every_file(
-    ws: WorkspaceFixture, tether: Tether, syncfs_calls: list[tuple[str, str, int]]
+    ws: WorkspaceFixture, tether: Tether, syncfs_calls: SyncfsLog
 ) -> None:
     for rel, data in FILES.items():
         ws.write(rel, data)
@@ -203,7 +218,7 @@ def test_pull_flushes_staging_behind_and_before_promotion(
     ws: WorkspaceFixture,
     ws2: WorkspaceFixture,
     tether: Tether,
-    syncfs_calls: list[tuple[str, str, int]],
+    syncfs_calls: SyncfsLog,
 ) -> None:
     for rel, data in FILES.items():
         ws.write(rel, data)
@@ -219,7 +234,7 @@ def test_pull_flushes_staging_behind_and_before_promotion(
 
 
 def test_versioned_push_flushes_objects_behind_and_last_before_the_snapshot(
-    ws: WorkspaceFixture, tether: Tether, syncfs_calls: list[tuple[str, str, int]]
+    ws: WorkspaceFixture, tether: Tether, syncfs_calls: SyncfsLog
 ) -> None:
     vws = versioned_ws(ws)
     for rel, data in FILES.items():
@@ -330,7 +345,7 @@ def test_helper_flushes_behind_once_a_step_landed_and_its_last_flush_waits_for_i
         flushed.append(path)
 
     monkeypatch.setattr(ssh_helper, "syncfs", slow_syncfs)
-    behind = ssh_helper.FlushBehind.for_folder(str(tmp_path), 100)
+    behind = ssh_helper.FlushBehind.for_folder(str(tmp_path), 100, local_remote.NETWORK_FILESYSTEMS)
     assert behind is not None
     behind.landed(99)
     assert behind.asked == 0 and behind.thread is None  # no step yet: no thread, no flush
@@ -349,15 +364,10 @@ def test_helper_flushes_behind_once_a_step_landed_and_its_last_flush_waits_for_i
 def test_helper_does_not_flush_behind_on_network_or_unknown_filesystems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 0) is None  # the client said never
+    network = local_remote.NETWORK_FILESYSTEMS  # what the client sends in init
+    assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 0, network) is None  # the client said never
     for kind in ("nfs4", "lustre", "fuse.sshfs", "gpfs", "unknown"):
         monkeypatch.setattr(ssh_helper, "filesystem_type", lambda _path, kind=kind: kind)
-        assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 1) is None, kind
+        assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 1, network) is None, kind
     monkeypatch.setattr(ssh_helper, "filesystem_type", lambda _path: "ext4")
-    assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 1) is not None
-
-
-def test_helper_and_client_agree_on_a_folders_filesystem(tmp_path: Path) -> None:
-    """The helper carries its own copy of the /proc/mounts lookup (it imports nothing of tether)."""
-    for folder in (tmp_path, Path("/"), Path("/proc/self")):
-        assert ssh_helper.filesystem_type(str(folder)) == local_remote.filesystem_type(folder)
+    assert ssh_helper.FlushBehind.for_folder(str(tmp_path), 1, network) is not None

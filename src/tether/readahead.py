@@ -59,34 +59,28 @@ class Prefetcher:
                     self._cond.wait()
                 if self._stop:
                     return
-            if path is None:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            if path is not None:
+                _will_need(path, os.O_NOFOLLOW)
 
 
 def read_soon(*paths: Path) -> None:
     """Queue a read of whole files the run will need after a long walk (the hash cache):
     ``posix_fadvise(WILLNEED)`` returns at once and the disk reads them while the walk waits on
     inodes, instead of after it. Missing files and platforms without fadvise are ignored."""
-    if not hasattr(os, "posix_fadvise"):
+    if hasattr(os, "posix_fadvise"):
+        for path in paths:
+            _will_need(path)
+
+
+def _will_need(path: str | Path, flags: int = 0) -> None:
+    """Queue a read of the whole file; a hint only, so every error is ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+    except OSError:
         return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

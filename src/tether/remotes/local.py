@@ -19,6 +19,7 @@ from tether.fileio import copy_verified, os_error_to_tether, syncfs, temp_siblin
 from tether.hashing import digest_file
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
 from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
+from tether.remotes.ssh_helper import filesystem_type as mounted_filesystem_type
 from tether.scan import StatEntry, scan_tree
 
 RETRYABLE_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EIO}
@@ -47,22 +48,9 @@ def _listing(base: Path) -> list[tuple[str, int, int]]:
 
 
 def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding ``path``, from /proc/mounts (longest mount prefix)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    target = str(path.resolve()) if path.exists() else str(path)
-    best, kind = "", "unknown"
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) > len(best):
-            best, kind = point, fields[2]
-    return kind
+    """The type of the filesystem holding ``path``, from /proc/mounts (longest mount prefix):
+    the SSH helper's lookup, which it runs on clusters with the standard library alone."""
+    return mounted_filesystem_type(os.fspath(path))
 
 
 # Copying 20,000 files of 1-16 KiB into a new folder, cold cache, 2-core VM (copy phase of a

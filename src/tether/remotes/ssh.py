@@ -70,6 +70,7 @@ from tether.remotes.base import (
     RemoteStat,
     TransferItem,
 )
+from tether.remotes.local import NETWORK_FILESYSTEMS
 
 if TYPE_CHECKING:
     from tether.config import RemoteConfig
@@ -862,7 +863,12 @@ class SshRemote:
     def _spawn(self, label: str) -> _Channel:
         channel = _Channel(self, label)
         self._session.channels.append(channel)
-        channel.pipeline("init", base=self.settings.path, flush_step=fileio.FLUSH_BEHIND_BYTES)
+        channel.pipeline(
+            "init",
+            base=self.settings.path,
+            flush_step=fileio.FLUSH_BEHIND_BYTES,
+            network_filesystems=NETWORK_FILESYSTEMS,
+        )
         return channel
 
     def _init(self, channel: _Channel) -> dict[str, Any]:

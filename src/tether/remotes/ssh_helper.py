@@ -51,22 +51,6 @@ LIST_PAGE = 10_000
 WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))  # I/O-bound on NFS/Lustre: latency, not CPU
 RUN_FILES = 64  # small files read and framed as one unit by op_get
 READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-# Filesystems where a flush is a round trip per file or per server, not this disk's writes:
-# no background flushes there (as tether.remotes.local.NETWORK_FILESYSTEMS on the client).
-NETWORK_FILESYSTEMS = (
-    "nfs",
-    "cifs",
-    "smb",
-    "lustre",
-    "gpfs",
-    "beegfs",
-    "ceph",
-    "9p",
-    "fuse",
-    "panfs",
-    "wekafs",
-    "orangefs",
-)
 LANE_RUN = 64  # consecutive small files of one folder written by one thread (Helper.lane_for)
 
 
@@ -331,9 +315,11 @@ class Helper:
     # requests answered in order
     def op_init(self, h: dict, data: bytes) -> dict:
         self.base = Base(h.get("base") or "~")
-        # The client sets the step (tether.fileio.FLUSH_BEHIND_BYTES; 0: never); this side
-        # knows the filesystem.
-        self.flush_behind = FlushBehind.for_folder(self.base.path, int(h.get("flush_step") or 0))
+        # The client sets the step (tether.fileio.FLUSH_BEHIND_BYTES; 0: never) and names the
+        # network filesystems (tether.remotes.local's list); this side knows the filesystem.
+        self.flush_behind = FlushBehind.for_folder(
+            self.base.path, int(h.get("flush_step") or 0), tuple(h.get("network_filesystems") or ())
+        )
         return dict(self.facts(), base=self.base.path)
 
     def facts(self) -> dict:
@@ -965,10 +951,10 @@ class FlushBehind:
         self.thread: threading.Thread | None = None  # started on the first step
 
     @classmethod
-    def for_folder(cls, path: str, step: int) -> FlushBehind | None:
+    def for_folder(cls, path: str, step: int, network: tuple) -> FlushBehind | None:
         """One for a local disk; None for a step of 0 or a network or unknown filesystem."""
         kind = filesystem_type(path) if step > 0 else "unknown"
-        if kind == "unknown" or kind.startswith(NETWORK_FILESYSTEMS):
+        if kind == "unknown" or kind.startswith(network):
             return None
         return cls(path, step)
 
