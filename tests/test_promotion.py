@@ -42,13 +42,13 @@ def test_into_an_empty_folder_the_staged_tree_is_renamed_whole(
     local, staging = tmp_path / "local", tmp_path / "staging"
     local.mkdir()
     staged_inode: list[int] = []
-    real = transfer._rename_onto_empty
+    real = transfer.rename_onto_empty
 
     def spy(folder: str, empty: str) -> bool:
         staged_inode.append(os.stat(folder).st_ino)
         return real(folder, empty)
 
-    monkeypatch.setattr(transfer, "_rename_onto_empty", spy)
+    monkeypatch.setattr(transfer, "rename_onto_empty", spy)
     result = pull_changes(remote, "ds", local, staging, changes, jobs=1)
     assert not result.failed
     assert local.stat().st_ino == staged_inode[0]  # the staging folder itself became the dataset

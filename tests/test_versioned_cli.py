@@ -516,12 +516,20 @@ def test_an_object_failing_with_an_io_error_is_exit_7_and_the_rerun_finishes(
 
 # -- interrupted pull -----------------------------------------------------------------------------
 def pull_killed_at(
-    point: str, files: dict[str, bytes], vws: WorkspaceFixture, tmp_path: Path, tether: Tether
+    point: str,
+    files: dict[str, bytes],
+    vws: WorkspaceFixture,
+    tmp_path: Path,
+    tether: Tether,
+    already: dict[str, bytes] | None = None,
 ) -> WorkspaceFixture:
-    """Push ``files`` as a snapshot, then kill a fresh clone's first pull at ``point``."""
+    """Push ``files`` as a snapshot, then kill a fresh clone's first pull at ``point``; the
+    clone's dataset folder holds ``already`` before it."""
     commit_version(vws, tether, files, "v1")
     assert tether("push", DS, "store", cwd=vws.root).exit_code == 0
     other = clone(vws, tmp_path)
+    for rel, data in (already or {}).items():
+        other.write(rel, data)
     r = run_subprocess(["pull", DS, "store"], other.root, env={"TETHER_FAULT_KILL_AT": point})
     assert r.exit_code == -9, r.output
     return other
@@ -541,8 +549,10 @@ def test_interrupted_pull_changes_nothing_and_the_rerun_reuses_what_it_verified(
     assert tree(other.data / DS) == {}  # downloads wait in staging until all arrived
     staged = [p for p in (other.root / ".tether" / "staging").rglob("*") if p.is_file()]
     assert len(staged) >= 4
+    # A fresh clone's pull stages files at their own paths (one rename places them all).
+    assert {p.name for p in staged} <= set(files)
     for p in staged:  # the remote loses them: only a reuse of the staged copies can finish
-        (vws.remote_dir / object_path(p.name)).unlink()
+        (vws.remote_dir / object_path(hashlib.sha256(p.read_bytes()).hexdigest())).unlink()
     assert_rerun_pulls(other, files)
 
 
@@ -567,10 +577,25 @@ def test_pull_killed_while_placing_files_converges_on_rerun(
     vws: WorkspaceFixture, tmp_path: Path, tether: Tether
 ) -> None:
     files = {f"d{i % 3}/f{i:02d}.txt": f"file {i}\n".encode() for i in range(12)}
-    other = pull_killed_at("vcheckout_file:6", files, vws, tmp_path, tether)
+    # A file already there: the dataset folder is not empty, so files are placed one by one.
+    already = {"d0/f00.txt": files["d0/f00.txt"]}
+    other = pull_killed_at("vcheckout_file:6", files, vws, tmp_path, tether, already)
     placed = tree(other.data / DS)
-    assert 0 < len(placed) < len(files) and all(files[p] == d for p, d in placed.items())
+    assert 1 < len(placed) < len(files) and all(files[p] == d for p, d in placed.items())
     assert_rerun_pulls(other, files)
+
+
+def test_a_fresh_clones_pull_places_its_whole_staging_tree_in_one_rename(
+    vws: WorkspaceFixture, tmp_path: Path, tether: Tether
+) -> None:
+    """Into a missing dataset folder every file is in place before the first per-file step
+    (killed there), verified and complete; files sharing bytes get theirs there too."""
+    files = {f"d{i % 3}/f{i:02d}.txt": f"file {i % 10}\n".encode() for i in range(12)}  # 2 pairs alike
+    other = pull_killed_at("vcheckout_file:1", files, vws, tmp_path, tether)
+    placed = tree(other.data / DS)
+    assert len(placed) >= 10 and all(files[p] == d for p, d in placed.items())
+    assert_rerun_pulls(other, files)
+    assert not (other.root / ".tether" / "staging" / "versioned" / DS).exists()
 
 
 # -- gc -------------------------------------------------------------------------------------------

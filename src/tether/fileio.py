@@ -287,6 +287,17 @@ def _create(tmp: str, *, replace: bool = False) -> int:
         return os.open(tmp, CREATE_FLAGS, 0o666)
 
 
+def rename_onto_empty(folder: str, empty: str) -> bool:
+    """Move ``folder`` to ``empty`` if that is missing or an empty folder (atomically): a whole
+    staging tree becomes the dataset folder in one rename. False when it cannot (not empty, a
+    mount point, another filesystem): the caller then moves file by file."""
+    try:
+        os.rename(folder, empty)
+    except OSError:
+        return False
+    return True
+
+
 def clear_staged(staged: str | Path) -> None:
     """Remove what holds a staging name, a folder included: a run that staged ``a/b`` and was
     interrupted leaves the folder ``a``, and a later plan may need the file ``a`` there. Staging

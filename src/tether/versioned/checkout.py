@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tether import faults
 from tether.errors import RefusedError, UsageError
-from tether.fileio import syncfs, temp_sibling
+from tether.fileio import rename_onto_empty, syncfs, temp_sibling
 from tether.manifest import Entry
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
@@ -224,16 +224,35 @@ def apply_checkout(
             hint="Fetch them first: `tether fetch TARGET REMOTE` (or use `tether pull`).",
         )
     staged: dict[str, str] = {}
+    placed: dict[str, str] = {}  # digest -> the final path that holds its bytes
+    root_s = os.fspath(root)
     if lacking:
         assert download is not None and staging is not None
         # Only a staging folder left by a killed run can hold verified files to reuse.
         earlier = staging.is_dir()
         staging.mkdir(parents=True, exist_ok=True)
-        prefix = f"{staging}/"
-        staged = {d: prefix + d for d in lacking}
+        # Into a missing or empty dataset folder (a fresh clone's pull), objects are staged at
+        # their files' own paths, so that one rename of the staging tree places them all
+        # (20,000 renames of single files took 0.43 s of a 3.8 s pull); else by digest.
+        fresh = not (plan.replace or plan.delete or plan.preserve) and _missing_or_empty(root)
+        tree = f"{staging}/tree"
+        if fresh:
+            for t in plan.create:
+                if t.digest in lacking and t.digest not in staged:
+                    staged[t.digest] = f"{tree}/{check_relpath(t.path)}"
+            for folder in {os.path.dirname(p) for p in staged.values()}:
+                os.makedirs(folder, exist_ok=True)
+        else:
+            staged = {d: f"{staging}/{d}" for d in lacking}
         todo = {d: p for d, p in staged.items() if not (earlier and _staged_ok(Path(p), d, lacking[d]))}
         download({d: Path(p) for d, p in todo.items()}, lacking)
         syncfs(staging)  # staged bytes are durable before they take their final names
+        # A staging tree this run made holds exactly this plan's downloads: it may become the
+        # dataset folder whole (one left by a killed run might hold more, so it never does).
+        if fresh and not earlier:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            if rename_onto_empty(tree, root_s):
+                placed = {d: root_s + p[len(tree) :] for d, p in staged.items()}
     for e in plan.preserve:  # committed content that exists nowhere else: keep it in the cache
         path = root / check_relpath(e.path)
         if not cache.insert_move(path, e.digest):
@@ -245,13 +264,13 @@ def apply_checkout(
         _prune_empty(path.parent, root)
         progress.advance(files=1)
     linker = Linker(links)
-    placed: dict[str, str] = {}
     made: set[str] = set()  # folders known to exist: one mkdir per folder, not per file
-    root_s = os.fspath(root)
     for t in targets:
         # Plain strings: 20,000 pathlib objects cost more than the renames they name.
         final = f"{root_s}/{check_relpath(t.path)}"
-        if t.digest in staged and t.digest not in placed:
+        if placed.get(t.digest) == final:  # moved with the whole staging tree
+            linker.used["download"] += 1
+        elif t.digest in staged and t.digest not in placed:
             folder = os.path.dirname(final)
             if folder not in made:
                 os.makedirs(folder, exist_ok=True)
@@ -271,6 +290,16 @@ def apply_checkout(
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
     return CheckoutResult(plan, dict(linker.used), targets)
+
+
+def _missing_or_empty(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except FileNotFoundError:
+        return True
+    except NotADirectoryError:
+        return False
 
 
 def _staged_ok(path: Path, digest: str, size: int) -> bool:
