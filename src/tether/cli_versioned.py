@@ -481,7 +481,11 @@ def _plan_checkout(env: _Env, snap: Snapshot, options: dict[str, Any], progress:
         progress=progress,
     )
     current = lockfile.read(env.ws.root).get(env.dataset.id)
-    named = env.cache.get_snapshot(env.dataset.id, current.snapshot) if current else None
+    named: Snapshot | None = None
+    if current is not None:
+        # Usually the snapshot being checked out: parsing it again cost 0.1 s per 20,000 files.
+        same = current.snapshot == snap.id
+        named = snap if same else env.cache.get_snapshot(env.dataset.id, current.snapshot)
     by_path = named.by_path() if named else {}
     others: set[str] | None = None
 
