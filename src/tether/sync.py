@@ -340,14 +340,6 @@ def _landed_as(st: StatEntry, arrived: Entry | None) -> bool:
     return arrived is not None and (st.size, st.mtime_ns) == (arrived.size, arrived.mtime_ns)
 
 
-def read_index(ctx: Context) -> Manifest | None:
-    try:
-        data = ctx.remote.read_bytes(index_path(ctx.dataset.id))
-    except FileNotFoundError:
-        return None
-    return _parse_index(ctx, data)
-
-
 def _parse_index(ctx: Context, data: bytes) -> Manifest | None:
     if ctx.index_cache is not None and ctx.index_cache[0] == data:
         return ctx.index_cache[1]  # same bytes as the last look (a run reads it up to three times)
@@ -389,8 +381,8 @@ def _read_index_meanwhile(ctx: Context) -> Callable[[], Manifest | None]:
     object store the GET also overlaps the LIST pages.
 
     The index is only a cache that vouches for exact (size, mtime) pairs the listing shows, so
-    reading it before the listing ends trusts nothing more than reading it after. Errors and the
-    damaged-index message reach the caller from the calling thread, through read_index."""
+    reading it before the listing ends trusts nothing more than reading it after. A read error
+    and the damaged-index message reach the caller in the calling thread, from ``wait``."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-index")
 
     def fetch() -> bytes | None:
