@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Callable
@@ -554,6 +555,29 @@ def test_interrupted_pull_changes_nothing_and_the_rerun_reuses_what_it_verified(
     for p in staged:  # the remote loses them: only a reuse of the staged copies can finish
         (vws.remote_dir / object_path(hashlib.sha256(p.read_bytes()).hexdigest())).unlink()
     assert_rerun_pulls(other, files)
+
+
+def test_a_rerun_never_promotes_a_link_or_trips_on_a_folder_left_in_staging(
+    vws: WorkspaceFixture, tmp_path: Path, tether: Tether
+) -> None:
+    """What sits at a staging name is reused only if it is a plain file with the right bytes:
+    a link to the right bytes is not moved into the dataset, and a folder is cleared."""
+    files = {f"d{i % 2}/f{i:02d}.txt": f"file {i}\n".encode() for i in range(12)}
+    other = pull_killed_at("vfetch_object:5", files, vws, tmp_path, tether)
+    tree_root = other.root / ".tether" / "staging" / "versioned" / DS / "tree"
+    assert tree_root.is_dir()
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(files["d0/f00.txt"])
+    linked, blocked = tree_root / "d0/f00.txt", tree_root / "d1/f01.txt"
+    linked.unlink(missing_ok=True)
+    linked.symlink_to(outside)
+    shutil.rmtree(blocked, ignore_errors=True)
+    blocked.unlink(missing_ok=True)
+    (blocked / "below").mkdir(parents=True)
+    assert_rerun_pulls(other, files)
+    placed = [p for p in (other.data / DS).rglob("*") if p.is_symlink()]
+    assert placed == []
+    assert outside.read_bytes() == files["d0/f00.txt"]
 
 
 def test_a_fetch_clears_what_a_day_old_killed_fetch_left_in_the_cache(

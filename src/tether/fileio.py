@@ -15,13 +15,14 @@ import itertools
 import os
 import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tether import faults
 from tether.errors import DiskFullError, RemotePermissionError, StalePlanError, VerificationError
-from tether.hashing import CHUNK, new_hasher
+from tether.hashing import CHUNK, digest_file, new_hasher
 from tether.paths import TEMP_MARKER
 from tether.progress import BytesTap, Progress
 from tether.readahead import Prefetcher as Prefetcher  # re-exported: the copiers' read-ahead
@@ -311,6 +312,26 @@ def clear_staged(staged: str | Path) -> None:
         if os.path.islink(staged) or not os.path.isdir(staged):
             raise
         shutil.rmtree(staged)
+
+
+def staged_file_ok(path: str, size: int, digest: str) -> bool:
+    """Whether a file an earlier, interrupted run left at a staging name can be used instead of
+    downloading it again: only a plain file with the right bytes. Anything else is cleared: a
+    link or FIFO put there is never promoted into the dataset, a folder (an earlier plan staged
+    files below this name) would stop the download, and wrong bytes are downloaded afresh."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        clear_staged(path)
+        return False
+    if st.st_size != size:
+        return False
+    if digest_file(Path(path)) == digest:
+        return True
+    Path(path).unlink(missing_ok=True)
+    return False
 
 
 def create_in_place(path: str | Path) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,8 +26,14 @@ from tether.errors import (
     TransferFailed,
     VerificationError,
 )
-from tether.fileio import Prefetcher, clear_staged, ensure_dir, flushing_behind, rename_onto_empty, syncfs
-from tether.hashing import digest_file
+from tether.fileio import (
+    Prefetcher,
+    ensure_dir,
+    flushing_behind,
+    rename_onto_empty,
+    staged_file_ok,
+    syncfs,
+)
 from tether.manifest import Entry, parse_provisional
 from tether.plan import Action, Change
 from tether.progress import NO_PROGRESS, Progress
@@ -462,7 +467,7 @@ def pull_changes(
     def download(change: Change, on_bytes: OnBytes) -> Done:
         assert change.remote is not None
         target = staged_path(change)
-        if may_reuse and _staged_ok(target, change.remote):
+        if may_reuse and staged_file_ok(target, change.remote.size, change.remote.digest):
             on_bytes(change.remote.size)
             return Done(reused=True)
         got: list[str | None] = []
@@ -497,7 +502,8 @@ def pull_changes(
             todo = []
             for change in downloads:
                 assert change.remote is not None
-                if may_reuse and _staged_ok(staged_path(change), change.remote):
+                staged = staged_path(change)
+                if may_reuse and staged_file_ok(staged, change.remote.size, change.remote.digest):
                     result.reused += 1
                     result.done.append(change)
                     on_bytes(change.remote.size)
@@ -574,24 +580,6 @@ def pull_changes(
     syncfs(local_root)
     shutil.rmtree(staging, ignore_errors=True)
     return result
-
-
-def _staged_ok(path: str, entry: Entry) -> bool:
-    """A staged file from an earlier run counts only if it is a plain file with the right bytes:
-    a link or FIFO put into the staging folder is never promoted into the dataset."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode):
-        clear_staged(path)  # a folder too: an earlier run may have staged files below this name
-        return False
-    if st.st_size != entry.size:
-        return False
-    if digest_file(Path(path)) == entry.digest:
-        return True
-    Path(path).unlink(missing_ok=True)
-    return False
 
 
 def _local_changed(path: str, planned: Entry | None) -> bool:

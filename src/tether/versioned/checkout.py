@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tether import faults
 from tether.errors import RefusedError, UsageError
-from tether.fileio import rename_onto_empty, syncfs, temp_sibling
+from tether.fileio import rename_onto_empty, staged_file_ok, syncfs, temp_sibling
 from tether.manifest import Entry
 from tether.paths import check_relpath
 from tether.progress import NO_PROGRESS, Progress
@@ -244,7 +244,7 @@ def apply_checkout(
                 os.makedirs(folder, exist_ok=True)
         else:
             staged = {d: f"{staging}/{d}" for d in lacking}
-        todo = {d: p for d, p in staged.items() if not (earlier and _staged_ok(Path(p), d, lacking[d]))}
+        todo = {d: p for d, p in staged.items() if not (earlier and staged_file_ok(p, lacking[d], d))}
         download({d: Path(p) for d, p in todo.items()}, lacking)
         syncfs(staging)  # staged bytes are durable before they take their final names
         # A staging tree this run made holds exactly this plan's downloads: it may become the
@@ -300,18 +300,6 @@ def _missing_or_empty(folder: Path) -> bool:
         return True
     except NotADirectoryError:
         return False
-
-
-def _staged_ok(path: Path, digest: str, size: int) -> bool:
-    """A verified file a killed pull left in staging is reused, not downloaded again."""
-    from tether.hashing import digest_file
-
-    try:
-        if path.stat().st_size != size:
-            return False
-    except FileNotFoundError:
-        return False
-    return digest_file(path) == digest
 
 
 def _move(source: str, final: str) -> None:
