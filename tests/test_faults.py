@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess, snapshot
-from tether import sync
+from tether import fileio, sync
 from tether.errors import ExitCode, TetherError
 from tether.hashing import digest_bytes
 from tether.lock import lock_path
@@ -523,11 +523,15 @@ def remount(target: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(target)], check=True)
 
 
+@pytest.mark.parametrize(
+    "kernel_copy_min", [fileio.KERNEL_COPY_MIN, 100_000], ids=["buffered", "kernel-copy"]
+)
 @pytest.mark.parametrize("fork_min", ["256", "1"], ids=["in-process", "forked"])
 def test_full_remote_disk_fails_clearly_and_rerun_converges(
-    ws: WorkspaceFixture, tmpfs, tether, monkeypatch: pytest.MonkeyPatch, fork_min: str
+    ws: WorkspaceFixture, tmpfs, tether, monkeypatch: pytest.MonkeyPatch, fork_min: str, kernel_copy_min: int
 ) -> None:
     monkeypatch.setenv("TETHER_FORK_MIN_FILES", fork_min)
+    monkeypatch.setattr(fileio, "KERNEL_COPY_MIN", kernel_copy_min)  # the big files: 600 kB each
     tmpfs(ws.remote_dir, "2m")
     dataset = ws.data / DS
     old = {f"small/s{i}.txt": f"small file {i}\n".encode() * 50 for i in range(5)}
@@ -558,10 +562,14 @@ def test_full_remote_disk_fails_clearly_and_rerun_converges(
     assert_converged(tether, ws, new)
 
 
+@pytest.mark.parametrize(
+    "kernel_copy_min", [fileio.KERNEL_COPY_MIN, 100_000], ids=["buffered", "kernel-copy"]
+)
 def test_full_local_disk_during_pull_promotes_nothing_and_rerun_converges(
-    ws: WorkspaceFixture, tmp_path: Path, tmpfs, tether
+    ws: WorkspaceFixture, tmp_path: Path, tmpfs, tether, monkeypatch: pytest.MonkeyPatch, kernel_copy_min: int
 ) -> None:
     """The pulling workspace (its dataset and its staging folder) lives on a 2 MiB disk."""
+    monkeypatch.setattr(fileio, "KERNEL_COPY_MIN", kernel_copy_min)
     small = tmp_path / "small"
     small.mkdir()
     tmpfs(small, "2m")

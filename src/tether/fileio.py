@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import itertools
+import mmap
 import os
 import secrets
 import shutil
@@ -19,6 +21,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tether import faults
 from tether.errors import DiskFullError, RemotePermissionError, StalePlanError, VerificationError
@@ -27,6 +30,9 @@ from tether.paths import TEMP_MARKER
 from tether.progress import BytesTap, Progress
 from tether.readahead import Prefetcher as Prefetcher  # re-exported: the copiers' read-ahead
 from tether.scan import StatEntry
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hasher
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -198,18 +204,12 @@ def copy_verified(
                 check_source_state(src, expect, label, "after it was scanned")
             dst = _create(tmp, replace=in_place)
             try:
-                buffer = _buffer()
-                while True:
-                    n = os.readv(src, [buffer])
-                    if not n:
-                        break
-                    chunk = buffer[:n]
-                    hasher.update(chunk)
-                    if on_bytes is not None:
-                        on_bytes(n)
-                    faults.checkpoint("mid_file")
-                    while chunk:
-                        chunk = chunk[os.write(dst, chunk) :]
+                if not (
+                    os.fstat(src).st_size >= KERNEL_COPY_MIN
+                    and kernel_copy_suits(folder)
+                    and _copy_in_kernel(src, dst, hasher, on_bytes)
+                ):
+                    _copy_through_buffer(src, dst, hasher, on_bytes)
                 got = hasher.hexdigest()
                 if digest is None:
                     check_source_state(src, expect, label, "while it was copied")
@@ -237,6 +237,79 @@ def copy_verified(
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _copy_through_buffer(src: int, dst: int, hasher: Hasher, on_bytes: Callable[[int], None] | None) -> None:
+    buffer = _buffer()
+    while True:
+        n = os.readv(src, [buffer])
+        if not n:
+            break
+        chunk = buffer[:n]
+        hasher.update(chunk)
+        if on_bytes is not None:
+            on_bytes(n)
+        faults.checkpoint("mid_file")
+        while chunk:
+            chunk = chunk[os.write(dst, chunk) :]
+
+
+# Files from this size on are copied by the kernel (see _copy_in_kernel); below it, the mapping
+# and the extra calls cost more than the copy they save. TETHER_KERNEL_COPY_MIN moves it (tests
+# use it to send their small files down this path; 0 turns it off).
+KERNEL_COPY_MIN = int(os.environ.get("TETHER_KERNEL_COPY_MIN", 8 * 1024 * 1024)) or 2**63
+KERNEL_COPY_STEP = 8 * 1024 * 1024
+# Where a mapped page cannot vanish under us: a mapping whose page cannot be read kills the
+# process with SIGBUS instead of raising, so network and FUSE filesystems (a server error, a
+# file truncated by another client) keep the buffered copy.
+MAPPABLE_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "zfs", "bcachefs"))
+# copy_file_range refusals that mean "not between these files": copy through a buffer instead.
+_NO_KERNEL_COPY = frozenset(
+    (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM)
+)
+
+
+@functools.lru_cache(maxsize=64)
+def kernel_copy_suits(folder: str) -> bool:
+    """Whether files written in ``folder`` may be copied in the kernel and hashed through a
+    mapping (_copy_in_kernel): on local disk filesystems only."""
+    # Imported here: tether.remotes imports this module. The helper's lookup runs anywhere.
+    from tether.remotes.ssh_helper import filesystem_type
+
+    return filesystem_type(folder) in MAPPABLE_FILESYSTEMS
+
+
+def _copy_in_kernel(src: int, dst: int, hasher: Hasher, on_bytes: Callable[[int], None] | None) -> bool:
+    """Copy ``src`` to ``dst`` with copy_file_range and hash what landed in ``dst`` through a
+    mapping of its page cache; False (nothing copied) where the kernel refuses.
+
+    The buffered copy moves every byte twice through user space (page cache to buffer, buffer to
+    page cache); here the kernel copies once (or shares extents: reflink on XFS and btrfs,
+    server-side copy on NFS 4.2) and the hash reads the destination's pages in place. Measured
+    on the 2-core test VM, four 512 MiB files, cold cache: 2.5-2.8 s and 2.6-3.3 CPU-seconds of
+    system time, against 3.2-5.2 s and 4.5-8.3 for the buffered copy. The digest is of the bytes
+    now at the destination, which is what the caller promotes; a source that changes meanwhile
+    is caught as before (the digest check, or check_source_state's second look).
+    """
+    offset = 0
+    while True:
+        try:
+            n = os.copy_file_range(src, dst, KERNEL_COPY_STEP)
+        except OSError as exc:
+            if offset == 0 and exc.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if not n:
+            return True
+        # Map from the page holding ``offset``: a mapping must start on a page boundary.
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(dst, offset + n - start, prot=mmap.PROT_READ, offset=start)
+        with mapped, memoryview(mapped) as view:
+            hasher.update(view[offset - start :])
+        offset += n
+        if on_bytes is not None:
+            on_bytes(n)
+        faults.checkpoint("mid_file")
 
 
 _buffers = threading.local()
@@ -267,7 +340,8 @@ def check_source_state(fd: int, expect: StatEntry | None, label: str, when: str)
         raise StalePlanError(f"{label} changed locally {when}", paths=[label])
 
 
-CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+# Read and write: _copy_in_kernel maps the file it wrote to hash it.
+CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _create(tmp: str, *, replace: bool = False) -> int:
