@@ -807,6 +807,36 @@ def test_a_stale_or_damaged_index_copy_is_replaced(
     assert copy.read_bytes() == remote_index
 
 
+def test_the_helper_reads_the_index_beside_the_walk_and_keeps_its_errors(tmp_path: Path) -> None:
+    """read_index_into runs on a thread while the helper walks: a missing index vouches for
+    nothing, a damaged one is returned raw with nothing vouched, and one that cannot be read
+    keeps its error for the listing to raise (never an empty, trusting answer)."""
+    ws = make_workspace(tmp_path)
+    ws.write("a.txt", "alpha")
+    sync.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
+    index = ws.remote_dir / "ns/ds/.tether/index"
+
+    found: dict[str, Any] = {}
+    ssh_helper.read_index_into(str(index), found)
+    assert found["raw"] == index.read_bytes()
+    assert found["stats"] == {"a.txt": [5, (ws.data / "ns/ds/a.txt").stat().st_mtime_ns]}
+
+    missing: dict[str, Any] = {}
+    ssh_helper.read_index_into(str(tmp_path / "nowhere"), missing)
+    assert missing == {}
+
+    index.write_bytes(b"torn")
+    damaged: dict[str, Any] = {}
+    ssh_helper.read_index_into(str(index), damaged)
+    assert damaged == {"raw": b"torn", "stats": {}}
+
+    index.unlink()
+    index.mkdir()
+    unreadable: dict[str, Any] = {}
+    ssh_helper.read_index_into(str(index), unreadable)
+    assert isinstance(unreadable["error"], IsADirectoryError)
+
+
 def test_a_damaged_remote_index_falls_back_to_the_full_listing(
     tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta]
 ) -> None:

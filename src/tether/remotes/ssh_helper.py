@@ -373,27 +373,33 @@ class Helper:
         copy of the index (tether.sync.scan_remote)."""
         prefix = h.get("prefix") or ""
         root = self.base.abs(prefix)
-        raw = b""
-        try:
-            with open(self.base.parent_ok(h["index"], False), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            pass
-        digest = hashlib.sha256(raw).hexdigest() if raw else None
-        vouched = read_index_stats(raw) if raw else {}
-        entries: list = []
+        index = self.base.parent_ok(h["index"], False)
+        # The index is read and parsed on a thread while the tree is walked: a cold walk of
+        # 20,000 files mostly waits on the disk, and parsing their index took 0.06 s of it.
+        read: dict = {}
+        reader = threading.Thread(target=read_index_into, args=(index, read), name="helper-index")
+        reader.start()
+        listed: list = []
         refused: list = []
         if os.path.isdir(root):
-            self.walk(root, "", entries, refused, h["id"], vouched)
+            self.walk(root, "", listed, refused, h["id"], page=False)
+        reader.join()
+        if "error" in read:
+            raise read["error"]
+        raw = read.get("raw", b"")
+        vouched = read.get("stats", {})
+        # Only what the index does not vouch for is sent; what stays in vouched is missing.
+        entries = [e for e in listed if vouched.pop(e[0], None) != [e[1], e[2]]]
+        digest = hashlib.sha256(raw).hexdigest() if raw else None
         answer = {"entries": entries, "refused": refused, "missing": list(vouched), "index_digest": digest}
         return answer, (raw if digest is not None and digest != h.get("have") else b"")
 
     def walk(
-        self, root: str, prefix: str, entries: list, refused: list, rid: int, vouched: dict | None = None
+        self, root: str, prefix: str, entries: list, refused: list, rid: int, *, page: bool = True
     ) -> None:
         """Mirror of tether.scan: sorted, state folders and temp names skipped, links refused.
-        With ``vouched`` (index path -> [size, mtime_ns]), a file the index vouches for is left
-        out of ``entries``; every listed path leaves ``vouched``, so what stays there is missing."""
+        ``page``: send ``entries`` in pages as they fill (a full listing); without it they all
+        stay in ``entries`` for the caller to filter first."""
         try:
             with os.scandir(os.path.join(root, prefix) if prefix else root) as it:
                 items = sorted(it, key=lambda d: d.name)
@@ -414,17 +420,15 @@ class Helper:
             except FileNotFoundError:
                 continue  # removed while we walked
             if stat.S_ISDIR(st.st_mode):
-                self.walk(root, rel, entries, refused, rid, vouched)
+                self.walk(root, rel, entries, refused, rid, page=page)
                 continue
             if TEMP_MARKER in name:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 refused.append([rel, "symlink" if stat.S_ISLNK(st.st_mode) else "special file"])
                 continue
-            if vouched is not None and vouched.pop(rel, None) == [st.st_size, st.st_mtime_ns]:
-                continue
             entries.append([rel, st.st_size, st.st_mtime_ns])
-            if len(entries) >= LIST_PAGE:
+            if page and len(entries) >= LIST_PAGE:
                 self.conn.send({"id": rid, "page": entries})
                 del entries[:]
 
@@ -900,6 +904,20 @@ def bigger_pipe(fd: int) -> None:
 
 def mismatch(rel: str, expected: str, got: str) -> str:
     return f"{rel}: content hash mismatch (expected {expected[:12]}..., got {got[:12]}...)"
+
+
+def read_index_into(path: str, out: dict) -> None:
+    """Read the index at ``path`` into ``out`` (``raw`` bytes, ``stats`` by read_index_stats),
+    or its read error under ``error`` (a missing index is no error: nothing is vouched for)."""
+    try:
+        with open(path, "rb") as f:
+            out["raw"] = f.read()
+    except FileNotFoundError:
+        return
+    except BaseException as exc:
+        out["error"] = exc
+        return
+    out["stats"] = read_index_stats(out["raw"]) if out["raw"] else {}
 
 
 def read_index_stats(raw: bytes) -> dict:
