@@ -297,19 +297,47 @@ def test_the_remote_is_checked_while_the_local_tree_is_walked(
 def test_an_unreachable_remote_is_reported_before_anything_is_hashed(
     ws: WorkspaceFixture, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tether.sync as sync_module
+    import tether.hashing as hashing_module
 
     ws.write("a.txt", "A")
     ws.remote_dir.rmdir()  # an unmounted share, say
 
     def never(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("hashed before the remote's check failed")
+        raise AssertionError("a file was read before the remote's check failed")
 
-    monkeypatch.setattr(sync_module, "hash_entries", never)
+    monkeypatch.setattr(hashing_module, "digest_file_stat", never)
     for call in (tether.diff, tether.push, tether.pull):
         with pytest.raises(RemoteUnavailable, match="does not exist") as info:
             call("ns/ds", "store", workspace=ws.root)
         assert info.value.exit_code == 5
+
+
+def test_the_hash_cache_is_consulted_while_the_remote_is_still_being_checked(
+    ws: WorkspaceFixture, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A no-op diff reads no file: its cache lookup need not wait for a slow login. The check
+    here cannot end until the lookup ran (bounded: on code that waits, it fails after 30 s)."""
+    import threading
+
+    import tether.remotes.local as local_backend
+    from tether.hashing import HashCache
+
+    ws.write("a.txt", "A")
+    assert tether.push("ns/ds", "store", workspace=ws.root).state == "transferred"
+    looked_up = threading.Event()
+    real_get_many, real_check = HashCache.get_many, local_backend.LocalRemote.check
+
+    def get_many(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        looked_up.set()
+        return real_get_many(self, *args, **kwargs)
+
+    def slow_check(self):  # type: ignore[no-untyped-def]
+        assert looked_up.wait(30), "the cache lookup waited for the remote's check"
+        real_check(self)
+
+    monkeypatch.setattr(HashCache, "get_many", get_many)
+    monkeypatch.setattr(local_backend.LocalRemote, "check", slow_check)
+    assert tether.diff("ns/ds", "store", workspace=ws.root).in_sync
 
 
 def test_a_remote_whose_login_may_prompt_is_checked_before_the_walk(

@@ -261,17 +261,21 @@ def hash_entries(
     jobs: int = 4,
     on_hashed: ProgressFn | None = None,
     force: bool = False,
+    before_reading: Callable[[], None] | None = None,
 ) -> list[Entry]:
     """Turn stat entries into manifest entries, reading only files the cache cannot vouch for.
 
     ``cache_prefix`` makes cache keys unique per workspace (dataset path under the workspace).
-    ``force`` ignores the cache (``--checksum``). Order is preserved.
+    ``force`` ignores the cache (``--checksum``). Order is preserved. ``before_reading`` runs
+    once after the cache lookup, only if some file must be read (and may raise to stop there).
     """
     entries = list(entries)
     keys = [(cache_prefix + e.path, e.inode, e.size, e.mtime_ns, e.ctime_ns) for e in entries]
     known = {} if force else cache.get_many(keys, prefix=cache_prefix)
     digests: list[str | None] = [known.get(k[0]) for k in keys]
     todo = [i for i, d in enumerate(digests) if d is None]
+    if todo and before_reading is not None:
+        before_reading()
     if on_hashed and len(todo) < len(entries):
         cached = [e for e, d in zip(entries, digests, strict=True) if d is not None]
         on_hashed(len(cached), sum(e.size for e in cached))

@@ -304,9 +304,6 @@ def scan_local(ctx: Context, *, held_elsewhere: Callable[[], set[str]] | None = 
         # Ownership asks git (a cold start of git took 0.24 s): let it answer during the walk.
         owned = pool.submit(lambda: ctx.keep)
         stats = scan_tree(ds.path, keep=owned, skip_symlinks=ctx.skip_symlinks, report=ctx.scan_report)
-    # The walk overlapped the remote's check; hashing can take minutes, so an unreachable or
-    # refusing remote is reported now, not after it.
-    ctx.wait_for_check()
     for link in ctx.scan_report.skipped_symlinks:
         ctx.progress.message(f"skipped symlink {link}")
     if held_elsewhere is not None:
@@ -327,9 +324,14 @@ def scan_local(ctx: Context, *, held_elsewhere: Callable[[], set[str]] | None = 
             jobs=HASH_THREADS,
             on_hashed=lambda f, b: ctx.progress.advance(files=f, bytes=b),
             force=ctx.checksum,
+            # The walk and the cache lookup overlap the remote's check (a cold no-op diff of
+            # 20,000 files waited 0.2 s for it before its lookup); reading files can take
+            # minutes, so an unreachable or refusing remote is reported before that starts.
+            before_reading=ctx.wait_for_check,
         )
     finally:
         cache.close()
+    ctx.wait_for_check()
     if not skip:
         return Manifest(hashed)
     by_path = {e.path: e for e in hashed}
