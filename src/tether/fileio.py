@@ -1,9 +1,10 @@
 """Local file primitives that keep invariant 1 (no torn files).
 
 Bytes go to a temporary name in the destination folder (same filesystem, so the final rename is
-atomic), are hashed while they are written, and are renamed into place only when the digest
-matches. Durability is batched: one ``syncfs`` per batch instead of an fsync per file, which
-would halve small-file throughput.
+atomic), are hashed while they are written (large files on local disks: from the pages just
+written, see _copy_in_kernel), and are renamed into place only when the digest matches.
+Durability is batched: one ``syncfs`` per batch instead of an fsync per file, which would halve
+small-file throughput.
 """
 
 from __future__ import annotations
