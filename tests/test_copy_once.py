@@ -13,7 +13,7 @@ import pytest
 
 import tether
 from conftest import Result, WorkspaceFixture, backdate, cached_digests, rewrite_keeping_mtime
-from tether import faults, forked
+from tether import faults, fileio, forked
 from tether.errors import StalePlanError
 from tether.fileio import Prefetcher, copy_verified
 from tether.manifest import UNHASHED, Entry, Manifest
@@ -58,7 +58,12 @@ def test_copy_without_digest_refuses_a_source_changed_since_the_scan(tmp_path: P
     assert sorted(os.listdir(tmp_path)) == ["src.bin"]  # no final name, no temporary left
 
 
-def test_copy_without_digest_refuses_a_source_written_during_the_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel_copy_min", [fileio.KERNEL_COPY_MIN, 1], ids=["buffered", "kernel-copy"])
+def test_copy_without_digest_refuses_a_source_written_during_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy_min: int
+) -> None:
+    """Also through the kernel copy (fileio._copy_in_kernel), where this folder allows it."""
+    monkeypatch.setattr(fileio, "KERNEL_COPY_MIN", kernel_copy_min)
     src = tmp_path / "src.bin"
     src.write_bytes(b"a" * 2_500_000)
     scanned = _state(src)
