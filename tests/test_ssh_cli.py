@@ -565,3 +565,17 @@ def test_the_helper_flushes_behind_what_it_receives_and_before_the_index(
     r = tether("push", "ns/ds", "hpc", "-y", cwd=hpc.root)
     assert r.exit_code == 0, r.output
     assert seen and seen[-1] >= 1, seen
+
+
+def test_a_remote_index_that_cannot_be_read_stops_the_diff_with_its_path(
+    hpc: WorkspaceFixture, tether, sshd: SshServer
+) -> None:
+    """The helper reads the index on a thread beside its walk; an index it cannot read (a
+    folder in its place) must still stop the listing, never be taken for 'vouches for nothing'."""
+    _files(hpc, 6)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    index = hpc.remote_dir / DS / ".tether" / "index"
+    index.unlink()
+    index.mkdir()
+    r = tether("diff", DS, "hpc", cwd=hpc.root)
+    _clean_error(r, ExitCode.TRANSFER_FAILED, ".tether/index")

@@ -244,6 +244,12 @@ class Base:
     def abs(self, rel: str) -> str:
         return os.path.join(self.path, check_rel(rel)) if rel else self.path
 
+    def rel_of(self, path: object) -> str:
+        """``path`` relative to the base if it lies below it (an OSError's filename), else ''."""
+        if isinstance(path, str) and path.startswith(self.path + "/"):
+            return path[len(self.path) + 1 :]
+        return ""
+
     def parent_ok(self, rel: str, create: bool) -> str:
         """Absolute path of ``rel`` after checking no folder on the way is a symlink.
 
@@ -835,7 +841,10 @@ class Helper:
                     result, payload = result
                 self.conn.send(dict(result, id=h["id"], ok=True), payload)
             except Exception as exc:
-                self.conn.send({"id": h["id"], "ok": False, "error": error_info(exc, h.get("path", ""))})
+                # A request names its file as "path"; others (the index of list_delta, a folder
+                # of a walk) are named by the OSError that failed on them.
+                rel = h.get("path") or self.base.rel_of(getattr(exc, "filename", None))
+                self.conn.send({"id": h["id"], "ok": False, "error": error_info(exc, rel)})
 
 
 # -- small utilities ----------------------------------------------------------------------------
