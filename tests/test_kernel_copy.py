@@ -133,28 +133,39 @@ def test_an_error_after_the_first_kernel_copy_is_raised_not_retried(
     assert sorted(os.listdir(tmp_path)) == ["src.bin"]
 
 
-def test_kernel_copy_runs_on_local_disks_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "suits"),
+    [
+        ("nfs4", False),
+        ("fuse.sshfs", False),
+        ("cifs", False),
+        ("unknown", False),
+        ("xfs", True),
+        ("ext4", True),
+    ],
+)
+def test_kernel_copy_runs_on_local_disks_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str, suits: bool
+) -> None:
     from tether.remotes import ssh_helper
 
-    kinds = {
-        "/mnt/nfs": "nfs4",
-        "/mnt/fuse": "fuse.sshfs",
-        "/mnt/cifs": "cifs",
-        "/data": "xfs",
-        "/home": "ext4",
-    }
-    monkeypatch.setattr(ssh_helper, "filesystem_type", lambda path: kinds[path])
-    fileio.kernel_copy_suits.cache_clear()
-    try:
-        assert {path: fileio.kernel_copy_suits(path) for path in kinds} == {
-            "/mnt/nfs": False,
-            "/mnt/fuse": False,
-            "/mnt/cifs": False,
-            "/data": True,
-            "/home": True,
-        }
-    finally:
-        fileio.kernel_copy_suits.cache_clear()
+    monkeypatch.setattr(ssh_helper, "filesystem_type", lambda path: kind)
+    monkeypatch.setattr(fileio, "_suits_by_device", {})
+    assert fileio.kernel_copy_suits(str(tmp_path)) is suits
+
+
+def test_the_filesystem_is_looked_up_once_per_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A pull stages large files in many folders of one filesystem: one /proc/mounts read."""
+    from tether.remotes import ssh_helper
+
+    looked_up: list[str] = []
+    monkeypatch.setattr(ssh_helper, "filesystem_type", lambda path: looked_up.append(path) or "ext4")
+    monkeypatch.setattr(fileio, "_suits_by_device", {})
+    folders = [tmp_path / f"d{i}" for i in range(5)]
+    for folder in folders:
+        folder.mkdir()
+    assert all(fileio.kernel_copy_suits(str(f)) for f in folders)
+    assert looked_up == [str(folders[0])]
 
 
 def test_small_files_and_unsuited_folders_keep_the_buffered_copy(

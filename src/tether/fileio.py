@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import itertools
 import mmap
 import os
@@ -270,14 +269,21 @@ _NO_KERNEL_COPY = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=64)
+_suits_by_device: dict[int, bool] = {}
+
+
 def kernel_copy_suits(folder: str) -> bool:
     """Whether files written in ``folder`` may be copied in the kernel and hashed through a
-    mapping (_copy_in_kernel): on local disk filesystems only."""
-    # Imported here: tether.remotes imports this module. The helper's lookup runs anywhere.
-    from tether.remotes.ssh_helper import filesystem_type
+    mapping (_copy_in_kernel): on local disk filesystems only. Remembered per filesystem
+    (st_dev), so a pull's thousands of staging folders read /proc/mounts once."""
+    device = os.stat(folder).st_dev
+    suits = _suits_by_device.get(device)
+    if suits is None:
+        # Imported here: tether.remotes imports this module. The helper's lookup runs anywhere.
+        from tether.remotes.ssh_helper import filesystem_type
 
-    return filesystem_type(folder) in MAPPABLE_FILESYSTEMS
+        suits = _suits_by_device[device] = filesystem_type(folder) in MAPPABLE_FILESYSTEMS
+    return suits
 
 
 def _copy_in_kernel(src: int, dst: int, hasher: Hasher, on_bytes: Callable[[int], None] | None) -> bool:
