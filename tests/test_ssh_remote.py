@@ -239,6 +239,45 @@ def test_one_stream_many_files_with_failures_reported_per_file(remote: SshRemote
     assert _temp_files(remote_root(remote)) == []
 
 
+def test_small_uploads_travel_in_runs_that_keep_order_around_large_files(
+    remote: SshRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small files leave RUN_FILES to a frame; a large file between them closes the run before
+    it, and a file refused inside a run fails alone."""
+    sent: list[tuple[str, int]] = []
+    real_send, real_head = ssh_mod._Channel.send, ssh_mod._Channel.send_head
+
+    def counting(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        sent.append((header.get("op"), len(header.get("items", ()))))
+        return real_send(self, header, payload, **kw)
+
+    def counting_head(self, header, n):  # type: ignore[no-untyped-def]
+        sent.append((header.get("op"), 1))
+        return real_head(self, header, n)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", counting)
+    monkeypatch.setattr(ssh_mod._Channel, "send_head", counting_head)
+    src = tmp_path / "src"
+    run = ssh_helper.RUN_FILES
+    before = [_item(src, f"a{i:03d}", b"a%d" % i, f"ds/a/{i:03d}") for i in range(run + 5)]
+    big = _item(src, "big", os.urandom(ssh_helper.SMALL + 1), "ds/big")
+    after = [_item(src, f"b{i:03d}", b"b%d" % i, f"ds/b/{i:03d}") for i in range(10)]
+    bad = after[3]
+    after[3] = TransferItem(bad.path, bad.local, bad.size, "0" * 64, bad.mtime_ns)  # wrong digest
+    outcome: dict[str, BaseException | None] = {}
+    remote.put_many(
+        [*before, big, *after], on_bytes=lambda n: None, on_done=lambda i, e: outcome.__setitem__(i.path, e)
+    )
+    streamed = sent[sent.index(("puts", run)) :]  # after the channel's start-up requests
+    assert streamed == [("puts", run), ("puts", 5), ("put", 1), ("puts", 10), ("barrier", 0)]
+    assert isinstance(outcome.pop(bad.path), VerificationError)
+    assert len(outcome) == len(before) + 1 + 9 and all(e is None for e in outcome.values())
+    root = remote_root(remote)
+    assert (root / "ds/big").read_bytes() == big.local.read_bytes()
+    assert (root / "ds/b/004").read_bytes() == b"b4" and not (root / "ds/b/003").exists()
+    assert _temp_files(root) == []
+
+
 def test_one_download_stream_keeps_order_and_reports_changed_files_per_file(
     remote: SshRemote, tmp_path: Path
 ) -> None:

@@ -80,6 +80,7 @@ FRAME = ssh_helper.FRAME
 CHUNK = ssh_helper.CHUNK
 SMALL = ssh_helper.SMALL
 RESUME_MIN = 64 * 1024 * 1024  # uploads at least this large resume from a verified partial file
+RUN_FILES = ssh_helper.RUN_FILES  # small files per upload frame, as per download frame
 MAX_CHATTER = 1024 * 1024  # login-shell output tolerated before the helper's first frame
 CONTROL_PERSIST_S = 60  # an idle master stays this long, for the next run (or a killed run's rerun)
 BORROWED_HELLO_S = 10  # a helper started through an earlier run's master answers within this
@@ -1210,6 +1211,9 @@ class _PutStream:
         self.eof = False
         self.done_lock = threading.Lock()
         self.completed = 0
+        self.run_items: list[list[Any]] = []  # the run being gathered (see send_run)
+        self.run_data: list[bytes] = []
+        self.run_bytes = 0
 
     def done(self, item: TransferItem, error: BaseException | None) -> None:
         with self.done_lock:
@@ -1233,6 +1237,7 @@ class _PutStream:
                         break
                     ahead.consumed()
                     self.send_item(rid, item)
+                self.send_run()
             self.ch.send({"op": "barrier", "id": self.BARRIER})
         except (BrokenPipeError, ConnectionError, ValueError):
             broken = True  # the helper is gone; the reader reports why
@@ -1264,57 +1269,68 @@ class _PutStream:
 
     def send_item(self, rid: int, item: TransferItem) -> None:
         resumable = item.size >= RESUME_MIN
-        offset, prefix = self.offsets.get(item.path, (0, ""))
+        unhashed = item.digest == UNHASHED
+        if unhashed and (resumable or item.size > SMALL or item.expect is None):
+            self.done(item, ValueError(f"{item.path}: only small files are sent unhashed"))
+            return
         try:
             f = open(item.local, "rb", buffering=0)  # noqa: SIM115 (a with block follows)
         except OSError as exc:
             self.done(item, exc)
             return
         with f:
-            header: dict[str, Any] = {
-                "op": "put",
-                "id": rid,
-                "path": item.path,
-                "digest": item.digest,
-                "mtime_ns": item.mtime_ns,
-            }
-            if resumable:
-                header.update(resumable=True, offset=offset, prefix_digest=prefix)
-            unhashed = item.digest == UNHASHED
-            if unhashed and (resumable or item.size > SMALL or item.expect is None):
-                self.done(item, ValueError(f"{item.path}: only small files are sent unhashed"))
-                return
-            if not resumable and item.size <= SMALL:
-                try:
-                    if unhashed:
-                        check_source_state(f.fileno(), item.expect, item.path, "after it was scanned")
-                    data = f.read(item.size + 1)
-                    if unhashed:
-                        check_source_state(f.fileno(), item.expect, item.path, "while it was sent")
-                except (OSError, StalePlanError) as exc:
-                    self.done(item, exc)
-                    return
-                if len(data) != item.size:
-                    self.done(
-                        item, VerificationError(f"{item.path}: changed size while read", paths=[item.path])
-                    )
-                    return
-                if unhashed:  # the helper checks the bytes it receives against this digest
-                    header["digest"] = hashlib.sha256(data).hexdigest()
-                    if self.on_digest is not None:
-                        self.on_digest(item, header["digest"])
+            if resumable or item.size > SMALL:
+                self.send_run()  # files keep their order: the run before this one goes first
                 self.pending[rid] = item
-                self.ch.send(header, data, flush=False)
-                self.on_bytes(len(data))
+                self.send_large(rid, item, f)
                 return
-            self.pending[rid] = item
-            self.send_large(rid, item, f, header, offset)
+            try:
+                if unhashed:
+                    check_source_state(f.fileno(), item.expect, item.path, "after it was scanned")
+                data = f.read(item.size + 1)
+                if unhashed:
+                    check_source_state(f.fileno(), item.expect, item.path, "while it was sent")
+            except (OSError, StalePlanError) as exc:
+                self.done(item, exc)
+                return
+        if len(data) != item.size:
+            self.done(item, VerificationError(f"{item.path}: changed size while read", paths=[item.path]))
+            return
+        digest = item.digest
+        if unhashed:  # the helper checks the bytes it receives against this digest
+            digest = hashlib.sha256(data).hexdigest()
+            if self.on_digest is not None:
+                self.on_digest(item, digest)
+        self.pending[rid] = item
+        self.run_items.append([rid, item.path, item.size, digest, item.mtime_ns])
+        self.run_data.append(data)
+        self.run_bytes += item.size
+        if len(self.run_items) >= RUN_FILES or self.run_bytes >= CHUNK:
+            self.send_run()
 
-    def send_large(
-        self, rid: int, item: TransferItem, f: BinaryIO, header: dict[str, Any], offset: int
-    ) -> None:
+    def send_run(self) -> None:
+        """Small files leave in runs: one frame for up to RUN_FILES files or CHUNK bytes."""
+        if not self.run_items:
+            return
+        header = {"op": "puts", "id": 0, "items": self.run_items}
+        self.ch.send(header, b"".join(self.run_data), flush=False)
+        self.on_bytes(self.run_bytes)
+        self.run_items, self.run_data, self.run_bytes = [], [], 0
+
+    def send_large(self, rid: int, item: TransferItem, f: BinaryIO) -> None:
         """Exactly ``size - offset`` bytes follow the header, whatever happens to the local file:
         a short or failing read is padded, and the helper's digest check then rejects it."""
+        header: dict[str, Any] = {
+            "op": "put",
+            "id": rid,
+            "path": item.path,
+            "digest": item.digest,
+            "mtime_ns": item.mtime_ns,
+        }
+        offset = 0
+        if item.size >= RESUME_MIN:
+            offset, prefix = self.offsets.get(item.path, (0, ""))
+            header.update(resumable=True, offset=offset, prefix_digest=prefix)
         n = item.size - offset
         if offset:
             self.on_bytes(offset)

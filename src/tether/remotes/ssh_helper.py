@@ -123,10 +123,13 @@ class Conn:
                 continue
 
     def ack(self, rid: int, error: dict | None = None) -> None:
-        """Acknowledge one streamed upload. Acks that pile up while the writer is busy leave as
-        one frame: 20,000 small files must not cost 20,000 packets back."""
+        self.ack_many([[rid, error]])
+
+    def ack_many(self, acks: list) -> None:
+        """Acknowledge streamed uploads (``[id, error or None]``). Acks that pile up while the
+        writer is busy leave as one frame: 20,000 small files must not cost 20,000 packets."""
         with self.ack_lock:
-            self.acks.append([rid, error])
+            self.acks.extend(acks)
             if self.ack_queued:
                 return
             self.ack_queued = True
@@ -584,6 +587,7 @@ class Helper:
 
     # the streamed upload: acknowledgements come back as items finish
     def op_put(self, h: dict, n: int) -> None:
+        """One file streamed to its temporary (or resumable) name: files too big for a run."""
         rid = h["id"]
         rel = h["path"]
         try:
@@ -592,19 +596,28 @@ class Helper:
             self.conn.skip(n)
             self.conn.ack(rid, error_info(exc, rel))
             return
-        if n <= SMALL and not h.get("resumable"):
-            data = self.conn.read_exact(n)
-            with self.cond:
-                while self.in_flight and self.in_flight + n > IN_FLIGHT_BYTES:
-                    self.cond.wait()
-                self.in_flight += n
-                self.pending += 1
-            self.lane_for(final).submit(self.put_small, rid, rel, final, h, data)
-            return
         self.put_large(rid, rel, final, h, n)
 
-    def lane_for(self, final: str):  # type: ignore[no-untyped-def]
-        """The writer thread for a small file: one per run of LANE_RUN files of a folder.
+    def op_puts(self, h: dict, n: int) -> None:
+        """A run of small files: one header listing ``[id, path, size, digest, mtime_ns]`` per
+        file, their bytes back to back, written by one lane thread.
+
+        A frame, a JSON header, a future and a lock round per file cost the helper about as
+        much CPU as writing the file; a cold 20,000-file push spent 0.6 s of its GIL here.
+        """
+        items = h["items"]
+        if not items or sum(item[2] for item in items) != n:
+            raise Refused("a run's sizes do not add up to its payload", "protocol")
+        data = self.conn.read_exact(n)
+        with self.cond:
+            while self.in_flight and self.in_flight + n > IN_FLIGHT_BYTES:
+                self.cond.wait()
+            self.in_flight += n
+            self.pending += 1
+        self.lane_for(self.base.abs(items[0][1]), len(items)).submit(self.put_run, items, data)
+
+    def lane_for(self, final: str, files: int = 1):  # type: ignore[no-untyped-def]
+        """The writer thread for small files: one per run of LANE_RUN files of a folder.
 
         Creating and renaming hold the folder's lock in the kernel, and threads waiting for it
         spin: with every worker writing the same folder, a tenth of a 20,000-file push's CPU went
@@ -614,36 +627,48 @@ class Helper:
         """
         folder = os.path.dirname(final)
         seen = self.folder_counts.get(folder, 0)
-        self.folder_counts[folder] = seen + 1
+        self.folder_counts[folder] = seen + files
         return self.lanes[hash((folder, seen // LANE_RUN)) % len(self.lanes)]
 
-    def put_small(self, rid: int, rel: str, final: str, h: dict, data: bytes) -> None:
+    def put_run(self, items: list, data: bytes) -> None:
+        acks: list = []
+        view = memoryview(data)
+        at = 0
         try:
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != h["digest"]:
-                raise Refused(mismatch(rel, h["digest"], digest), "verify")
-            tmp = temp_name(final)
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            for rid, rel, size, digest, mtime_ns in items:
+                body = view[at : at + size]
+                at += size
                 try:
-                    write_all(fd, data)
-                    os.utime(fd, ns=(h["mtime_ns"], h["mtime_ns"]))
-                finally:
-                    os.close(fd)
-                os.replace(tmp, final)
-            except BaseException:
-                remove(tmp)
-                raise
-            self.conn.ack(rid)
+                    self.put_small(self.base.parent_ok(rel, True), rel, body, digest, mtime_ns)
+                    acks.append([rid, None])
+                except BaseException as exc:
+                    acks.append([rid, error_info(exc, rel)])
+            self.conn.ack_many(acks)
             if self.flush_behind is not None:
                 self.flush_behind.landed(len(data))
-        except BaseException as exc:
-            self.conn.ack(rid, error_info(exc, rel))
         finally:
             with self.cond:
                 self.in_flight -= len(data)
                 self.pending -= 1
                 self.cond.notify_all()
+
+    @staticmethod
+    def put_small(final: str, rel: str, body: memoryview, digest: str, mtime_ns: int) -> None:
+        got = hashlib.sha256(body).hexdigest()
+        if got != digest:
+            raise Refused(mismatch(rel, digest, got), "verify")
+        tmp = temp_name(final)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                write_all(fd, body)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            remove(tmp)
+            raise
 
     def put_large(self, rid: int, rel: str, final: str, h: dict, n: int) -> None:
         """Stream a big file to its temporary (or resumable ``.part``) name, then verify."""
@@ -820,7 +845,7 @@ class Helper:
     # dispatch
     def serve(self) -> None:
         self.conn.send({"hello": True, "protocol": PROTOCOL, "python": list(sys.version_info[:3])})
-        streamed = {"put": self.op_put, "get": self.op_get}
+        streamed = {"put": self.op_put, "puts": self.op_puts, "get": self.op_get}
         while True:
             got = self.conn.recv()
             if got is None:
