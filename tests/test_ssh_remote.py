@@ -278,6 +278,113 @@ def test_small_uploads_travel_in_runs_that_keep_order_around_large_files(
     assert _temp_files(root) == []
 
 
+@pytest.fixture
+def slow_link(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Loopback treated as a link with latency, batches cut in pieces of 40 files, and the
+    (channel label, op) of every streamed request recorded. The first stream waits for another
+    stream's first piece before its second, so several take part however fast helpers start."""
+    monkeypatch.setattr(ssh_mod, "STREAMS_MIN_RTT_S", 0.0)
+    monkeypatch.setattr(ssh_mod, "PIECE_FILES", 40)
+    streamed: list[tuple[str, str]] = []
+    real_send, real_take = ssh_mod._Channel.send, ssh_mod._Pieces.take
+    other_took = threading.Event()
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        if header.get("op") in ("puts", "get"):
+            streamed.append((self.label, header["op"]))
+        return real_send(self, header, payload, **kw)
+
+    def take(self):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            other_took.set()
+        elif self._next == 1 and len(self.pieces) > 1:
+            assert other_took.wait(60), "no second stream took a piece"
+        return real_take(self)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    monkeypatch.setattr(ssh_mod._Pieces, "take", take)
+    return streamed
+
+
+def test_a_batch_over_a_link_with_latency_is_spread_over_streams(
+    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]]
+) -> None:
+    """Each channel of the one connection moves 2 MiB per round trip; a batch goes over
+    `streams` of them, every file once, both ways, and only one login."""
+    src = tmp_path / "src"
+    items = [_item(src, f"f{i:03d}", os.urandom(i * 37 % 3000), f"ds/d{i % 3}/f{i:03d}") for i in range(200)]
+    big = _item(src, "big", os.urandom(ssh_helper.SMALL * 2 + 5), "ds/big")
+    items.insert(100, big)
+    r = ssh_remote(tmp_path, streams=2)
+    try:
+        logins, helpers = sshd.auth_count(), sshd.helper_starts()
+        outcome: dict[str, BaseException | None] = {}
+        r.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: outcome.__setitem__(i.path, e))
+        assert outcome == {i.path: None for i in items}
+        assert {label for label, op in slow_link if op == "puts"} == {"bulk", "stream"}
+        assert sshd.helper_starts() - helpers == 3  # control, bulk and one more stream
+        root = remote_root(r)
+        assert all((root / i.path).read_bytes() == i.local.read_bytes() for i in items)
+
+        dest = tmp_path / "dest"
+        back = [dataclasses.replace(i, local=dest / i.path) for i in items]
+        got: dict[str, BaseException | None] = {}
+        r.get_many(back, on_bytes=lambda n: None, on_done=lambda i, e: got.__setitem__(i.path, e))
+        assert got == {i.path: None for i in items}
+        assert {label for label, op in slow_link if op == "get"} == {"bulk", "stream"}
+        assert all(b.local.read_bytes() == i.local.read_bytes() for b, i in zip(back, items, strict=True))
+        assert sshd.auth_count() - logins == 1 and sshd.helper_starts() - helpers == 3  # one login
+    finally:
+        r.close()
+
+
+def test_push_and_pull_over_several_streams_through_the_cli(
+    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]], tether: Any
+) -> None:
+    ws = make_workspace(tmp_path, remote_dir=tmp_path / "remote")
+    other = make_workspace(tmp_path, "other", remote_dir=tmp_path / "remote")
+    for w in (ws, other):
+        _add_remote(w, get_server(), streams=2)
+    files = {f"d{i % 5}/f{i:03d}.bin": os.urandom(i * 53 % 4000) for i in range(150)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    assert tether("push", "ns/ds", "hpc", "-y", cwd=ws.root).exit_code == 0
+    assert tether("pull", "ns/ds", "hpc", "-y", cwd=other.root).exit_code == 0
+    assert {label for label, _ in slow_link} == {"bulk", "stream"}
+    assert {op for _, op in slow_link} == {"puts", "get"}
+    pulled = other.root / "data" / "ns" / "ds"
+    assert {rel: (pulled / rel).read_bytes() for rel in files} == files
+    assert tether("diff", "ns/ds", "hpc", cwd=other.root).exit_code == 0
+
+
+def test_a_stream_that_cannot_start_leaves_its_share_to_the_others(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that refuses a further session (MaxSessions), or a helper that dies at start,
+    costs the extra stream, not the run."""
+    monkeypatch.setattr(ssh_mod, "STREAMS_MIN_RTT_S", 0.0)
+    monkeypatch.setattr(ssh_mod, "PIECE_FILES", 40)
+    real_command = ssh_mod.helper_command
+    started: list[str] = []
+
+    def third_fails(python: str) -> str:
+        started.append(python)
+        return "exit 3" if len(started) >= 3 else real_command(python)
+
+    monkeypatch.setattr(ssh_mod, "helper_command", third_fails)
+    src = tmp_path / "src"
+    items = [_item(src, f"f{i:03d}", b"x%d" % i, f"ds/f{i:03d}") for i in range(200)]
+    r = ssh_remote(tmp_path, streams=3)
+    try:
+        outcome: dict[str, BaseException | None] = {}
+        r.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: outcome.__setitem__(i.path, e))
+        assert len(started) == 4  # control, bulk, two extra streams that never said hello
+        assert outcome == {i.path: None for i in items}
+        assert sorted(s.path for s in r.list_files("ds")) == [i.path[3:] for i in items]
+    finally:
+        r.close()
+
+
 def test_one_download_stream_keeps_order_and_reports_changed_files_per_file(
     remote: SshRemote, tmp_path: Path
 ) -> None:
@@ -648,6 +755,9 @@ def test_unknown_or_mistyped_options_are_config_errors(tmp_path: Path) -> None:
         ({"port": "22"}, "port"),
         ({"batch_mode": "no"}, "batch_mode"),
         ({"ssh_options": 3}, "ssh_options"),
+        ({"streams": 0}, "streams"),
+        ({"streams": 17}, "streams"),
+        ({"streams": "2"}, "streams"),
     ):
         with pytest.raises(ConfigError) as info:
             open_remote(RemoteConfig("r", "ssh://h/p", options, "test"))

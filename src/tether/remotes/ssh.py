@@ -10,9 +10,10 @@ Over that connection tether starts ``python3`` with a small helper script
 remotely). The helper speaks a framed protocol on its stdin/stdout: listings, reads and small
 writes are one request each, and batches of files are *streamed* (the client sends file after
 file without waiting for per-file answers), so 20,000 small files cost one round trip, not
-20,000. Hashing happens on the remote, in parallel. Up to two helper processes share the
-connection: one for small requests (so the lock lease can be renewed during a long transfer),
-and one for bulk streams, started only by runs that may transfer (see prepare_transfers).
+20,000. Hashing happens on the remote, in parallel. Helper processes share the connection: one
+for small requests (so the lock lease can be renewed during a long transfer), one for bulk
+streams, started only by runs that may transfer (see prepare_transfers), and on a link with
+latency more streams for a large batch (see STREAMS).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -81,6 +83,16 @@ CHUNK = ssh_helper.CHUNK
 SMALL = ssh_helper.SMALL
 RESUME_MIN = 64 * 1024 * 1024  # uploads at least this large resume from a verified partial file
 RUN_FILES = ssh_helper.RUN_FILES  # small files per upload frame, as per download frame
+# A batch is handed out in pieces to the streams (helpers on channels of the one connection),
+# each piece to whichever stream is ready. OpenSSH gives each channel a 2 MiB window, so one
+# channel moves at most 2 MiB per round trip: 100 MiB/s at 20 ms, 20 MiB/s at 100 ms.
+# Below a round trip of STREAMS_MIN_RTT_S a window is no limit (400 MiB/s at 5 ms) and a second
+# stream only adds a process: one stream is used.
+STREAMS = 2
+MAX_STREAMS = 16
+STREAMS_MIN_RTT_S = 0.005
+PIECE_FILES = 512
+PIECE_BYTES = 16 * 1024 * 1024
 MAX_CHATTER = 1024 * 1024  # login-shell output tolerated before the helper's first frame
 CONTROL_PERSIST_S = 60  # an idle master stays this long, for the next run (or a killed run's rerun)
 BORROWED_HELLO_S = 10  # a helper started through an earlier run's master answers within this
@@ -101,6 +113,7 @@ OPTIONS = {
     "ssh_command",
     "connect_timeout",
     "control_persist",
+    "streams",
 }
 
 
@@ -138,6 +151,7 @@ class SshSettings:
     ssh_command: str = "ssh"
     connect_timeout: int | None = None
     control_persist: int = CONTROL_PERSIST_S  # 0: each run has its own master, closed at its end
+    streams: int = STREAMS  # channels a large batch is spread over (see PIECE_FILES)
 
     @classmethod
     def from_options(
@@ -176,6 +190,9 @@ class SshSettings:
         batch = options.get("batch_mode", True)
         if not isinstance(batch, bool):
             raise ConfigError(f"remote {name!r}: option batch_mode must be true or false")
+        streams = number("streams") or STREAMS
+        if streams > MAX_STREAMS:
+            raise ConfigError(f"remote {name!r}: option streams must be at most {MAX_STREAMS}")
         if port is not None and options.get("port") not in (None, port):
             raise ConfigError(f"remote {name!r}: the URL says port {port} but the option port differs")
         return cls(
@@ -191,6 +208,7 @@ class SshSettings:
             ssh_command=text("ssh_command") or "ssh",
             connect_timeout=number("connect_timeout"),
             control_persist=persist,
+            streams=streams,
         )
 
 
@@ -853,6 +871,8 @@ class SshRemote:
         self._lock = threading.Lock()
         self._control: _Channel | None = None
         self._bulk: _Channel | None = None
+        self._extra: list[_Channel] = []  # further stream channels of large batches
+        self.rtt_s: float | None = None
         self._lost: TetherError | None = None
         self.facts: dict[str, Any] = {}
         self.flushed_behind = 0  # background flushes the helper ran before the last flush()
@@ -924,6 +944,46 @@ class SshRemote:
             if not self._bulk.initialised:
                 self._init(self._bulk)
             return self._bulk
+
+    def streams(self, pieces: int) -> list[_Channel]:
+        """The bulk channel (ready) and, for a batch of several pieces over a link with latency,
+        more: spawned now and not waited for, each stream reads its own helper's hello (see
+        _start_extra)."""
+        first = self.bulk()
+        n = min(self.settings.streams, pieces)
+        if n > 1 and self.round_trip(first) < STREAMS_MIN_RTT_S:
+            n = 1
+        with self._lock:
+            self._extra = [c for c in self._extra if not c.closed]
+            while len(self._extra) < n - 1:
+                self._extra.append(self._spawn("stream"))
+            return [first, *self._extra[: n - 1]]
+
+    def round_trip(self, channel: _Channel) -> float:
+        """Seconds for an empty request on a ready channel: the link's latency, measured once."""
+        if self.rtt_s is None:
+            started = time.perf_counter()
+            channel.call("ping")
+            self.rtt_s = time.perf_counter() - started
+        return self.rtt_s
+
+    @staticmethod
+    def _start_extra(channel: _Channel) -> bool:
+        """Wait for an extra stream's helper. One that cannot start (a server allowing fewer
+        sessions per connection, say) is closed and left out: the other streams take its share.
+        """
+        if channel.initialised:
+            return True
+        try:
+            channel.start()
+            header, _ = channel.recv()  # the answer to the init pipelined at spawn
+        except (TetherError, EOFError, OSError, ValueError):
+            header = {}
+        if not header.get("ok"):
+            channel.close(kill=True)
+            return False
+        channel.initialised = True
+        return True
 
     def _call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
         return self.control().call(op, payload, **fields)
@@ -1116,19 +1176,26 @@ class SshRemote:
         valid = _valid_items(items, on_done)
         if not valid:
             return
-        channel = self.bulk()
-        with channel.lock:
-            offsets = self._resume_points(channel, [i for i in valid if i.size >= RESUME_MIN])
-            _PutStream(self, channel, valid, offsets, on_bytes, on_done, on_digest).run()
+        pieces = _Pieces(valid, on_done, on_bytes)
+        channels = self.streams(len(pieces.pieces))
+        offsets = self._resume_points(channels[0], [i for i in valid if i.size >= RESUME_MIN])
+        # Small files are read one after another: have the next ones read ahead (cold cache).
+        with Prefetcher([i.local if i.size < RESUME_MIN else None for i in valid]) as ahead:
+            _run_streams(
+                self,
+                channels,
+                pieces,
+                lambda channel: _PutStream(self, channel, pieces, offsets, ahead, on_digest).run,
+            )
 
     def get_many(self, items: Sequence[TransferItem], *, on_bytes: OnBytes, on_done: OnDone) -> None:
         """Ask for the whole list once; files stream back and are verified as they land."""
         valid = _valid_items(items, on_done)
         if not valid:
             return
-        channel = self.bulk()
-        with channel.lock:
-            _GetStream(self, channel, valid, on_bytes, on_done).run()
+        pieces = _Pieces(valid, on_done, on_bytes)
+        channels = self.streams(len(pieces.pieces))
+        _run_streams(self, channels, pieces, lambda channel: _GetStream(self, channel, pieces).run)
 
     def _resume_points(self, channel: _Channel, large: list[TransferItem]) -> dict[str, tuple[int, str]]:
         """Partial uploads on the remote whose prefix matches our file (one round trip)."""
@@ -1183,8 +1250,97 @@ def _prefix_digest(path: Path, n: int) -> str | None:
     return hasher.hexdigest() if done == n else None
 
 
+class _Pieces:
+    """A batch cut into pieces of consecutive files, each handed to whichever stream asks next
+    (a stream whose helper started late, or moves large files, simply takes fewer).
+
+    Outcomes and byte counts from every stream's thread go through one lock to the caller's
+    callbacks, which need not be thread-safe.
+    """
+
+    def __init__(self, items: list[TransferItem], on_done: OnDone, on_bytes: OnBytes) -> None:
+        self.pieces: list[list[tuple[int, TransferItem]]] = []
+        piece: list[tuple[int, TransferItem]] = []
+        size = 0
+        for rid, item in enumerate(items, start=1):  # ids unique across streams
+            piece.append((rid, item))
+            size += item.size
+            if len(piece) >= PIECE_FILES or size >= PIECE_BYTES:
+                self.pieces.append(piece)
+                piece, size = [], 0
+        if piece:
+            self.pieces.append(piece)
+        self.total = len(items)
+        self.completed = 0
+        self.stop = threading.Event()  # a whole-run failure in one stream stops them all
+        self._next = 0
+        self._lock = threading.Lock()
+        self._on_done, self._on_bytes = on_done, on_bytes
+
+    def take(self) -> list[tuple[int, TransferItem]] | None:
+        with self._lock:
+            if self.stop.is_set() or self._next >= len(self.pieces):
+                return None
+            self._next += 1
+            return self.pieces[self._next - 1]
+
+    def done(self, item: TransferItem, error: BaseException | None) -> None:
+        with self._lock:
+            self.completed += 1
+            self._on_done(item, error)
+
+    def on_bytes(self, n: int) -> None:
+        with self._lock:
+            self._on_bytes(n)
+
+
+def _run_streams(
+    remote: SshRemote,
+    channels: list[_Channel],
+    pieces: _Pieces,
+    stream: Callable[[_Channel], Callable[[], None]],
+) -> None:
+    """The first stream runs in this thread on the ready bulk channel; the others in threads,
+    each after its own helper said hello. The first error wins; Ctrl-C kills every stream (a
+    stream cut mid-file cannot be resumed in step)."""
+    errors: list[BaseException] = []
+
+    def extra(channel: _Channel) -> None:
+        with channel.lock:
+            if not remote._start_extra(channel):
+                return
+            try:
+                stream(channel)()
+            except BaseException as exc:
+                errors.append(exc)
+                pieces.stop.set()
+
+    threads = [
+        threading.Thread(target=extra, args=(channel,), name="tether-ssh-stream", daemon=True)
+        for channel in channels[1:]
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        with channels[0].lock:
+            stream(channels[0])()
+        for thread in threads:
+            thread.join()
+    except BaseException as exc:
+        pieces.stop.set()
+        if not isinstance(exc, Exception):
+            for channel in channels[1:]:
+                channel.close(kill=True)
+        for thread in threads:
+            thread.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
 class _PutStream:
-    """Send file after file; a reader thread turns acknowledgements into ``on_done`` calls.
+    """Send file after file, piece after piece; a reader thread turns acknowledgements into
+    outcomes.
 
     Whole-run failures (full disk, permission denied, lost connection) stop the sending at once;
     the items already acknowledged keep their results.
@@ -1196,46 +1352,40 @@ class _PutStream:
         self,
         remote: SshRemote,
         channel: _Channel,
-        items: list[TransferItem],
+        pieces: _Pieces,
         offsets: dict[str, tuple[int, str]],
-        on_bytes: OnBytes,
-        on_done: OnDone,
+        ahead: Prefetcher,
         on_digest: OnDigest | None = None,
     ) -> None:
-        self.remote, self.ch, self.items, self.offsets = remote, channel, items, offsets
-        self.on_bytes, self.on_done, self.on_digest = on_bytes, on_done, on_digest
+        self.remote, self.ch, self.pieces, self.offsets = remote, channel, pieces, offsets
+        self.ahead, self.on_digest = ahead, on_digest
+        self.on_bytes = pieces.on_bytes
         self.pending: dict[int, TransferItem] = {}
         self.local_errors: dict[int, BaseException] = {}
         self.fatal: list[BaseException] = []
-        self.stop = threading.Event()
+        self.stop = pieces.stop
         self.eof = False
-        self.done_lock = threading.Lock()
-        self.completed = 0
         self.run_items: list[list[Any]] = []  # the run being gathered (see send_run)
         self.run_data: list[bytes] = []
         self.run_bytes = 0
 
     def done(self, item: TransferItem, error: BaseException | None) -> None:
-        with self.done_lock:
-            self.completed += 1
-            try:
-                self.on_done(item, error)
-            except BaseException as exc:  # a callback failure ends the stream like a fatal error
-                self.fatal.append(exc)
-                self.stop.set()
+        try:
+            self.pieces.done(item, error)
+        except BaseException as exc:  # a callback failure ends the stream like a fatal error
+            self.fatal.append(exc)
+            self.stop.set()
 
     def run(self) -> None:
         reader = threading.Thread(target=self.read_acks, name="tether-ssh-acks", daemon=True)
         reader.start()
         broken = False
-        # Small files are read one after another: have the next ones read ahead (cold cache).
-        small = [i.local if i.size < RESUME_MIN else None for i in self.items]
         try:
-            with Prefetcher(small) as ahead:
-                for rid, item in enumerate(self.items, start=1):
+            while (piece := self.pieces.take()) is not None:
+                for rid, item in piece:
                     if self.stop.is_set():
                         break
-                    ahead.consumed()
+                    self.ahead.consumed()
                     self.send_item(rid, item)
                 self.send_run()
             self.ch.send({"op": "barrier", "id": self.BARRIER})
@@ -1252,10 +1402,9 @@ class _PutStream:
             raise self.fatal[0]
 
     def lost(self) -> TetherError:
-        error = self.ch.lost(
-            f"the upload ({self.completed} of {len(self.items)} files were completed and kept)"
+        return self.ch.lost(
+            f"the upload ({self.pieces.completed} of {self.pieces.total} files were completed and kept)"
         )
-        return error
 
     def acknowledged(self, rid: int, info: dict[str, Any] | None) -> None:
         item = self.pending.pop(rid)
@@ -1371,39 +1520,47 @@ class _PutStream:
 
 class _GetStream:
     """Receive files in the order asked; each goes through a temporary sibling, is verified
-    against its digest, gets its mtime and is renamed into place (the staging path)."""
+    against its digest, gets its mtime and is renamed into place (the staging path).
 
-    def __init__(
-        self,
-        remote: SshRemote,
-        channel: _Channel,
-        items: list[TransferItem],
-        on_bytes: OnBytes,
-        on_done: OnDone,
-    ) -> None:
-        self.remote, self.ch, self.items = remote, channel, items
-        self.on_bytes, self.on_done = on_bytes, on_done
+    Pieces are asked for one request each, two ahead: the helper starts the next piece as soon
+    as it has sent the last, without waiting a round trip for the request.
+    """
+
+    def __init__(self, remote: SshRemote, channel: _Channel, pieces: _Pieces) -> None:
+        self.remote, self.ch, self.pieces = remote, channel, pieces
+        self.on_bytes = pieces.on_bytes
         self.made: set[str] = set()  # folders known to exist
-        self.completed = 0
         self.unread = 0
         # Large files resume from the bytes an interrupted run left in a partial file, if the
         # helper finds they are a prefix of the file it has (it hashes its own first bytes).
-        self.partials = {i.path: _partial_prefix(i) for i in items if i.size >= RESUME_MIN}
+        self.partials: dict[str, tuple[int, Any]] = {}
+
+    def ask(self, asked: deque[list[tuple[int, TransferItem]]]) -> None:
+        piece = self.pieces.take()
+        if piece is None:
+            return
+        request: list[list[Any]] = []
+        for _, item in piece:
+            offset, hasher = 0, None
+            if item.size >= RESUME_MIN:
+                offset, hasher = self.partials[item.path] = _partial_prefix(item)
+            request.append([item.path, item.size, offset, hasher.hexdigest() if hasher else ""])
+        self.ch.send({"op": "get", "id": next(self.ch.ids), "items": request})
+        asked.append(piece)
 
     def run(self) -> None:
-        rid = next(self.ch.ids)
-        asked: list[list[Any]] = []
-        for i in self.items:
-            offset, hasher = self.partials.get(i.path, (0, None))
-            asked.append([i.path, i.size, offset, hasher.hexdigest() if hasher else ""])
+        asked: deque[list[tuple[int, TransferItem]]] = deque()
         try:
             self.ch.start()
-            self.ch.send({"op": "get", "id": rid, "items": asked})
-            while True:
+            self.ask(asked)
+            self.ask(asked)
+            while asked:
                 header, n = self.ch.recv_head()
                 if header.get("end"):
-                    return
-                item = self.items[header["i"]]
+                    asked.popleft()
+                    self.ask(asked)
+                    continue
+                item = asked[0][header["i"]][1]
                 if "error" in header:
                     self.finish(item, self.remote.error_from(header["error"]))
                     continue
@@ -1413,15 +1570,14 @@ class _GetStream:
                 self.finish(item, self.receive(item, n))
         except (EOFError, BrokenPipeError, ConnectionError):
             raise self.ch.lost(
-                f"the download ({self.completed} of {len(self.items)} files were completed)"
+                f"the download ({self.pieces.completed} of {self.pieces.total} files were completed)"
             ) from None
         except BaseException:
             self.ch.close(kill=True)  # the rest of the stream is unread: start afresh next time
             raise
 
     def finish(self, item: TransferItem, error: BaseException | None) -> None:
-        self.completed += 1
-        self.on_done(item, error)
+        self.pieces.done(item, error)
 
     def receive(self, item: TransferItem, n: int) -> BaseException | None:
         """Consume exactly ``n`` payload bytes into ``item.local``; return the item's error.

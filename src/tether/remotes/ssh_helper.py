@@ -742,6 +742,10 @@ class Helper:
             if other.startswith(prefix) and other.endswith(PART_SUFFIX) and path != keep:
                 remove(path)
 
+    def op_ping(self, h: dict, data: bytes) -> dict:
+        """Nothing: the client times the round trip (see SshRemote.round_trip)."""
+        return {}
+
     def op_barrier(self, h: dict, data: bytes) -> dict:
         """Answered once every earlier streamed upload has been acknowledged."""
         with self.cond:
