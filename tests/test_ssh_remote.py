@@ -764,6 +764,41 @@ def test_unknown_or_mistyped_options_are_config_errors(tmp_path: Path) -> None:
         assert words in info.value.message
 
 
+def test_aes_gcm_goes_first_only_where_nobody_chose_ciphers() -> None:
+    default = "chacha20-poly1305@openssh.com,aes128-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+    assert ssh_mod.faster_ciphers(default, default, True) == (
+        "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
+    )
+    assert ssh_mod.faster_ciphers(default, default, False) is None  # no AES instructions
+    assert ssh_mod.faster_ciphers("aes256-ctr", default, True) is None  # someone chose
+    only_chacha = "chacha20-poly1305@openssh.com,aes128-ctr"
+    assert ssh_mod.faster_ciphers(only_chacha, only_chacha, True) is None  # none to prefer
+    first = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
+    assert ssh_mod.faster_ciphers(first, first, True) is None  # already first
+
+
+def test_the_cipher_order_is_left_to_a_user_who_set_one(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from ``ssh -G`` (no network): tether's reordering shows on the command line only
+    when the configuration ssh would use names ssh's own default ciphers."""
+    monkeypatch.setattr(ssh_mod, "cpu_has_aes", lambda: True)
+    settings = _settings_for(sshd, tmp_path)
+    plain = ssh_mod.SshConnection(settings)
+    chosen = ssh_mod.SshConnection(dataclasses.replace(settings, ssh_options=("-o", "Ciphers=aes256-ctr")))
+    ciphers = plain.ciphers()
+    assert ciphers is not None and ciphers.startswith("aes128-gcm@openssh.com,")
+    assert f"Ciphers={ciphers}" in plain.args(control=False)
+    assert chosen.ciphers() is None
+    assert not any(a.startswith("Ciphers=aes128-gcm") for a in chosen.args(control=False))
+
+
+def _settings_for(sshd: SshServer, tmp_path: Path) -> ssh_mod.SshSettings:
+    return ssh_mod.SshSettings.from_options(
+        name="r", host=HOST, path=str(tmp_path), user=None, port=None, options=sshd.options()
+    )
+
+
 def test_a_login_that_may_prompt_is_said_so() -> None:
     """batch_mode = false lets ssh ask for a password or 2FA code: sync then checks the remote
     before anything else writes to the terminal (see sync.open_context)."""

@@ -22,6 +22,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -34,6 +35,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -247,6 +249,37 @@ def _ssh_options(value: Any, name: str) -> tuple[str, ...]:
     return tuple(argv)
 
 
+# With AES instructions in the CPU, AES-GCM costs a third less CPU than OpenSSH's first default,
+# ChaCha20-Poly1305 (174 MB through ssh over loopback: 0.55 against 0.85 CPU-seconds here).
+AES_GCM = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_aes() -> bool:
+    if sys.platform == "darwin":
+        return True  # every Intel Mac since 2010 and every Apple silicon Mac
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return re.search(r"^(flags|Features)\s*:.*\baes\b", text, re.M) is not None
+
+
+def faster_ciphers(effective: str, default: str, has_aes: bool) -> str | None:
+    """A ``Ciphers`` value with AES-GCM first, or None to leave ssh's choice alone: when the CPU
+    lacks AES instructions, or the user, their ssh config or the site's has chosen ciphers (what
+    ssh -G reports differs from its built-in default). Only the order changes: the server still
+    picks from the same list, so a server without AES-GCM negotiates as before."""
+    offered = effective.split(",") if effective else []
+    if not has_aes or effective != default:
+        return None
+    first = [c for c in AES_GCM if c in offered]
+    if not first or offered[: len(first)] == first:
+        return None
+    return ",".join(first + [c for c in offered if c not in first])
+
+
 def _short_tmp() -> str:
     """Unix socket paths are limited to ~100 bytes: keep the ControlPath folder short."""
     return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
@@ -323,6 +356,7 @@ class SshConnection:
         self.shared = False  # the master lives in the shared folder and outlives the run
         self._binary: str | None = None
         self._effective: dict[str, str] | None = None
+        self._ciphers: str | None = None
         self._lock = threading.Lock()
 
     @property
@@ -398,7 +432,28 @@ class SshConnection:
             args += ["-o", f"ConnectTimeout={DEFAULT_CONNECT_TIMEOUT_S}"]
         if eff.get("serveraliveinterval", "0") == "0":  # notice a dead link within a minute
             args += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        ciphers = self.ciphers()
+        if ciphers:
+            args += ["-o", f"Ciphers={ciphers}"]
         return [*args, "-o", "ClearAllForwardings=yes", "-x", "-a"]
+
+    def ciphers(self) -> str | None:
+        """See faster_ciphers; ssh's built-in default comes from ``ssh -F /dev/null -G``."""
+        if self._ciphers is None:
+            self._ciphers = ""
+            if cpu_has_aes():
+                proc = subprocess.run(
+                    [self.binary(), "-F", "/dev/null", "-G", self.host],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                default = re.search(r"^ciphers (\S+)", proc.stdout, re.M)
+                if proc.returncode == 0 and default:
+                    eff = self.effective().get("ciphers", "")
+                    self._ciphers = faster_ciphers(eff, default.group(1), True) or ""
+        return self._ciphers or None
 
     def where(self) -> str:
         eff = self.effective()
@@ -1178,6 +1233,8 @@ class SshRemote:
             return
         pieces = _Pieces(valid, on_done, on_bytes)
         channels = self.streams(len(pieces.pieces))
+        if len(channels) == 1:
+            pieces.one_stream()
         offsets = self._resume_points(channels[0], [i for i in valid if i.size >= RESUME_MIN])
         # Small files are read one after another: have the next ones read ahead (cold cache).
         with Prefetcher([i.local if i.size < RESUME_MIN else None for i in valid]) as ahead:
@@ -1195,6 +1252,8 @@ class SshRemote:
             return
         pieces = _Pieces(valid, on_done, on_bytes)
         channels = self.streams(len(pieces.pieces))
+        if len(channels) == 1:
+            pieces.one_stream()
         _run_streams(self, channels, pieces, lambda channel: _GetStream(self, channel, pieces).run)
 
     def _resume_points(self, channel: _Channel, large: list[TransferItem]) -> dict[str, tuple[int, str]]:
@@ -1276,6 +1335,11 @@ class _Pieces:
         self._next = 0
         self._lock = threading.Lock()
         self._on_done, self._on_bytes = on_done, on_bytes
+
+    def one_stream(self) -> None:
+        """With a single stream the batch is one piece: a download then is one request, and
+        the helper reads ahead across what would have been piece boundaries."""
+        self.pieces = [[pair for piece in self.pieces for pair in piece]]
 
     def take(self) -> list[tuple[int, TransferItem]] | None:
         with self._lock:
