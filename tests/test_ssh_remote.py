@@ -793,6 +793,19 @@ def test_the_cipher_order_is_left_to_a_user_who_set_one(
     assert not any(a.startswith("Ciphers=aes128-gcm") for a in chosen.args(control=False))
 
 
+def test_an_ssh_wrapper_that_refuses_the_default_query_leaves_ciphers_to_ssh(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh_mod, "cpu_has_aes", lambda: True)
+    wrapper = tmp_path / "site-ssh"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in *"-F /dev/null"*) exit 2;; esac\nexec ssh "$@"\n')
+    wrapper.chmod(0o755)
+    settings = dataclasses.replace(_settings_for(sshd, tmp_path), ssh_command=str(wrapper))
+    connection = ssh_mod.SshConnection(settings)
+    assert connection.ciphers() is None
+    assert not any(a.startswith("Ciphers=") for a in connection.args(control=False))
+
+
 def _settings_for(sshd: SshServer, tmp_path: Path) -> ssh_mod.SshSettings:
     return ssh_mod.SshSettings.from_options(
         name="r", host=HOST, path=str(tmp_path), user=None, port=None, options=sshd.options()

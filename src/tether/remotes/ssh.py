@@ -442,13 +442,16 @@ class SshConnection:
         if self._ciphers is None:
             self._ciphers = ""
             if cpu_has_aes():
-                proc = subprocess.run(
-                    [self.binary(), "-F", "/dev/null", "-G", self.host],
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                )
+                try:  # an ssh_command wrapper may not take these arguments: then ssh decides
+                    proc = subprocess.run(
+                        [self.binary(), "-F", "/dev/null", "-G", self.host],
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        text=True,
+                        timeout=10,
+                    )
+                except (OSError, subprocess.TimeoutExpired):
+                    return None
                 default = re.search(r"^ciphers (\S+)", proc.stdout, re.M)
                 if proc.returncode == 0 and default:
                     eff = self.effective().get("ciphers", "")
