@@ -357,6 +357,34 @@ def test_push_and_pull_over_several_streams_through_the_cli(
     assert tether("diff", "ns/ds", "hpc", cwd=other.root).exit_code == 0
 
 
+def test_closing_tells_every_helper_to_finish_before_waiting_for_any(
+    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each helper's exit takes a round trip to be confirmed: at the end of a run they overlap."""
+    events: list[tuple[str, str]] = []
+    real_end, real_close = ssh_mod._Channel.end_input, ssh_mod._Channel.close
+
+    def end_input(self):  # type: ignore[no-untyped-def]
+        events.append(("eof", self.label))
+        return real_end(self)
+
+    def close(self, **kw):  # type: ignore[no-untyped-def]
+        events.append(("wait", self.label))
+        return real_close(self, **kw)
+
+    monkeypatch.setattr(ssh_mod._Channel, "end_input", end_input)
+    monkeypatch.setattr(ssh_mod._Channel, "close", close)
+    src = tmp_path / "src"
+    items = [_item(src, f"f{i:03d}", b"y%d" % i, f"ds/f{i:03d}") for i in range(100)]
+    r = ssh_remote(tmp_path, streams=2)
+    r.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: None)
+    r.close()
+    assert sorted(label for _, label in events if _ == "eof") == ["bulk", "control", "stream"]
+    first_wait = next(i for i, (what, _) in enumerate(events) if what == "wait")
+    assert all(what == "eof" for what, _ in events[:first_wait]) and first_wait == 3
+    assert not any(p.poll() is None for p in (c.proc for c in r._session.channels))
+
+
 def test_a_stream_that_cannot_start_leaves_its_share_to_the_others(
     tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -869,6 +869,12 @@ class _Channel:
         self.remote.mark_lost(error)
         return error
 
+    def end_input(self) -> None:
+        """EOF to the helper: it finishes its request and exits (close() then waits for it)."""
+        if not self.closed:
+            with contextlib.suppress(OSError, ValueError):
+                self.w.close()
+
     def close(self, *, kill: bool = False) -> None:
         if self.closed:
             return
@@ -899,6 +905,11 @@ class _Session:
     channels: list[_Channel] = field(default_factory=list)
 
     def close(self) -> None:
+        # Every helper is told "no more requests" before any is waited for: each exit takes a
+        # round trip to be confirmed, and those overlap instead of adding up (through a 20 ms
+        # link, three helpers closed one by one cost 0.1 s at the end of every push).
+        for channel in self.channels:
+            channel.end_input()
         for channel in self.channels:
             channel.close()
         self.conn.close()
