@@ -517,6 +517,24 @@ def test_a_bad_control_persist_is_a_config_error(hpc: WorkspaceFixture, tether, 
     assert "option control_persist must be 0 or a number of seconds" in r.output
 
 
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("0", "option streams must be a positive integer"),
+        ('"2"', "option streams must be a positive integer"),
+        ("17", "option streams must be at most 16"),
+    ],
+)
+def test_a_bad_streams_value_is_a_config_error(hpc: WorkspaceFixture, tether, value: str, words: str) -> None:
+    toml = hpc.root / "tether.toml"
+    toml.write_text(
+        toml.read_text() + f'\n[remotes.bad]\nurl = "ssh://{HOST}{hpc.remote_dir}"\nstreams = {value}\n'
+    )
+    r = tether("push", DS, "bad", "-y", cwd=hpc.root)
+    assert r.exit_code == 2, r.output
+    assert words in r.output and "remote 'bad'" in r.output
+
+
 def test_a_run_with_a_private_master_removes_folders_killed_runs_left(hpc: WorkspaceFixture, tether) -> None:
     """Through the CLI: a run killed with SIGKILL leaves its empty private master folder in /tmp;
     the next private-master run removes it once it is an hour old, keeps a young one, and leaves
