@@ -767,6 +767,23 @@ class _Channel:
                 self.ready = True
             return self.hello
 
+    def start_quietly(self) -> bool:
+        """Wait for an extra stream's helper and its init answer. One that cannot start (a
+        server allowing fewer sessions per connection, say) is closed and left out: the other
+        streams take its share."""
+        if self.initialised:
+            return True
+        try:
+            self.start()
+            header, _ = self.recv()  # the answer to the init pipelined at spawn
+        except (TetherError, EOFError, OSError, ValueError):
+            header = {}
+        if not header.get("ok"):
+            self.close(kill=True)
+            return False
+        self.initialised = True
+        return True
+
     def answers_within(self, seconds: float) -> bool:
         """Whether the helper's first bytes (or ssh's exit) arrive within ``seconds``."""
         ready, _, _ = select.select([self.r.fileno()], [], [], seconds)
@@ -1017,7 +1034,7 @@ class SshRemote:
     def streams(self, pieces: int) -> list[_Channel]:
         """The bulk channel (ready) and, for a batch of several pieces over a link with latency,
         more: spawned now and not waited for, each stream reads its own helper's hello (see
-        _start_extra)."""
+        _Channel.start_quietly)."""
         first = self.bulk()
         n = min(self.settings.streams, pieces)
         if n > 1 and self.round_trip(first) < STREAMS_MIN_RTT_S:
@@ -1035,24 +1052,6 @@ class SshRemote:
             channel.call("ping")
             self.rtt_s = time.perf_counter() - started
         return self.rtt_s
-
-    @staticmethod
-    def _start_extra(channel: _Channel) -> bool:
-        """Wait for an extra stream's helper. One that cannot start (a server allowing fewer
-        sessions per connection, say) is closed and left out: the other streams take its share.
-        """
-        if channel.initialised:
-            return True
-        try:
-            channel.start()
-            header, _ = channel.recv()  # the answer to the init pipelined at spawn
-        except (TetherError, EOFError, OSError, ValueError):
-            header = {}
-        if not header.get("ok"):
-            channel.close(kill=True)
-            return False
-        channel.initialised = True
-        return True
 
     def _call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
         return self.control().call(op, payload, **fields)
@@ -1245,15 +1244,11 @@ class SshRemote:
         valid = _valid_items(items, on_done)
         if not valid:
             return
-        pieces = _Pieces(valid, on_done, on_bytes)
-        channels = self.streams(len(pieces.pieces))
-        if len(channels) == 1:
-            pieces.one_stream()
+        pieces, channels = self._spread(valid, on_done, on_bytes)
         offsets = self._resume_points(channels[0], [i for i in valid if i.size >= RESUME_MIN])
         # Small files are read one after another: have the next ones read ahead (cold cache).
         with Prefetcher([i.local if i.size < RESUME_MIN else None for i in valid]) as ahead:
             _run_streams(
-                self,
                 channels,
                 pieces,
                 lambda channel: _PutStream(self, channel, pieces, offsets, ahead, on_digest).run,
@@ -1264,11 +1259,19 @@ class SshRemote:
         valid = _valid_items(items, on_done)
         if not valid:
             return
-        pieces = _Pieces(valid, on_done, on_bytes)
-        channels = self.streams(len(pieces.pieces))
+        pieces, channels = self._spread(valid, on_done, on_bytes)
+        _run_streams(channels, pieces, lambda channel: _GetStream(self, channel, pieces).run)
+
+    def _spread(
+        self, items: list[TransferItem], on_done: OnDone, on_bytes: OnBytes
+    ) -> tuple[_Pieces, list[_Channel]]:
+        """The streams a batch goes over, and its pieces. Carried by one stream, the batch is
+        one piece: a download is then one request, read ahead by the helper from end to end."""
+        cut = _cut(items)
+        channels = self.streams(len(cut))
         if len(channels) == 1:
-            pieces.one_stream()
-        _run_streams(self, channels, pieces, lambda channel: _GetStream(self, channel, pieces).run)
+            cut = [[pair for piece in cut for pair in piece]]
+        return _Pieces(cut, len(items), on_done, on_bytes), channels
 
     def _resume_points(self, channel: _Channel, large: list[TransferItem]) -> dict[str, tuple[int, str]]:
         """Partial uploads on the remote whose prefix matches our file (one round trip)."""
@@ -1323,6 +1326,25 @@ def _prefix_digest(path: Path, n: int) -> str | None:
     return hasher.hexdigest() if done == n else None
 
 
+_Piece = list[tuple[int, TransferItem]]  # consecutive files of a batch, with ids unique in it
+
+
+def _cut(items: list[TransferItem]) -> list[_Piece]:
+    """Pieces of PIECE_FILES files or PIECE_BYTES bytes, whichever comes first."""
+    pieces: list[_Piece] = []
+    piece: _Piece = []
+    size = 0
+    for rid, item in enumerate(items, start=1):
+        piece.append((rid, item))
+        size += item.size
+        if len(piece) >= PIECE_FILES or size >= PIECE_BYTES:
+            pieces.append(piece)
+            piece, size = [], 0
+    if piece:
+        pieces.append(piece)
+    return pieces
+
+
 class _Pieces:
     """A batch cut into pieces of consecutive files, each handed to whichever stream asks next
     (a stream whose helper started late, or moves large files, simply takes fewer).
@@ -1331,31 +1353,16 @@ class _Pieces:
     callbacks, which need not be thread-safe.
     """
 
-    def __init__(self, items: list[TransferItem], on_done: OnDone, on_bytes: OnBytes) -> None:
-        self.pieces: list[list[tuple[int, TransferItem]]] = []
-        piece: list[tuple[int, TransferItem]] = []
-        size = 0
-        for rid, item in enumerate(items, start=1):  # ids unique across streams
-            piece.append((rid, item))
-            size += item.size
-            if len(piece) >= PIECE_FILES or size >= PIECE_BYTES:
-                self.pieces.append(piece)
-                piece, size = [], 0
-        if piece:
-            self.pieces.append(piece)
-        self.total = len(items)
+    def __init__(self, pieces: list[_Piece], total: int, on_done: OnDone, on_bytes: OnBytes) -> None:
+        self.pieces = pieces
+        self.total = total
         self.completed = 0
         self.stop = threading.Event()  # a whole-run failure in one stream stops them all
         self._next = 0
         self._lock = threading.Lock()
         self._on_done, self._on_bytes = on_done, on_bytes
 
-    def one_stream(self) -> None:
-        """With a single stream the batch is one piece: a download then is one request, and
-        the helper reads ahead across what would have been piece boundaries."""
-        self.pieces = [[pair for piece in self.pieces for pair in piece]]
-
-    def take(self) -> list[tuple[int, TransferItem]] | None:
+    def take(self) -> _Piece | None:
         with self._lock:
             if self.stop.is_set() or self._next >= len(self.pieces):
                 return None
@@ -1373,7 +1380,6 @@ class _Pieces:
 
 
 def _run_streams(
-    remote: SshRemote,
     channels: list[_Channel],
     pieces: _Pieces,
     stream: Callable[[_Channel], Callable[[], None]],
@@ -1385,7 +1391,7 @@ def _run_streams(
 
     def extra(channel: _Channel) -> None:
         with channel.lock:
-            if not remote._start_extra(channel):
+            if not channel.start_quietly():
                 return
             try:
                 stream(channel)()
