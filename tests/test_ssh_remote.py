@@ -794,15 +794,14 @@ def test_unknown_or_mistyped_options_are_config_errors(tmp_path: Path) -> None:
 
 def test_aes_gcm_goes_first_only_where_nobody_chose_ciphers() -> None:
     default = "chacha20-poly1305@openssh.com,aes128-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com"
-    assert ssh_mod.faster_ciphers(default, default, True) == (
+    assert ssh_mod.faster_ciphers(default, default) == (
         "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr"
     )
-    assert ssh_mod.faster_ciphers(default, default, False) is None  # no AES instructions
-    assert ssh_mod.faster_ciphers("aes256-ctr", default, True) is None  # someone chose
+    assert ssh_mod.faster_ciphers("aes256-ctr", default) is None  # someone chose
     only_chacha = "chacha20-poly1305@openssh.com,aes128-ctr"
-    assert ssh_mod.faster_ciphers(only_chacha, only_chacha, True) is None  # none to prefer
+    assert ssh_mod.faster_ciphers(only_chacha, only_chacha) is None  # none to prefer
     first = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
-    assert ssh_mod.faster_ciphers(first, first, True) is None  # already first
+    assert ssh_mod.faster_ciphers(first, first) is None  # already first
 
 
 def test_the_cipher_order_is_left_to_a_user_who_set_one(
@@ -819,6 +818,8 @@ def test_the_cipher_order_is_left_to_a_user_who_set_one(
     assert f"Ciphers={ciphers}" in plain.args(control=False)
     assert chosen.ciphers() is None
     assert not any(a.startswith("Ciphers=aes128-gcm") for a in chosen.args(control=False))
+    monkeypatch.setattr(ssh_mod, "cpu_has_aes", lambda: False)  # a CPU without AES instructions
+    assert ssh_mod.SshConnection(settings).ciphers() is None
 
 
 def test_an_ssh_wrapper_that_refuses_the_default_query_leaves_ciphers_to_ssh(

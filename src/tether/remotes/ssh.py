@@ -266,13 +266,13 @@ def cpu_has_aes() -> bool:
     return re.search(r"^(flags|Features)\s*:.*\baes\b", text, re.M) is not None
 
 
-def faster_ciphers(effective: str, default: str, has_aes: bool) -> str | None:
-    """A ``Ciphers`` value with AES-GCM first, or None to leave ssh's choice alone: when the CPU
-    lacks AES instructions, or the user, their ssh config or the site's has chosen ciphers (what
-    ssh -G reports differs from its built-in default). Only the order changes: the server still
-    picks from the same list, so a server without AES-GCM negotiates as before."""
+def faster_ciphers(effective: str, default: str) -> str | None:
+    """A ``Ciphers`` value with AES-GCM first, or None to leave ssh's choice alone: when the
+    user, their ssh config or the site's has chosen ciphers (what ssh -G reports differs from
+    its built-in default). Only the order changes: the server still picks from the same list,
+    so a server without AES-GCM negotiates as before."""
     offered = effective.split(",") if effective else []
-    if not has_aes or effective != default:
+    if effective != default:
         return None
     first = [c for c in AES_GCM if c in offered]
     if not first or offered[: len(first)] == first:
@@ -438,25 +438,28 @@ class SshConnection:
         return [*args, "-o", "ClearAllForwardings=yes", "-x", "-a"]
 
     def ciphers(self) -> str | None:
-        """See faster_ciphers; ssh's built-in default comes from ``ssh -F /dev/null -G``."""
+        """AES-GCM first where the CPU has AES instructions and nobody chose (faster_ciphers)."""
         if self._ciphers is None:
-            self._ciphers = ""
-            if cpu_has_aes():
-                try:  # an ssh_command wrapper may not take these arguments: then ssh decides
-                    proc = subprocess.run(
-                        [self.binary(), "-F", "/dev/null", "-G", self.host],
-                        stdin=subprocess.DEVNULL,
-                        capture_output=True,
-                        text=True,
-                        timeout=10,
-                    )
-                except (OSError, subprocess.TimeoutExpired):
-                    return None
-                default = re.search(r"^ciphers (\S+)", proc.stdout, re.M)
-                if proc.returncode == 0 and default:
-                    eff = self.effective().get("ciphers", "")
-                    self._ciphers = faster_ciphers(eff, default.group(1), True) or ""
+            self._ciphers = self._faster_ciphers() or ""
         return self._ciphers or None
+
+    def _faster_ciphers(self) -> str | None:
+        if not cpu_has_aes():
+            return None
+        try:  # ssh's built-in default; an ssh_command wrapper may refuse this: ssh then decides
+            proc = subprocess.run(
+                [self.binary(), "-F", "/dev/null", "-G", self.host],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        default = re.search(r"^ciphers (\S+)", proc.stdout, re.M)
+        if proc.returncode != 0 or default is None:
+            return None
+        return faster_ciphers(self.effective().get("ciphers", ""), default.group(1))
 
     def where(self) -> str:
         eff = self.effective()
