@@ -614,10 +614,12 @@ class Helper:
                 self.cond.wait()
             self.in_flight += n
             self.pending += 1
-        self.lane_for(self.base.abs(items[0][1]), len(items)).submit(self.put_run, items, data)
+        # The run's folder, as sent: put_run checks every path before it writes.
+        self.lane_for(items[0][1], len(items)).submit(self.put_run, items, data)
 
-    def lane_for(self, final: str, files: int = 1):  # type: ignore[no-untyped-def]
-        """The writer thread for small files: one per run of LANE_RUN files of a folder.
+    def lane_for(self, path: str, files: int = 1):  # type: ignore[no-untyped-def]
+        """The writer thread for ``files`` small files in ``path``'s folder: one thread per run
+        of LANE_RUN files of a folder.
 
         Creating and renaming hold the folder's lock in the kernel, and threads waiting for it
         spin: with every worker writing the same folder, a tenth of a 20,000-file push's CPU went
@@ -625,7 +627,7 @@ class Helper:
         files keep each folder mostly with one thread; a big flat folder still spreads over all
         of them, so its writes and closes (a round trip each on NFS) stay parallel.
         """
-        folder = os.path.dirname(final)
+        folder = os.path.dirname(path)
         seen = self.folder_counts.get(folder, 0)
         self.folder_counts[folder] = seen + files
         return self.lanes[hash((folder, seen // LANE_RUN)) % len(self.lanes)]
