@@ -61,7 +61,7 @@ def _item(root: Path, rel: str, data: bytes, remote_path: str, mtime_ns: int = 1
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return TransferItem(remote_path, path, len(data), hashlib.sha256(data).hexdigest(), mtime_ns)
+    return TransferItem(remote_path, str(path), len(data), hashlib.sha256(data).hexdigest(), mtime_ns)
 
 
 def _temp_files(root: Path) -> list[str]:
@@ -178,7 +178,7 @@ def test_hostile_names_round_trip_and_inject_nothing(remote: SshRemote, tmp_path
     assert set(listed) == set(HOSTILE)
     assert all(listed[n].mtime_ns == 1_650_000_000_123_456_789 for n in HOSTILE)
     back = [
-        TransferItem(i.path, tmp_path / "back" / str(n), i.size, i.digest, i.mtime_ns)
+        TransferItem(i.path, str(tmp_path / "back" / str(n)), i.size, i.digest, i.mtime_ns)
         for n, i in enumerate(items)
     ]
     errors.clear()
@@ -224,7 +224,7 @@ def test_one_stream_many_files_with_failures_reported_per_file(remote: SshRemote
     bad = items[700]
     items[700] = TransferItem(bad.path, bad.local, bad.size, "0" * 64, bad.mtime_ns)  # wrong digest
     missing = _item(src, "gone", b"x", "ds/gone")
-    missing.local.unlink()  # deleted after the scan
+    Path(missing.local).unlink()  # deleted after the scan
     outcome: dict[str, BaseException | None] = {}
     sent: list[int] = []
     remote.put_many(
@@ -273,7 +273,7 @@ def test_small_uploads_travel_in_runs_that_keep_order_around_large_files(
     assert isinstance(outcome.pop(bad.path), VerificationError)
     assert len(outcome) == len(before) + 1 + 9 and all(e is None for e in outcome.values())
     root = remote_root(remote)
-    assert (root / "ds/big").read_bytes() == big.local.read_bytes()
+    assert (root / "ds/big").read_bytes() == Path(big.local).read_bytes()
     assert (root / "ds/b/004").read_bytes() == b"b4" and not (root / "ds/b/003").exists()
     assert _temp_files(root) == []
 
@@ -324,15 +324,16 @@ def test_a_batch_over_a_link_with_latency_is_spread_over_streams(
         assert {label for label, op in slow_link if op == "puts"} == {"bulk", "stream"}
         assert sshd.helper_starts() - helpers == 3  # control, bulk and one more stream
         root = remote_root(r)
-        assert all((root / i.path).read_bytes() == i.local.read_bytes() for i in items)
+        assert all((root / i.path).read_bytes() == Path(i.local).read_bytes() for i in items)
 
         dest = tmp_path / "dest"
-        back = [dataclasses.replace(i, local=dest / i.path) for i in items]
+        back = [i._replace(local=str(dest / i.path)) for i in items]
         got: dict[str, BaseException | None] = {}
         r.get_many(back, on_bytes=lambda n: None, on_done=lambda i, e: got.__setitem__(i.path, e))
         assert got == {i.path: None for i in items}
         assert {label for label, op in slow_link if op == "get"} == {"bulk", "stream"}
-        assert all(b.local.read_bytes() == i.local.read_bytes() for b, i in zip(back, items, strict=True))
+        pairs = zip(back, items, strict=True)
+        assert all(Path(b.local).read_bytes() == Path(i.local).read_bytes() for b, i in pairs)
         assert sshd.auth_count() - logins == 1 and sshd.helper_starts() - helpers == 3  # one login
     finally:
         r.close()
@@ -433,7 +434,7 @@ def test_one_download_stream_keeps_order_and_reports_changed_files_per_file(
     secret.write_bytes(b"not to be sent")
     (root / linked.path).unlink()
     (root / linked.path).symlink_to(secret)
-    back = [dataclasses.replace(i, local=tmp_path / "back" / i.path) for i in items]
+    back = [i._replace(local=str(tmp_path / "back" / i.path)) for i in items]
     order: list[str] = []
     outcome: dict[str, BaseException | None] = {}
 
@@ -450,11 +451,11 @@ def test_one_download_stream_keeps_order_and_reports_changed_files_per_file(
     failed = {gone.path, grown.path, linked.path}
     for sent, got in zip(items, back, strict=True):
         if sent.path in failed:
-            assert not got.local.exists()
+            assert not Path(got.local).exists()
             continue
         assert outcome[sent.path] is None, (sent.path, outcome[sent.path])
-        assert got.local.read_bytes() == sent.local.read_bytes()
-        assert got.local.stat().st_mtime_ns == sent.mtime_ns
+        assert Path(got.local).read_bytes() == Path(sent.local).read_bytes()
+        assert Path(got.local).stat().st_mtime_ns == sent.mtime_ns
     assert b"not to be sent" not in b"".join(
         p.read_bytes() for p in (tmp_path / "back").rglob("*") if p.is_file()
     )
@@ -521,7 +522,7 @@ def test_interrupted_large_upload_resumes_from_its_verified_prefix(
     first.cut_after(5 * 1024 * 1024)  # the link dies mid-file
     r = _relay_remote(tmp_path, sshd, first)
     with pytest.raises(RemoteUnavailable) as info:
-        r.put_file(item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns)
+        r.put_file(Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns)
     r.close()
     first.close()
     assert "lost the connection" in info.value.message
@@ -535,7 +536,7 @@ def test_interrupted_large_upload_resumes_from_its_verified_prefix(
     second = Relay(sshd.port)
     r = _relay_remote(tmp_path, sshd, second)
     assert r.cleanup_temp("ds") == 0  # a recent resumable .part is kept by the clean-up
-    r.put_file(item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns)
+    r.put_file(Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns)
     r.close()
     second.close()
     assert (root / "ds" / "big.bin").read_bytes() == data
@@ -553,7 +554,7 @@ def test_interrupted_large_download_resumes_from_what_arrived(
     (root / "ds" / "big.bin").write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     staged = tmp_path / "staging" / "big.bin"
-    item = TransferItem("ds/big.bin", staged, len(data), digest, 1_650_000_000_123_456_789)
+    item = TransferItem("ds/big.bin", str(staged), len(data), digest, 1_650_000_000_123_456_789)
 
     def get(relay: Relay) -> list[BaseException | None]:
         r = _relay_remote(tmp_path, sshd, relay)
@@ -592,7 +593,7 @@ def test_a_download_partial_of_other_bytes_is_not_resumed(
     (folder / "big.bin").write_bytes(data)
     staged = tmp_path / "staging" / "big.bin"
     staged.parent.mkdir()
-    item = TransferItem("ds/big.bin", staged, len(data), hashlib.sha256(data).hexdigest(), 1)
+    item = TransferItem("ds/big.bin", str(staged), len(data), hashlib.sha256(data).hexdigest(), 1)
     part = staged.with_name(f".big.bin{TEMP_MARKER}{item.digest[:16]}.part")
     part.write_bytes(b"garbage" * 1000)  # not a prefix of the remote file
     outcomes: list[BaseException | None] = []
@@ -613,7 +614,7 @@ def test_a_partial_that_does_not_match_is_not_resumed(
     part.write_bytes(b"garbage" * 1000)  # not a prefix of our file
     stale = folder / f".big.bin{TEMP_MARKER}{'0' * 16}.part"
     stale.write_bytes(b"an older version's partial upload")
-    remote.put_file(item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns)
+    remote.put_file(Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns)
     assert (folder / "big.bin").read_bytes() == data
     assert not part.exists() and not stale.exists()
 
@@ -723,7 +724,7 @@ def test_symlinks_on_the_remote_are_refused(remote: SshRemote, tmp_path: Path) -
     (root / "sub").symlink_to(outside)
     item = _item(tmp_path / "src", "f", b"data", "ds/sub/f")
     with pytest.raises(InvalidPath):
-        remote.put_file(item.local, item.path, digest=item.digest, mtime_ns=0)
+        remote.put_file(Path(item.local), item.path, digest=item.digest, mtime_ns=0)
     assert list(outside.iterdir()) == []
 
 
@@ -883,9 +884,9 @@ def test_shell_startup_chatter_before_the_helper_is_skipped(tmp_path: Path, sshd
 
 # -- small files sent before they were ever hashed (a first push) --------------------------------
 def _unhashed(item: TransferItem) -> TransferItem:
-    st = item.local.stat()
-    state = StatEntry(item.local.name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    return dataclasses.replace(item, digest=UNHASHED, expect=state)
+    st = Path(item.local).stat()
+    state = StatEntry(Path(item.local).name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    return item._replace(digest=UNHASHED, expect=state)
 
 
 def test_unhashed_small_files_are_hashed_as_sent_and_checked_on_arrival(
@@ -908,7 +909,7 @@ def test_unhashed_small_files_are_hashed_as_sent_and_checked_on_arrival(
 def test_unhashed_file_changed_since_the_scan_is_not_sent(remote: SshRemote, tmp_path: Path) -> None:
     good = _unhashed(_item(tmp_path / "src", "a", b"A" * 50, "ds/a"))
     stale = _unhashed(_item(tmp_path / "src", "b", b"B" * 50, "ds/b"))
-    stale.local.write_bytes(b"C" * 60)  # a job rewrote it after the scan
+    Path(stale.local).write_bytes(b"C" * 60)  # a job rewrote it after the scan
     big = _unhashed(_item(tmp_path / "src", "big", os.urandom(2 * 1024 * 1024), "ds/big"))
     errors: dict[str, object] = {}
     remote.put_many(

@@ -35,7 +35,7 @@ class BatchLocal(LocalRemote):
         for item in items:
             try:
                 self.put_file(
-                    item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+                    Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
                 )
             except (VerificationError, OSError) as exc:  # as SSH's sender: the open failed
                 on_done(item, exc)
@@ -47,7 +47,7 @@ class BatchLocal(LocalRemote):
         for item in items:
             try:
                 self.get_file(
-                    item.path, item.local, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+                    item.path, Path(item.local), digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
                 )
             except VerificationError as exc:
                 on_done(item, exc)

@@ -295,7 +295,7 @@ def _run_by_size(
 
 
 def _item(
-    remote_path: str, local_path: Path, entry: Entry | None, expect: StatEntry | None = None
+    remote_path: str, local_path: str, entry: Entry | None, expect: StatEntry | None = None
 ) -> TransferItem:
     """A batch item carrying the size, digest and mtime the bytes must have (the source side's)."""
     assert entry is not None
@@ -405,7 +405,7 @@ def push_changes(
 
             _run_batch(
                 uploads,
-                lambda c: _item(f"{dataset_id}/{c.path}", local_root / c.path, c.local, unhashed.get(c.path)),
+                lambda c: _item(f"{dataset_id}/{c.path}", f"{root}/{c.path}", c.local, unhashed.get(c.path)),
                 functools.partial(remote.put_many, on_digest=learnt) if unhashed else remote.put_many,
                 on_bytes=on_bytes,
                 after=after_upload,
@@ -518,7 +518,7 @@ def pull_changes(
 
             _run_batch(
                 todo,
-                lambda c: _item(f"{dataset_id}/{c.path}", Path(staged_path(c)), c.remote),
+                lambda c: _item(f"{dataset_id}/{c.path}", staged_path(c), c.remote),
                 remote.get_many,
                 on_bytes=on_bytes,
                 after=after_download,

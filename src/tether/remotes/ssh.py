@@ -1214,14 +1214,14 @@ class SshRemote:
     ) -> None:
         check_relpath(path)
         size = os.stat(source).st_size
-        self._one(self.put_many, TransferItem(path, source, size, digest, mtime_ns), on_bytes)
+        self._one(self.put_many, TransferItem(path, os.fspath(source), size, digest, mtime_ns), on_bytes)
 
     def get_file(
         self, path: str, dest: Path, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None
     ) -> None:
         check_relpath(path)
         size = -1  # unknown: the helper sends what it has, the digest decides
-        self._one(self.get_many, TransferItem(path, dest, size, digest, mtime_ns), on_bytes)
+        self._one(self.get_many, TransferItem(path, os.fspath(dest), size, digest, mtime_ns), on_bytes)
 
     @staticmethod
     def _one(batch: Any, item: TransferItem, on_bytes: OnBytes | None) -> None:
@@ -1307,7 +1307,7 @@ def _valid_items(items: Sequence[TransferItem], on_done: OnDone) -> list[Transfe
     return valid
 
 
-def _hash_prefix(path: Path, n: int) -> tuple[int, Any]:
+def _hash_prefix(path: str | Path, n: int) -> tuple[int, Any]:
     """(bytes read, SHA-256 state) over the first ``n`` bytes of a local file (fewer if shorter)."""
     hasher = hashlib.sha256()
     done = 0
@@ -1321,7 +1321,7 @@ def _hash_prefix(path: Path, n: int) -> tuple[int, Any]:
     return done, hasher
 
 
-def _prefix_digest(path: Path, n: int) -> str | None:
+def _prefix_digest(path: str, n: int) -> str | None:
     try:
         done, hasher = _hash_prefix(path, n)
     except OSError:
@@ -1699,32 +1699,32 @@ class _GetStream:
             with open(tmp, "xb", buffering=0) as dst:
                 self._pour(dst, n, hasher)
             if hasher.hexdigest() != item.digest:
-                tmp.unlink(missing_ok=True)
+                _unlink(tmp)
                 return _mismatch(item, hasher.hexdigest())
             os.utime(tmp, ns=(item.mtime_ns, item.mtime_ns))
             os.replace(tmp, final)
             return None
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             self.ch.skip(self.unread)  # keep the stream in step
             return self._local_error(exc, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
 
-    def _make_parent(self, final: Path) -> None:
+    def _make_parent(self, final: str) -> None:
         # Strings, not Path.parent: hashing and comparing Path objects was 8% of the receive
         # thread's time in a 20,000-file pull, and that thread is the stream's bottleneck.
-        folder = os.path.dirname(os.fspath(final))
+        folder = os.path.dirname(final)
         if folder not in self.made:
             os.makedirs(folder, exist_ok=True)
             self.made.add(folder)
 
     @staticmethod
-    def _local_error(exc: OSError, final: Path) -> BaseException:
+    def _local_error(exc: OSError, final: str) -> BaseException:
         """The item's error; a full local disk or a permission problem ends the whole run (it
         will not fix itself for the next file)."""
-        error = os_error_to_tether(exc, final)
+        error = os_error_to_tether(exc, Path(final))
         if isinstance(error, (DiskFullError, RemotePermissionError)):
             raise error from exc
         return error
@@ -1775,7 +1775,8 @@ class _GetStream:
 def _partial_path(item: TransferItem) -> Path:
     """Where a large download collects its bytes: named by the digest it must end with, so a
     partial of another version of the file is never resumed."""
-    return item.local.with_name(f".{item.local.name}{TEMP_MARKER}{item.digest[:16]}.part")
+    local = Path(item.local)
+    return local.with_name(f".{local.name}{TEMP_MARKER}{item.digest[:16]}.part")
 
 
 def _partial_prefix(item: TransferItem) -> tuple[int, Any]:
@@ -1795,9 +1796,15 @@ _TEMP_TAG = secrets.token_hex(4)
 _temp_counter = itertools.count()
 
 
-def _temp_sibling(final: Path) -> Path:
+def _temp_sibling(final: str) -> str:
     """Like fileio.temp_sibling, without an entropy syscall per file (tag + counter)."""
-    return final.with_name(f".{final.name}{TEMP_MARKER}{_TEMP_TAG}{next(_temp_counter):x}")
+    folder, name = os.path.split(final)
+    return os.path.join(folder, f".{name}{TEMP_MARKER}{_TEMP_TAG}{next(_temp_counter):x}")
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _mismatch(item: TransferItem, got: str) -> VerificationError:

@@ -340,11 +340,11 @@ def _transfer(
     def move_once(item: TransferItem, on_bytes: Callable[[int], None]) -> None:
         if up:
             remote.put_file(
-                item.local, item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+                Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
             )
         else:
             remote.get_file(
-                item.path, item.local, digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
+                item.path, Path(item.local), digest=item.digest, mtime_ns=item.mtime_ns, on_bytes=on_bytes
             )
 
     def move(item: TransferItem, on_bytes: Callable[[int], None]) -> None:
@@ -437,7 +437,7 @@ def upload_objects(
         if src is None:
             unsourced.append(d)
         else:
-            items.append(TransferItem(object_path(d), src, sizes[d], d, now))
+            items.append(TransferItem(object_path(d), os.fspath(src), sizes[d], d, now))
     if unsourced:
         raise RefusedError(
             f"{len(unsourced)} committed file(s) are neither in the cache nor unchanged in the workspace",
@@ -558,7 +558,7 @@ def fetch_objects(
         prepare_transfers(remote)
     report.cached = len(sizes) - len(todo)
     now = time.time_ns()
-    items = [TransferItem(object_path(d), cache.temp_path(), sizes[d], d, now) for d in todo]
+    items = [TransferItem(object_path(d), os.fspath(cache.temp_path()), sizes[d], d, now) for d in todo]
     failures: list[tuple[str, BaseException]] = []
     verified: list[TransferItem] = []
     lock = threading.Lock()
@@ -569,7 +569,7 @@ def fetch_objects(
                 verified.append(item)
             faults.checkpoint("vfetch_object")
         else:
-            item.local.unlink(missing_ok=True)
+            Path(item.local).unlink(missing_ok=True)
             error = _missing_as_verification(remote, item, error)
             with lock:
                 failures.append((item.path, error))
@@ -585,7 +585,7 @@ def fetch_objects(
         try:
             syncfs(cache.root)
             for item in ready:
-                cache.adopt(item.local, item.digest)
+                cache.adopt(Path(item.local), item.digest)
                 adopted += 1
         except BaseException:
             with lock:
@@ -621,7 +621,7 @@ def download_objects(
     ``flush_behind`` (the flush of the folder holding ``dests``) runs in the background as
     bytes land; the caller's own flush afterwards is the one that makes them durable."""
     now = time.time_ns()
-    items = [TransferItem(object_path(d), p, sizes[d], d, now) for d, p in sorted(dests.items())]
+    items = [TransferItem(object_path(d), os.fspath(p), sizes[d], d, now) for d, p in sorted(dests.items())]
     failures: list[tuple[str, BaseException]] = []
     lock = threading.Lock()
 
