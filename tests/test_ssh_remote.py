@@ -35,7 +35,7 @@ from tether.errors import (
     StalePlanError,
     VerificationError,
 )
-from tether.manifest import UNHASHED, Manifest
+from tether.manifest import UNHASHED, Entry, Manifest
 from tether.paths import TEMP_MARKER
 from tether.progress import Progress
 from tether.remotes import open_remote, ssh_helper
@@ -947,6 +947,36 @@ def _pushed_workspace(tmp_path: Path, name: str = "ws", files: int = 40) -> Work
     return ws
 
 
+@pytest.mark.parametrize("change", ["none", "lost", "edited", "new", "excluded"])
+def test_index_entries_taken_as_confirmed_give_the_state_of_a_full_look(
+    tmp_path: Path, sshd: SshServer, change: str
+) -> None:
+    """scan_remote takes the index entries the helper confirmed as they are (no rebuild, no
+    sort). Its state must equal the one built by matching every listed file against the index
+    (the path a run with fresh uploads takes): in step, a file lost or edited in place on the
+    remote, a file the index does not know, a file the rules now leave alone."""
+    ws = _pushed_workspace(tmp_path, files=12)
+    remote = ws.remote_dir / "ns/ds"
+    if change == "lost":
+        (remote / "d1/f5.txt").unlink()
+    elif change == "edited":
+        (remote / "d2/f6.txt").write_text("file X")  # same size, new mtime
+    elif change == "new":
+        (remote / "d0/zz.txt").write_text("arrived on the cluster")
+    elif change == "excluded":
+        toml = ws.root / "tether.toml"
+        toml.write_text(toml.read_text().replace("exclude = []", 'exclude = ["d3/**"]'))
+    with sync.open_context("ns/ds", "hpc", workspace=ws.root) as ctx:
+        quick = sync.scan_remote(ctx)
+        # A fresh entry for a path nobody lists changes nothing, but takes the matching path.
+        full = sync.scan_remote(ctx, fresh={"never/listed.txt": Entry("never/listed.txt", 1, 1, "0" * 64)})
+    assert quick.manifest == full.manifest
+    assert quick.unowned == full.unowned and quick.exists == full.exists
+    assert quick.index_current == full.index_current
+    assert quick.index_current == (change in ("none", "excluded"))
+    assert len(quick.unowned) == (3 if change == "excluded" else 0)
+
+
 def test_no_op_listing_sends_neither_entries_nor_the_index(
     tmp_path: Path, sshd: SshServer, deltas: list[ListingDelta], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1062,6 +1092,40 @@ def test_the_helper_reads_the_index_beside_the_walk_and_keeps_its_errors(tmp_pat
     unreadable: dict[str, Any] = {}
     ssh_helper.read_index_into(str(index), unreadable)
     assert isinstance(unreadable["error"], IsADirectoryError)
+
+
+def test_the_helper_parses_an_unchanged_index_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look under the lock lists again with the same index: the helper reuses its parse
+    while the file is the same (inode, size, mtime, ctime), and hands out a fresh dict each time
+    (the listing pops what it vouched for). A rewritten index is read again."""
+    ws = make_workspace(tmp_path)
+    ws.write("a.txt", "alpha")
+    sync.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
+    index = ws.remote_dir / "ns/ds/.tether/index"
+    reads: list[str] = []
+    real = ssh_helper.read_index_into
+    monkeypatch.setattr(ssh_helper, "read_index_into", lambda p, out: (reads.append(p), real(p, out)))
+    helper = ssh_helper.Helper(None)  # type: ignore[arg-type]  # no connection: read_index only
+
+    first: dict[str, Any] = {}
+    helper.read_index(str(index), first)
+    first["stats"].pop("a.txt")
+    second: dict[str, Any] = {}
+    helper.read_index(str(index), second)
+    assert reads == [str(index)]
+    assert second["raw"] == index.read_bytes() and "a.txt" in second["stats"]
+
+    ws.write("b.txt", "beta")
+    sync.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)  # a new index
+    third: dict[str, Any] = {}
+    helper.read_index(str(index), third)
+    assert reads == [str(index)] * 2
+    assert set(third["stats"]) == {"a.txt", "b.txt"}
+
+    index.unlink()
+    gone: dict[str, Any] = {}
+    helper.read_index(str(index), gone)
+    assert gone == {}
 
 
 def test_a_damaged_remote_index_falls_back_to_the_full_listing(
