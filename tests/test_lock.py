@@ -8,6 +8,7 @@ process on this same host), and broken only by an explicit command.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -296,6 +297,28 @@ def test_lease_writes_a_record_naming_us_and_releases_it(tmp_path: Path) -> None
             Lease(remote, DS, operation="push", host=HOST).acquire()
         assert err.value.holder["token"] == rec.token
     assert not (tmp_path / lock_path(DS)).exists()
+
+
+class _CountingReads(LocalRemote):
+    def __init__(self, root: Path, *, enforced: bool) -> None:
+        super().__init__(str(root), root)
+        self.capabilities = dataclasses.replace(self.capabilities, conditional_create=enforced)
+        self.reads: list[str] = []
+
+    def read_bytes(self, path: str) -> bytes:
+        self.reads.append(path)
+        return super().read_bytes(path)
+
+
+@pytest.mark.parametrize("enforced", [True, False])
+def test_the_record_is_read_back_only_where_the_create_is_unenforced(tmp_path: Path, enforced: bool) -> None:
+    """A create the backend enforces (hard link, If-None-Match) needs no read-back: one round
+    trip less per push or pull over SSH. A store that ignores If-None-Match still reads back."""
+    remote = _CountingReads(tmp_path, enforced=enforced)
+    lease = Lease(remote, DS, operation="push", host=HOST)
+    assert lease.acquire() == read_lock(LocalRemote(str(tmp_path), tmp_path), DS)
+    assert remote.reads == ([] if enforced else [lock_path(DS)])
+    lease.release()
 
 
 def test_lease_renewal_moves_expiry_forward(tmp_path: Path) -> None:

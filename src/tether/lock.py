@@ -148,7 +148,10 @@ class Lease:
         for _attempt in range(3):
             record = self._new_record(token, time.time())
             if self.remote.create_exclusive(path, record.dumps()):
-                if read_lock(self.remote, self.dataset_id) == record:  # read-back check
+                # Where the backend enforces the create (a hard link, If-None-Match) the record
+                # is ours once it returns; elsewhere it is read back (a round trip saved on SSH).
+                enforced = self.remote.capabilities.conditional_create
+                if enforced or read_lock(self.remote, self.dataset_id) == record:
                     self.record = record
                     self._start_renewing()
                     return record
