@@ -215,6 +215,36 @@ def test_stream_helper_starts_on_first_use_or_when_prepared(tmp_path: Path, sshd
             r.close()
 
 
+def test_the_link_is_timed_while_the_stream_helper_warms_up(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare_transfers (called as the scan starts) waits for the stream helper and times one
+    ping on it in a background thread, before any transfer asks: the first transfer then sends
+    no ping of its own (it cost every push and pull a round trip before its first byte)."""
+    pings: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        if header.get("op") == "ping":
+            pings.append(threading.current_thread().name)
+        return real_send(self, header, payload, **kw)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    r = ssh_remote(tmp_path)
+    try:
+        r.prepare_transfers()
+        assert r._warming is not None
+        r._warming.join(60)  # what a scan, a plan and a lock take longer than
+        assert pings == ["tether-ssh-warm"] and r.rtt_s is not None
+        items = [_item(tmp_path / "src", f"f{i}", b"x%d" % i, f"ds/f{i}") for i in range(3)]
+        errors: list[BaseException | None] = []
+        r.put_many(items, on_bytes=lambda n: None, on_done=lambda _i, e: errors.append(e))
+        assert errors == [None] * 3
+        assert pings == ["tether-ssh-warm"]
+    finally:
+        r.close()
+
+
 def test_one_stream_many_files_with_failures_reported_per_file(remote: SshRemote, tmp_path: Path) -> None:
     src = tmp_path / "src"
     items = [

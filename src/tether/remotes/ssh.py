@@ -962,6 +962,8 @@ class SshRemote:
         self._bulk: _Channel | None = None
         self._extra: list[_Channel] = []  # further stream channels of large batches
         self.rtt_s: float | None = None
+        self._warming: threading.Thread | None = None  # starts the bulk helper and times a ping
+        self._warm_error: BaseException | None = None
         self._lost: TetherError | None = None
         self.facts: dict[str, Any] = {}
         self.flushed_behind = 0  # background flushes the helper ran before the last flush()
@@ -1021,14 +1023,35 @@ class SshRemote:
         with self._lock:
             if self._lost is None and (self._bulk is None or self._bulk.closed):
                 self._bulk = self._spawn("bulk")
+                if self.rtt_s is None:
+                    self._warming = threading.Thread(
+                        target=self._warm_up, args=(self._bulk,), name="tether-ssh-warm", daemon=True
+                    )
+                    self._warming.start()
+
+    def _warm_up(self, channel: _Channel) -> None:
+        """Wait for the stream helper and time a ping on it, off the critical path: the scan,
+        the plan and the lock take longer than both, so the first transfer finds the streams
+        decided (the ping cost every push and pull a round trip before its first byte)."""
+        try:
+            self._init(channel)
+            self.round_trip(channel)
+        except BaseException as exc:  # bulk() reports it to the caller
+            self._warm_error = exc
 
     def bulk(self) -> _Channel:
         """The stream channel, started on first use if prepare_transfers did not start it
         (respawned if a stream had to be abandoned)."""
         self.prepare_transfers()
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         with self._lock:
             if self._lost is not None:
                 raise self._lost
+            if self._warm_error is not None:
+                error, self._warm_error = self._warm_error, None
+                raise error
             assert self._bulk is not None
             if not self._bulk.initialised:
                 self._init(self._bulk)
