@@ -35,6 +35,7 @@ from tether.errors import (
     StalePlanError,
     VerificationError,
 )
+from tether.lock import Lease, LockRecord, lock_path
 from tether.manifest import UNHASHED, Entry, Manifest
 from tether.paths import TEMP_MARKER
 from tether.progress import Progress
@@ -781,6 +782,37 @@ def test_create_exclusive_has_one_winner(tmp_path: Path, sshd: SshServer) -> Non
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "broken and taken", "torn", "gone"])
+def test_a_lease_is_released_in_one_request_and_only_while_it_is_ours(
+    remote: SshRemote, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """Releasing over SSH is one "release" request (no read, then delete). A record someone
+    else wrote after breaking ours, a torn one and a missing one are left as they are."""
+    sent: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        sent.append(header.get("op"))
+        return real_send(self, header, payload, **kw)
+
+    lease = Lease(remote, "ns/ds", operation="push", host="here")
+    ours = lease.acquire()
+    record = remote_root(remote) / lock_path("ns/ds")
+    assert LockRecord.loads(record.read_bytes()) == ours
+    theirs = dataclasses.replace(ours, token="b" * 32, host="elsewhere")
+    if meanwhile == "broken and taken":
+        record.write_bytes(theirs.dumps())
+    elif meanwhile == "torn":
+        record.write_bytes(b'{"format": "tether-lo')
+    elif meanwhile == "gone":
+        record.unlink()
+    left = record.read_bytes() if record.exists() else None
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    lease.release()
+    assert sent == ["release"]
+    assert (record.read_bytes() if record.exists() else None) == (None if meanwhile == "nothing" else left)
 
 
 def test_full_remote_disk_is_disk_full_error(tmp_path: Path, sshd: SshServer) -> None:

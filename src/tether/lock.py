@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tether.errors import LockHeld, TetherError
-from tether.remotes.base import Remote
+from tether.remotes.base import ReleasesLocks, Remote
 
 LOCK_FORMAT = "tether-lock"
 LOCK_VERSION = 1
@@ -233,9 +233,12 @@ class Lease:
             self._renewer.join(timeout=5)
         if self.record is None:
             return
-        current = read_lock(self.remote, self.dataset_id)
-        if current is not None and current.token == self.record.token:
-            self.remote.delete(lock_path(self.dataset_id))
+        if isinstance(self.remote, ReleasesLocks):
+            self.remote.release_lock(lock_path(self.dataset_id), self.record.token)
+        else:
+            current = read_lock(self.remote, self.dataset_id)
+            if current is not None and current.token == self.record.token:
+                self.remote.delete(lock_path(self.dataset_id))
         self.record = None
 
     def __enter__(self) -> Lease:

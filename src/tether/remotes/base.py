@@ -242,6 +242,18 @@ class IndexedListing(Protocol):
 
 
 @runtime_checkable
+class ReleasesLocks(Protocol):
+    """Optional: delete a lock record only while it holds ``token``, in one request.
+
+    Releasing the lease is a read (is it still ours?) and a delete: two round trips at the end
+    of every push and pull. A backend that runs code beside the data does both there, under the
+    same flock that serialises creating the record. Returns whether the record was deleted.
+    """
+
+    def release_lock(self, path: str, token: str) -> bool: ...
+
+
+@runtime_checkable
 class WarmsUp(Protocol):
     """Optional: get ready for transfers that may follow, without waiting.
 

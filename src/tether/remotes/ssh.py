@@ -1187,6 +1187,10 @@ class SshRemote:
         header, _ = self._call("create", data, path=check_relpath(path))
         return bool(header["created"])
 
+    def release_lock(self, path: str, token: str) -> bool:
+        header, _ = self._call("release", path=check_relpath(path), token=token)
+        return bool(header["released"])
+
     def delete(self, path: str) -> None:
         self._call("delete", path=check_relpath(path))
 

@@ -519,6 +519,21 @@ class Helper:
         fsync_dir(os.path.dirname(final))
         return {"created": True}
 
+    def op_release(self, h: dict, data: bytes) -> dict:
+        """Delete the lock record at ``path`` if it still holds ``token`` (a read and a delete in
+        one request), under the flock that serialises creating it (op_create)."""
+        final = self.base.parent_ok(h["path"], False)
+        with flocked(final + ".flock"):
+            try:
+                with open(final, "rb") as f:
+                    record = json.loads(f.read())
+            except (FileNotFoundError, ValueError):  # gone, or torn: not ours to delete
+                return {"released": False}
+            if not isinstance(record, dict) or record.get("token") != h["token"]:
+                return {"released": False}
+            os.unlink(final)
+        return {"released": True}
+
     def op_delete(self, h: dict, data: bytes) -> dict:
         rel = h["path"]
         target = self.base.parent_ok(rel, False)
