@@ -418,7 +418,8 @@ class Helper:
             return
         key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if self.index_memo is not None and self.index_memo[0] == key:
-            out["raw"], out["stats"] = self.index_memo[1], dict(self.index_memo[2])  # popped from
+            # A copy: op_list_delta pops what it vouched for from the stats it is given.
+            out["raw"], out["stats"] = self.index_memo[1], dict(self.index_memo[2])
             return
         read_index_into(path, out)
         if out.get("stats"):
