@@ -87,6 +87,26 @@ def test_into_a_folder_with_other_files_each_file_is_moved(tmp_path: Path) -> No
     assert all((local / rel).read_bytes() == data for rel, data in FILES.items())
 
 
+def test_a_file_that_appears_in_a_new_folder_during_the_pull_is_not_overwritten(tmp_path: Path) -> None:
+    """The re-check before promotion looks at each folder once: a planned-absent file whose
+    folder did not exist is still absent, unless the folder appeared meanwhile (a job writing
+    there during the download): then the file in it is found and the pull refused."""
+    remote, changes = _remote_with(tmp_path, FILES)
+    local, staging = tmp_path / "local", tmp_path / "staging"
+    local.mkdir()
+
+    class Intruding(LocalRemote):
+        def get_file(self, path: str, dest: Path, **kw: object) -> None:  # type: ignore[override]
+            (local / "_derived/deep").mkdir(parents=True, exist_ok=True)
+            (local / "_derived/deep/b.bin").write_bytes(b"a job wrote this")
+            return super().get_file(path, dest, **kw)  # type: ignore[arg-type]
+
+    with pytest.raises(StalePlanError, match=r"_derived/deep/b\.bin"):
+        pull_changes(Intruding(remote.url, remote.root), "ds", local, staging, changes, jobs=1)
+    assert (local / "_derived/deep/b.bin").read_bytes() == b"a job wrote this"
+    assert not (local / "records.parquet").exists()  # nothing was promoted
+
+
 # -- the plan is checked again under the lock -------------------------------------------------
 
 
