@@ -991,8 +991,8 @@ def deltas(monkeypatch: pytest.MonkeyPatch) -> list[ListingDelta]:
     seen: list[ListingDelta] = []
     real = SshRemote.list_against_index
 
-    def spy(self, prefix, index, *, have):  # type: ignore[no-untyped-def]
-        delta = real(self, prefix, index, have=have)
+    def spy(self, prefix, index, *, have, clean_temp=False):  # type: ignore[no-untyped-def]
+        delta = real(self, prefix, index, have=have, clean_temp=clean_temp)
         seen.append(delta)
         return delta
 
@@ -1037,6 +1037,32 @@ def test_index_entries_taken_as_confirmed_give_the_state_of_a_full_look(
     assert quick.index_current == full.index_current
     assert quick.index_current == (change in ("none", "excluded"))
     assert len(quick.unowned) == (3 if change == "excluded" else 0)
+
+
+def test_the_look_under_the_lock_clears_what_killed_writers_left_in_the_same_request(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temporary files of a killed run (beside the data and in .tether/) are removed by the
+    listing under the lock, without a request of their own; a recent resumable part stays."""
+    ws = _pushed_workspace(tmp_path, files=8)
+    remote = ws.remote_dir / "ns/ds"
+    dead = [remote / f"d1/.f1.txt{TEMP_MARKER}dead", remote / f".tether/.index{TEMP_MARKER}dead"]
+    part = remote / f"d2/.big{TEMP_MARKER}{'0' * 16}.part"
+    for path in [*dead, part]:
+        path.write_bytes(b"left by a killed run")
+    ops: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        ops.append(header.get("op"))
+        return real_send(self, header, payload, **kw)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    ws.write("d0/f0.txt", "changed")
+    sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
+    assert not any(p.exists() for p in dead) and part.exists()
+    assert "cleanup" not in ops and ops.count("list_delta") == 2
+    assert (remote / "d0/f0.txt").read_text() == "changed"
 
 
 def test_no_op_listing_sends_neither_entries_nor_the_index(

@@ -405,7 +405,9 @@ def _read_index_meanwhile(ctx: Context) -> Callable[[], Manifest | None]:
     return wait
 
 
-def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None, list[Entry]]:
+def list_remote(
+    ctx: Context, *, clean_temp: bool = False
+) -> tuple[list[RemoteStat], Manifest | None, list[Entry]]:
     """The remote's listing, its index, and the index entries the listing confirmed.
 
     Where the backend can compare its listing with the index beside the data (IndexedListing:
@@ -415,12 +417,16 @@ def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None, list[E
     third list; their paths were checked when the index was parsed), the rest of the listing as
     RemoteStats: rebuilding 20,000 listed files only to match them again cost 35-40 ms per look.
     Either way the listing is a fresh look at the remote, never the index taken on trust: a
-    file the index lists but the remote lacks is reported missing.
+    file the index lists but the remote lacks is reported missing. ``clean_temp`` (under the
+    lock) also removes what killed writers left (Remote.cleanup_temp), in the listing's request
+    where the backend can.
     """
     remote = ctx.remote
     if not isinstance(remote, IndexedListing):
         index = _read_index_meanwhile(ctx)
         listing = list(remote.list_files(ctx.dataset.id))
+        if clean_temp:
+            remote.cleanup_temp(ctx.dataset.id)
         return listing, index(), []
     copy = ctx.workspace.remote_index_path(ctx.remote_name, ctx.dataset.id)
     try:
@@ -429,7 +435,9 @@ def list_remote(ctx: Context) -> tuple[list[RemoteStat], Manifest | None, list[E
         have = None
     have_digest = hashlib.sha256(have).hexdigest() if have else None
     parsing = _parse_meanwhile(ctx, have)
-    delta = remote.list_against_index(ctx.dataset.id, index_path(ctx.dataset.id), have=have_digest)
+    delta = remote.list_against_index(
+        ctx.dataset.id, index_path(ctx.dataset.id), have=have_digest, clean_temp=clean_temp
+    )
     if parsing is not None:
         parsing.join()
     if delta.index_digest is None:
@@ -480,7 +488,9 @@ class RemoteState:
         return Manifest.from_entries(self.manifest.entries + self.unowned)
 
 
-def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> RemoteState:
+def scan_remote(
+    ctx: Context, *, fresh: dict[str, Entry] | None = None, clean_temp: bool = False
+) -> RemoteState:
     """The remote's real state: its listing, with digests from the index where it vouches.
 
     The index is a cache, never the truth: a file listed with a size or mtime the index does not
@@ -489,7 +499,7 @@ def scan_remote(ctx: Context, *, fresh: dict[str, Entry] | None = None) -> Remot
     they vouch only for a file with exactly the size and mtime this run gave it.
     """
     ctx.progress.stage("listing remote")
-    listing, index, confirmed = list_remote(ctx)
+    listing, index, confirmed = list_remote(ctx, clean_temp=clean_temp)
     fresh = fresh or {}
     # Where the backend keeps the mtime we set (local, SSH), a fresh upload vouches only for a file
     # with exactly that mtime; object stores stamp their own time, so there size must do.
@@ -883,12 +893,12 @@ def _execute_locked(
     file changing on the remote during the download, such as a ledger a job appends to, was
     then reported either as a stale plan or as a failed digest, depending on timing.)
     """
-    state_now = scan_remote(ctx)
+    # The same look clears temporary files killed writers left (over SSH in the same request).
+    state_now = scan_remote(ctx, clean_temp=True)
     remote_now = state_now.manifest
     changed = remote_now.entries != remote_m.entries
     if changed and make_plan(local, remote_now, base, plan.options).fingerprint() != plan.fingerprint():
         raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
-    ctx.remote.cleanup_temp(ctx.dataset.id)
     faults.checkpoint("locked")
     if direction == Direction.PUSH:
         return _execute_push(ctx, plan, local, base, lease, state_now)

@@ -236,9 +236,13 @@ class IndexedListing(Protocol):
     Over a slow link the listing is most of a no-op's traffic (about 100 bytes a file); a
     backend that runs code beside the data (SSH's helper) sends only what the index does not
     vouch for, and the index itself only when the caller's copy (``have``: its SHA-256) is stale.
+    ``clean_temp`` (the look under the lock) also does ``cleanup_temp(prefix)`` there, in the
+    same request: a round trip less before the first byte.
     """
 
-    def list_against_index(self, prefix: str, index: str, *, have: str | None) -> ListingDelta: ...
+    def list_against_index(
+        self, prefix: str, index: str, *, have: str | None, clean_temp: bool = False
+    ) -> ListingDelta: ...
 
 
 @runtime_checkable

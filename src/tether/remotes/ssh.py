@@ -1159,10 +1159,14 @@ class SshRemote:
                 hint="Replace links with the files they point to and rename undecodable files on the remote.",
             )
 
-    def list_against_index(self, prefix: str, index: str, *, have: str | None) -> ListingDelta:
+    def list_against_index(
+        self, prefix: str, index: str, *, have: str | None, clean_temp: bool = False
+    ) -> ListingDelta:
         if prefix:
             check_relpath(prefix)
-        header, data = self._call("list_delta", prefix=prefix, index=check_relpath(index), have=have)
+        header, data = self._call(
+            "list_delta", prefix=prefix, index=check_relpath(index), have=have, clean=clean_temp
+        )
         self._refuse_listed(prefix, header.get("refused") or [])
         digest = header.get("index_digest")
         return ListingDelta(

@@ -402,6 +402,8 @@ class Helper:
         entries = [e for e in listed if vouched.pop(e[0], None) != [e[1], e[2]]]
         digest = hashlib.sha256(raw).hexdigest() if raw else None
         answer = {"entries": entries, "refused": refused, "missing": list(vouched), "index_digest": digest}
+        if h.get("clean"):  # the look under the lock: clear what killed writers left, no extra request
+            answer["cleaned"] = self.op_cleanup({"prefix": prefix}, b"")
         return answer, (raw if digest is not None and digest != h.get("have") else b"")
 
     def read_index(self, path: str, out: dict) -> None:
