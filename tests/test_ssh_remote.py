@@ -30,6 +30,7 @@ from tether.errors import (
     DiskFullError,
     ExitCode,
     InvalidPath,
+    LockHeld,
     RemoteUnavailable,
     ScanError,
     StalePlanError,
@@ -813,6 +814,33 @@ def test_a_lease_is_released_in_one_request_and_only_while_it_is_ours(
     lease.release()
     assert sent == ["release"]
     assert (record.read_bytes() if record.exists() else None) == (None if meanwhile == "nothing" else left)
+
+
+def test_the_index_is_written_in_one_request_and_only_under_our_lock(
+    remote: SshRemote, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit point (the index) is checked and written by the helper in one request; once
+    someone else holds the lock it is not written, and the error names the holder."""
+    ops: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        ops.append(header.get("op"))
+        return real_send(self, header, payload, **kw)
+
+    lease = Lease(remote, "ns/ds", operation="push", host="here")
+    ours = lease.acquire()
+    index = remote_root(remote) / "ns/ds/.tether/index"
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    lease.write_while_held("ns/ds/.tether/index", b"first")
+    assert ops == ["write_locked"] and index.read_bytes() == b"first"
+
+    theirs = dataclasses.replace(ours, token="c" * 32, host="elsewhere")
+    (remote_root(remote) / lock_path("ns/ds")).write_bytes(theirs.dumps())
+    with pytest.raises(LockHeld, match="elsewhere"):
+        lease.write_while_held("ns/ds/.tether/index", b"second")
+    assert index.read_bytes() == b"first"
+    lease.release()
 
 
 def test_full_remote_disk_is_disk_full_error(tmp_path: Path, sshd: SshServer) -> None:

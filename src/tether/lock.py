@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tether.errors import LockHeld, TetherError
-from tether.remotes.base import ReleasesLocks, Remote
+from tether.remotes.base import GuardedWrites, ReleasesLocks, Remote
 
 LOCK_FORMAT = "tether-lock"
 LOCK_VERSION = 1
@@ -226,6 +226,18 @@ class Lease:
                 "the index was not updated",
                 hint="Rerun the command: files already written are verified and kept.",
             )
+
+    def write_while_held(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` (the index: a commit point) only while the lock is ours:
+        in one request where the backend checks beside the data, else ensure_held, then write."""
+        if isinstance(self.remote, GuardedWrites) and self.record is not None:
+            lock, token = lock_path(self.dataset_id), self.record.token
+            if not self.remote.write_if_locked(path, data, lock=lock, token=token):
+                self.ensure_held()  # raises, naming who holds it now
+                raise LockHeld(f"lost the lock on {self.dataset_id} while working; the index was not updated")
+            return
+        self.ensure_held()
+        self.remote.write_bytes_atomic(path, data)
 
     def release(self) -> None:
         self._stop.set()

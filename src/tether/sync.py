@@ -465,9 +465,10 @@ def _keep_index_copy(ctx: Context, data: bytes) -> None:
         )
 
 
-def write_index(ctx: Context, state: RemoteState) -> None:
+def write_index(ctx: Context, state: RemoteState, lease: Lease) -> None:
+    """The index is the commit point: written only while ``lease`` still holds the lock."""
     data = state.index().dumps(dataset=ctx.dataset.id)
-    ctx.remote.write_bytes_atomic(index_path(ctx.dataset.id), data)
+    lease.write_while_held(index_path(ctx.dataset.id), data)
     _keep_index_copy(ctx, data)
 
 
@@ -954,8 +955,7 @@ def _execute_push(
         faults.checkpoint("before_index")
         after = _state_after_push(ctx, before, result)
         remote_after = after.manifest
-        lease.ensure_held()
-        write_index(ctx, after)
+        write_index(ctx, after, lease)
         faults.checkpoint("before_base")
         save_base(ctx, local, remote_after, base)
         if remembered is not None:
@@ -1103,8 +1103,7 @@ def _finish_killed_run(ctx: Context, direction: Direction, remote_state: RemoteS
     if direction == Direction.PUSH and remote_state.exists and not remote_state.index_current:
         with Lease(ctx.remote, ctx.dataset.id, operation="push", host=ctx.workspace.hostname) as lease:
             state = scan_remote(ctx)
-            lease.ensure_held()
-            write_index(ctx, state)
+            write_index(ctx, state, lease)
         ctx.progress.message("the remote index was behind its files (an interrupted run); rewrote it")
         return
     clear_dead_lock(ctx.remote, ctx.dataset.id, host=ctx.workspace.hostname)

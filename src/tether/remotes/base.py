@@ -258,6 +258,19 @@ class ReleasesLocks(Protocol):
 
 
 @runtime_checkable
+class GuardedWrites(Protocol):
+    """Optional: write a file atomically only while a lock record holds ``token``, in one request.
+
+    The index is a push's commit point, written only while the lease is still ours: a check (a
+    read) and the write were two round trips. A backend that runs code beside the data checks
+    and writes there, under the flock that serialises creating the record. Returns whether the
+    file was written (False: the record is gone or someone else's; nothing was written).
+    """
+
+    def write_if_locked(self, path: str, data: bytes, *, lock: str, token: str) -> bool: ...
+
+
+@runtime_checkable
 class WarmsUp(Protocol):
     """Optional: get ready for transfers that may follow, without waiting.
 

@@ -1191,6 +1191,12 @@ class SshRemote:
         header, _ = self._call("create", data, path=check_relpath(path))
         return bool(header["created"])
 
+    def write_if_locked(self, path: str, data: bytes, *, lock: str, token: str) -> bool:
+        header, _ = self._call(
+            "write_locked", data, path=check_relpath(path), lock=check_relpath(lock), token=token
+        )
+        return bool(header["written"])
+
     def release_lock(self, path: str, token: str) -> bool:
         header, _ = self._call("release", path=check_relpath(path), token=token)
         return bool(header["released"])

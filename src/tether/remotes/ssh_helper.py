@@ -522,17 +522,22 @@ class Helper:
         fsync_dir(os.path.dirname(final))
         return {"created": True}
 
+    def op_write_locked(self, h: dict, data: bytes) -> dict:
+        """op_write, only while the lock record at ``lock`` holds ``token`` (the index, a push's
+        commit point: a check and a write in one request), under the flock of op_create."""
+        lock = self.base.parent_ok(h["lock"], False)
+        with flocked(lock + ".flock"):
+            if lock_token(lock) != h["token"]:
+                return {"written": False}
+            self.op_write(h, data)
+        return {"written": True}
+
     def op_release(self, h: dict, data: bytes) -> dict:
         """Delete the lock record at ``path`` if it still holds ``token`` (a read and a delete in
         one request), under the flock that serialises creating it (op_create)."""
         final = self.base.parent_ok(h["path"], False)
         with flocked(final + ".flock"):
-            try:
-                with open(final, "rb") as f:
-                    record = json.loads(f.read())
-            except (FileNotFoundError, ValueError):  # gone, or torn: not ours to delete
-                return {"released": False}
-            if not isinstance(record, dict) or record.get("token") != h["token"]:
+            if lock_token(final) != h["token"]:
                 return {"released": False}
             os.unlink(final)
         return {"released": True}
@@ -983,6 +988,16 @@ def bigger_pipe(fd: int) -> None:
 
 def mismatch(rel: str, expected: str, got: str) -> str:
     return f"{rel}: content hash mismatch (expected {expected[:12]}..., got {got[:12]}...)"
+
+
+def lock_token(path: str) -> str | None:
+    """The token of the lock record at ``path``; None if it is gone or torn (nobody's)."""
+    try:
+        with open(path, "rb") as f:
+            record = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record.get("token") if isinstance(record, dict) else None
 
 
 def read_index_into(path: str, out: dict) -> None:
