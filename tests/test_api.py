@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 import tether
 from conftest import WorkspaceFixture, make_workspace
+from tether import sync
 from tether.errors import (
     DatasetNotFound,
     Interrupted,
@@ -20,6 +22,7 @@ from tether.errors import (
 )
 from tether.plan import Plan
 from tether.progress import Progress
+from tether.remotes.local import LocalRemote
 
 
 @pytest.fixture
@@ -273,12 +276,11 @@ def test_the_remote_is_checked_while_the_local_tree_is_walked(
     the check must not wait for the walk, nor the walk for the check."""
     import threading
 
-    import tether.remotes.local as local_backend
     import tether.sync as sync_module
 
     ws.write("a.txt", "A")
     walking = threading.Event()
-    real_check, real_scan = local_backend.LocalRemote.check, sync_module.scan_tree
+    real_check, real_scan = LocalRemote.check, sync_module.scan_tree
 
     def check_during_walk(self) -> None:  # type: ignore[no-untyped-def]
         assert walking.wait(timeout=30), "the check waited for the walk to end"
@@ -288,7 +290,7 @@ def test_the_remote_is_checked_while_the_local_tree_is_walked(
         walking.set()
         return real_scan(*args, **kwargs)
 
-    monkeypatch.setattr(local_backend.LocalRemote, "check", check_during_walk)
+    monkeypatch.setattr(LocalRemote, "check", check_during_walk)
     monkeypatch.setattr(sync_module, "scan_tree", walk)
     assert tether.push("ns/ds", "store", workspace=ws.root).state == "transferred"
     assert tether.diff("ns/ds", "store", workspace=ws.root).in_sync
@@ -319,13 +321,12 @@ def test_the_hash_cache_is_consulted_while_the_remote_is_still_being_checked(
     here cannot end until the lookup ran (bounded: on code that waits, it fails after 30 s)."""
     import threading
 
-    import tether.remotes.local as local_backend
     from tether.hashing import HashCache
 
     ws.write("a.txt", "A")
     assert tether.push("ns/ds", "store", workspace=ws.root).state == "transferred"
     looked_up = threading.Event()
-    real_get_many, real_check = HashCache.get_many, local_backend.LocalRemote.check
+    real_get_many, real_check = HashCache.get_many, LocalRemote.check
 
     def get_many(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         looked_up.set()
@@ -336,7 +337,7 @@ def test_the_hash_cache_is_consulted_while_the_remote_is_still_being_checked(
         real_check(self)
 
     monkeypatch.setattr(HashCache, "get_many", get_many)
-    monkeypatch.setattr(local_backend.LocalRemote, "check", slow_check)
+    monkeypatch.setattr(LocalRemote, "check", slow_check)
     assert tether.diff("ns/ds", "store", workspace=ws.root).in_sync
 
 
@@ -347,15 +348,14 @@ def test_a_remote_whose_login_may_prompt_is_checked_before_the_walk(
     import dataclasses
     import threading
 
-    import tether.remotes.local as local_backend
     import tether.sync as sync_module
 
     ws.write("a.txt", "A")
     walking = threading.Event()
     checked_while_walking: list[tuple[bool, bool]] = []
     real_init, real_check, real_scan = (
-        local_backend.LocalRemote.__init__,
-        local_backend.LocalRemote.check,
+        LocalRemote.__init__,
+        LocalRemote.check,
         sync_module.scan_tree,
     )
 
@@ -373,8 +373,54 @@ def test_a_remote_whose_login_may_prompt_is_checked_before_the_walk(
         walking.set()
         return real_scan(*args, **kwargs)
 
-    monkeypatch.setattr(local_backend.LocalRemote, "__init__", prompting)
-    monkeypatch.setattr(local_backend.LocalRemote, "check", check)
+    monkeypatch.setattr(LocalRemote, "__init__", prompting)
+    monkeypatch.setattr(LocalRemote, "check", check)
     monkeypatch.setattr(sync_module, "scan_tree", walk)
     assert tether.push("ns/ds", "store", workspace=ws.root).state == "transferred"
     assert checked_while_walking == [(False, True)]
+
+
+class _Closing:
+    """A backend that remembers which thread closed it, and may fail to close."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.closed_by: list[str] = []
+        self.error = error
+
+    def close(self) -> None:
+        self.closed_by.append(threading.current_thread().name)
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_run_done_with_its_remote_closes_it_meanwhile_and_close_waits() -> None:
+    """close_soon (after the lock is released) closes the remote in a thread while the run
+    writes its audit record; close() then waits for it, closes nothing twice, and raises what
+    the background close raised."""
+    for error in (None, OSError("ssh -O exit failed")):
+        backend = _Closing(error)
+        ctx = sync.Context(None, None, "hpc", backend)  # type: ignore[arg-type]
+        ctx.close_soon()
+        ctx.close_soon()
+        if error is None:
+            ctx.close()
+        else:
+            with pytest.raises(OSError, match="ssh -O exit failed"):
+                ctx.close()
+        assert backend.closed_by == ["tether-close"]
+
+
+def test_a_push_closes_its_remote_once_in_the_background(
+    ws: WorkspaceFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closes: list[str] = []
+    real = LocalRemote.close
+
+    def counting(self: LocalRemote) -> None:
+        closes.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(LocalRemote, "close", counting)
+    ws.write("a.txt", "alpha")
+    tether.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
+    assert closes == ["tether-close"]

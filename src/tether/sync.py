@@ -119,6 +119,7 @@ class Context:
     # the local tree is walked: an SSH login and helper start took 0.45-0.55 s, as long as the
     # walk of 20,000 cold files. None once it passed.
     checking: Future[None] | None = None
+    closing: Future[None] | None = None  # the remote closing in the background (close_soon)
 
     @property
     def remote(self) -> Remote:
@@ -165,7 +166,28 @@ class Context:
     def local_reader(self, rel: str) -> Callable[[int, int], bytes]:
         return local_reader(self.dataset.path / rel)
 
+    def close_soon(self) -> None:
+        """The run is done with the remote: close it in a thread while the run writes its audit
+        record (an SSH close waits for its helpers and its master to exit, 40 ms through a 20 ms
+        link, as long as that bookkeeping). close() waits for it and raises its error."""
+        if self.closing is None and self.checking is None:
+            closing: Future[None] = Future()
+
+            def run() -> None:
+                try:
+                    self.backend.close()
+                except BaseException as exc:
+                    closing.set_exception(exc)
+                else:
+                    closing.set_result(None)
+
+            threading.Thread(target=run, name="tether-close", daemon=True).start()
+            self.closing = closing
+
     def close(self) -> None:
+        if self.closing is not None:
+            self.closing.result()
+            return
         if self.checking is not None:
             # Closing under a running check would race its connect: let it end first.
             futures_wait([self.checking])
@@ -869,6 +891,7 @@ def _run(
                 record.error = exc.message
                 _finish(ctx, plan, record, None, audit_out)
                 raise
+        ctx.close_soon()  # the lock was the last thing on the remote
         # -- audit (what was actually done, measured after the transfer)
         _record_outcome(record, result, verification)
         finished = _finish(ctx, plan, record, verification, audit_out)
