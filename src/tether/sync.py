@@ -1040,16 +1040,26 @@ def _execute_pull(
     remote_m = remote_m.with_digests(result.resolved)
     faults.checkpoint("before_base")
     local_after, arrived = _state_after_pull(local, result)
-    # Promoted files were hashed on arrival: the hash cache learns their digests under the state
-    # they have now (their inode and ctime after the rename), so the next scan rereads nothing.
+    # The hash cache learns the promoted files' digests beside the base write, as after a push:
+    # it is only this machine's memo, with no place in the write order (20,000 rows and their
+    # commit took 75 ms, the base 45 ms, one after the other).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-cache") as pool:
+        remembered = pool.submit(_remember_arrived, ctx, result, arrived)
+        save_base(ctx, local_after, remote_m, base)
+        remembered.result()
+    return result, fidelity.verify_run(ctx, result.done, local_after, remote_m)
+
+
+def _remember_arrived(ctx: Context, result: BatchResult, arrived: dict[str, Entry]) -> None:
+    """Promoted files were hashed on arrival: the hash cache learns their digests under the
+    state they have now (their inode and ctime after the rename), so the next scan rereads
+    nothing."""
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
         landed = ((p, st, arrived[p].digest) for p, st in result.landed.items() if _landed_as(st, arrived[p]))
         _remember_digests(ctx, cache, landed)
     finally:
         cache.close()
-    save_base(ctx, local_after, remote_m, base)
-    return result, fidelity.verify_run(ctx, result.done, local_after, remote_m)
 
 
 def _state_after_pull(local: Manifest, result: BatchResult) -> tuple[Manifest, dict[str, Entry]]:
