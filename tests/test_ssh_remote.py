@@ -1019,8 +1019,8 @@ def deltas(monkeypatch: pytest.MonkeyPatch) -> list[ListingDelta]:
     seen: list[ListingDelta] = []
     real = SshRemote.list_against_index
 
-    def spy(self, prefix, index, *, have, clean_temp=False):  # type: ignore[no-untyped-def]
-        delta = real(self, prefix, index, have=have, clean_temp=clean_temp)
+    def spy(self, prefix, index, **options):  # type: ignore[no-untyped-def]
+        delta = real(self, prefix, index, **options)
         seen.append(delta)
         return delta
 
@@ -1152,6 +1152,33 @@ def test_a_same_size_edit_with_its_mtime_restored_is_not_vouched_twice(
     assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
     checked = sync.diff("ns/ds", "hpc", workspace=ws.root, checksum=True)
     assert [c.path for c in checked.pull.changes] == ["d0/f0.txt"]
+
+
+def test_a_stale_index_copy_is_replaced_and_parsed_while_the_remote_lists(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a current copy of the index, the helper sends the index as soon as it has read
+    it, before its walk ends: the client parses it meanwhile, not after the listing."""
+    ws = _pushed_workspace(tmp_path)
+    ws.workspace().remote_index_path("hpc", "ns/ds").unlink()
+    events: list[tuple[str, bytes | None]] = []
+    real_parse, real_list = sync._parse_meanwhile, SshRemote.list_against_index
+
+    def parse(ctx, data):  # type: ignore[no-untyped-def]
+        events.append(("parse", data))
+        return real_parse(ctx, data)
+
+    def listing(self, *args, **options):  # type: ignore[no-untyped-def]
+        delta = real_list(self, *args, **options)
+        events.append(("listed", delta.index))
+        return delta
+
+    monkeypatch.setattr(sync, "_parse_meanwhile", parse)
+    monkeypatch.setattr(SshRemote, "list_against_index", listing)
+    assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
+    remote_index = (ws.remote_dir / "ns/ds/.tether/index").read_bytes()
+    assert events == [("parse", None), ("parse", remote_index), ("listed", remote_index)]
+    assert ws.workspace().remote_index_path("hpc", "ns/ds").read_bytes() == remote_index
 
 
 def test_a_stale_or_damaged_index_copy_is_replaced(

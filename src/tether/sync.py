@@ -456,12 +456,25 @@ def list_remote(
     except OSError:
         have = None
     have_digest = hashlib.sha256(have).hexdigest() if have else None
-    parsing = _parse_meanwhile(ctx, have)
+    parsing: list[threading.Thread] = []
+
+    def parse_meanwhile(data: bytes | None) -> None:
+        thread = _parse_meanwhile(ctx, data)
+        if thread is not None:
+            parsing.append(thread)
+
+    parse_meanwhile(have)
     delta = remote.list_against_index(
-        ctx.dataset.id, index_path(ctx.dataset.id), have=have_digest, clean_temp=clean_temp
+        ctx.dataset.id,
+        index_path(ctx.dataset.id),
+        have=have_digest,
+        clean_temp=clean_temp,
+        # A stale copy's replacement arrives before the listing ends: parsed meanwhile too (a
+        # first pull of 20,000 files parsed it for 70 ms after the listing).
+        on_index=parse_meanwhile,
     )
-    if parsing is not None:
-        parsing.join()
+    for thread in parsing:
+        thread.join()
     if delta.index_digest is None:
         return delta.changed, None, []  # no index there: everything was listed
     data = delta.index if delta.index is not None else have

@@ -237,11 +237,18 @@ class IndexedListing(Protocol):
     backend that runs code beside the data (SSH's helper) sends only what the index does not
     vouch for, and the index itself only when the caller's copy (``have``: its SHA-256) is stale.
     ``clean_temp`` (the look under the lock) also does ``cleanup_temp(prefix)`` there, in the
-    same request: a round trip less before the first byte.
+    same request: a round trip less before the first byte. ``on_index`` gets the index bytes
+    as soon as they arrive, before the listing ends, so the caller parses them meanwhile.
     """
 
     def list_against_index(
-        self, prefix: str, index: str, *, have: str | None, clean_temp: bool = False
+        self,
+        prefix: str,
+        index: str,
+        *,
+        have: str | None,
+        clean_temp: bool = False,
+        on_index: Callable[[bytes], None] | None = None,
     ) -> ListingDelta: ...
 
 

@@ -805,15 +805,18 @@ class _Channel:
             self.chatter += 1
         self.chatter -= len(magic)
 
-    def call(self, op: str, payload: bytes = b"", **fields: Any) -> tuple[dict[str, Any], bytes]:
-        """One request, one answer (list answers may come in pages, gathered here)."""
+    def call(
+        self, op: str, payload: bytes = b"", *, on_early: Callable[[bytes], None] | None = None, **fields: Any
+    ) -> tuple[dict[str, Any], bytes]:
+        """One request, one answer (list answers may come in pages, gathered here; see answer
+        for ``on_early``)."""
         with self.lock:
             self.start()
             try:
                 self.send({"op": op, "id": next(self.ids), **fields}, payload)
             except (OSError, ValueError):
                 raise self.lost(op) from None
-            return self.answer(op)
+            return self.answer(op, on_early=on_early)
 
     def pipeline(self, op: str, **fields: Any) -> None:
         """Send a request before the helper has even said hello (saves a round trip at start);
@@ -821,15 +824,26 @@ class _Channel:
         with self.lock, contextlib.suppress(OSError, ValueError):
             self.send({"op": op, "id": next(self.ids), **fields})
 
-    def answer(self, op: str) -> tuple[dict[str, Any], bytes]:
+    def answer(
+        self, op: str, *, on_early: Callable[[bytes], None] | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The answer's header and payload. A payload the helper had ready before the rest of
+        its answer (an index read beside a walk) may come first, in an ``early`` frame: it is
+        handed to ``on_early`` at once and returned as the payload."""
         with self.lock:
             self.start()
             pages: list[Any] = []
+            early = b""
             try:
                 while True:
                     header, data = self.recv()
                     if "page" in header:
                         pages += header["page"]
+                        continue
+                    if header.get("early"):
+                        early = data
+                        if on_early is not None:
+                            on_early(data)
                         continue
                     break
             except (EOFError, OSError, ValueError):
@@ -838,7 +852,7 @@ class _Channel:
                 raise self.remote.error_from(header["error"])
             if pages:
                 header["entries"] = pages + header.get("entries", [])
-            return header, data
+            return header, data or early
 
     def stderr_text(self) -> str:
         try:
@@ -1160,12 +1174,24 @@ class SshRemote:
             )
 
     def list_against_index(
-        self, prefix: str, index: str, *, have: str | None, clean_temp: bool = False
+        self,
+        prefix: str,
+        index: str,
+        *,
+        have: str | None,
+        clean_temp: bool = False,
+        on_index: Callable[[bytes], None] | None = None,
     ) -> ListingDelta:
         if prefix:
             check_relpath(prefix)
-        header, data = self._call(
-            "list_delta", prefix=prefix, index=check_relpath(index), have=have, clean=clean_temp
+        header, data = self.control().call(
+            "list_delta",
+            prefix=prefix,
+            index=check_relpath(index),
+            have=have,
+            clean=clean_temp,
+            early=on_index is not None,
+            on_early=on_index,
         )
         self._refuse_listed(prefix, header.get("refused") or [])
         digest = header.get("index_digest")

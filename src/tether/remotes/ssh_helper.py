@@ -387,7 +387,17 @@ class Helper:
         # The index is read and parsed on a thread while the tree is walked: a cold walk of
         # 20,000 files mostly waits on the disk, and parsing their index took 0.06 s of it.
         read: dict = {}
-        reader = threading.Thread(target=self.read_index, args=(index, read), name="helper-index")
+
+        def read_and_offer() -> None:
+            """Read the index; if the client asked, send it now (early), before the walk ends,
+            when its copy is stale: it parses the index while this side walks."""
+            self.read_index(index, read)
+            raw = read.get("raw")
+            if raw and h.get("early") and hashlib.sha256(raw).hexdigest() != h.get("have"):
+                self.conn.send({"id": h["id"], "early": True}, raw)
+                read["sent"] = True
+
+        reader = threading.Thread(target=read_and_offer, name="helper-index")
         reader.start()
         listed: list = []
         refused: list = []
@@ -404,7 +414,8 @@ class Helper:
         answer = {"entries": entries, "refused": refused, "missing": list(vouched), "index_digest": digest}
         if h.get("clean"):  # the look under the lock: clear what killed writers left, no extra request
             answer["cleaned"] = self.op_cleanup({"prefix": prefix}, b"")
-        return answer, (raw if digest is not None and digest != h.get("have") else b"")
+        stale = digest is not None and digest != h.get("have") and not read.get("sent")
+        return answer, (raw if stale else b"")
 
     def read_index(self, path: str, out: dict) -> None:
         """read_index_into, remembering the parse for the same file (inode, size, mtime, ctime):
