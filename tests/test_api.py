@@ -424,3 +424,20 @@ def test_a_push_closes_its_remote_once_in_the_background(
     ws.write("a.txt", "alpha")
     tether.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
     assert closes == ["tether-close"]
+
+
+def test_a_diff_closes_its_remote_in_the_background_once_it_has_listed(
+    ws: WorkspaceFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closes: list[str] = []
+    real = LocalRemote.close
+
+    def counting(self: LocalRemote) -> None:
+        closes.append(threading.current_thread().name)
+        real(self)
+
+    ws.write("a.txt", "alpha")
+    tether.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
+    monkeypatch.setattr(LocalRemote, "close", counting)
+    assert tether.diff("ns/ds", "store", workspace=ws.root).in_sync
+    assert closes == ["tether-close"]

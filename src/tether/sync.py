@@ -737,6 +737,7 @@ def diff(
         # In step (the common no-op): the base cannot change any status, so it is not read.
         base = Manifest() if local.entries == remote_m.entries else load_base(ctx)
         ledgers = fidelity.check_ledgers(ctx, local, remote_m, base)
+        ctx.close_soon()  # nothing more to read there: the remote closes while the plan is made
         push_options = PlanOptions(
             direction=Direction.PUSH, mode=Mode(mode), ledgers=fidelity.growths(ledgers)
         )
