@@ -410,34 +410,27 @@ def test_a_run_done_with_its_remote_closes_it_meanwhile_and_close_waits() -> Non
         assert backend.closed_by == ["tether-close"]
 
 
-def test_a_push_closes_its_remote_once_in_the_background(
-    ws: WorkspaceFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    closes: list[str] = []
+@pytest.fixture
+def closes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The thread that closed each local remote, from now on."""
+    seen: list[str] = []
     real = LocalRemote.close
 
     def counting(self: LocalRemote) -> None:
-        closes.append(threading.current_thread().name)
+        seen.append(threading.current_thread().name)
         real(self)
 
     monkeypatch.setattr(LocalRemote, "close", counting)
+    return seen
+
+
+def test_a_push_and_a_diff_close_their_remote_once_in_the_background(
+    ws: WorkspaceFixture, closes: list[str]
+) -> None:
+    """A push once its lock is released, a diff once it has listed: the remote closes while the
+    run writes its audit record or makes its plan."""
     ws.write("a.txt", "alpha")
     tether.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
     assert closes == ["tether-close"]
-
-
-def test_a_diff_closes_its_remote_in_the_background_once_it_has_listed(
-    ws: WorkspaceFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    closes: list[str] = []
-    real = LocalRemote.close
-
-    def counting(self: LocalRemote) -> None:
-        closes.append(threading.current_thread().name)
-        real(self)
-
-    ws.write("a.txt", "alpha")
-    tether.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
-    monkeypatch.setattr(LocalRemote, "close", counting)
     assert tether.diff("ns/ds", "store", workspace=ws.root).in_sync
-    assert closes == ["tether-close"]
+    assert closes == ["tether-close"] * 2

@@ -78,6 +78,20 @@ def remote(tmp_path: Path, sshd: SshServer) -> Iterator[SshRemote]:
     r.close()
 
 
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(thread name, op) of every request any channel sends from now on."""
+    seen: list[tuple[str, str]] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, header.get("op")))
+        return real_send(self, header, payload, **kw)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    return seen
+
+
 def remote_root(r: SshRemote) -> Path:
     return Path(r.settings.path)
 
@@ -218,31 +232,26 @@ def test_stream_helper_starts_on_first_use_or_when_prepared(tmp_path: Path, sshd
 
 
 def test_the_link_is_timed_while_the_stream_helper_warms_up(
-    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sshd: SshServer, sent: list[tuple[str, str]]
 ) -> None:
     """prepare_transfers (called as the scan starts) waits for the stream helper and times one
     ping on it in a background thread, before any transfer asks: the first transfer then sends
     no ping of its own (it cost every push and pull a round trip before its first byte)."""
-    pings: list[str] = []
-    real_send = ssh_mod._Channel.send
 
-    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
-        if header.get("op") == "ping":
-            pings.append(threading.current_thread().name)
-        return real_send(self, header, payload, **kw)
+    def pings() -> list[str]:
+        return [thread for thread, op in sent if op == "ping"]
 
-    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
     r = ssh_remote(tmp_path)
     try:
         r.prepare_transfers()
         assert r._warming is not None
         r._warming.join(60)  # what a scan, a plan and a lock take longer than
-        assert pings == ["tether-ssh-warm"] and r.rtt_s is not None
+        assert pings() == ["tether-ssh-warm"] and r.rtt_s is not None
         items = [_item(tmp_path / "src", f"f{i}", b"x%d" % i, f"ds/f{i}") for i in range(3)]
         errors: list[BaseException | None] = []
         r.put_many(items, on_bytes=lambda n: None, on_done=lambda _i, e: errors.append(e))
         assert errors == [None] * 3
-        assert pings == ["tether-ssh-warm"]
+        assert pings() == ["tether-ssh-warm"]
     finally:
         r.close()
 
@@ -787,17 +796,10 @@ def test_create_exclusive_has_one_winner(tmp_path: Path, sshd: SshServer) -> Non
 
 @pytest.mark.parametrize("meanwhile", ["nothing", "broken and taken", "torn", "gone"])
 def test_a_lease_is_released_in_one_request_and_only_while_it_is_ours(
-    remote: SshRemote, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+    remote: SshRemote, sent: list[tuple[str, str]], meanwhile: str
 ) -> None:
     """Releasing over SSH is one "release" request (no read, then delete). A record someone
     else wrote after breaking ours, a torn one and a missing one are left as they are."""
-    sent: list[str] = []
-    real_send = ssh_mod._Channel.send
-
-    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
-        sent.append(header.get("op"))
-        return real_send(self, header, payload, **kw)
-
     lease = Lease(remote, "ns/ds", operation="push", host="here")
     ours = lease.acquire()
     record = remote_root(remote) / lock_path("ns/ds")
@@ -810,30 +812,23 @@ def test_a_lease_is_released_in_one_request_and_only_while_it_is_ours(
     elif meanwhile == "gone":
         record.unlink()
     left = record.read_bytes() if record.exists() else None
-    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    sent.clear()
     lease.release()
-    assert sent == ["release"]
+    assert [op for _, op in sent] == ["release"]
     assert (record.read_bytes() if record.exists() else None) == (None if meanwhile == "nothing" else left)
 
 
 def test_the_index_is_written_in_one_request_and_only_under_our_lock(
-    remote: SshRemote, monkeypatch: pytest.MonkeyPatch
+    remote: SshRemote, sent: list[tuple[str, str]]
 ) -> None:
     """The commit point (the index) is checked and written by the helper in one request; once
     someone else holds the lock it is not written, and the error names the holder."""
-    ops: list[str] = []
-    real_send = ssh_mod._Channel.send
-
-    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
-        ops.append(header.get("op"))
-        return real_send(self, header, payload, **kw)
-
     lease = Lease(remote, "ns/ds", operation="push", host="here")
     ours = lease.acquire()
     index = remote_root(remote) / "ns/ds/.tether/index"
-    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    sent.clear()
     lease.write_while_held("ns/ds/.tether/index", b"first")
-    assert ops == ["write_locked"] and index.read_bytes() == b"first"
+    assert [op for _, op in sent] == ["write_locked"] and index.read_bytes() == b"first"
 
     theirs = dataclasses.replace(ours, token="c" * 32, host="elsewhere")
     (remote_root(remote) / lock_path("ns/ds")).write_bytes(theirs.dumps())
@@ -1068,7 +1063,7 @@ def test_index_entries_taken_as_confirmed_give_the_state_of_a_full_look(
 
 
 def test_the_look_under_the_lock_clears_what_killed_writers_left_in_the_same_request(
-    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sshd: SshServer, sent: list[tuple[str, str]]
 ) -> None:
     """Temporary files of a killed run (beside the data and in .tether/) are removed by the
     listing under the lock, without a request of their own; a recent resumable part stays."""
@@ -1078,17 +1073,11 @@ def test_the_look_under_the_lock_clears_what_killed_writers_left_in_the_same_req
     part = remote / f"d2/.big{TEMP_MARKER}{'0' * 16}.part"
     for path in [*dead, part]:
         path.write_bytes(b"left by a killed run")
-    ops: list[str] = []
-    real_send = ssh_mod._Channel.send
-
-    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
-        ops.append(header.get("op"))
-        return real_send(self, header, payload, **kw)
-
-    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    sent.clear()
     ws.write("d0/f0.txt", "changed")
     sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
     assert not any(p.exists() for p in dead) and part.exists()
+    ops = [op for _, op in sent]
     assert "cleanup" not in ops and ops.count("list_delta") == 2
     assert (remote / "d0/f0.txt").read_text() == "changed"
 
