@@ -298,6 +298,27 @@ def test_create_exclusive_true_once_then_false(remote: LocalRemote, root: Path) 
     assert (root / "ns" / "ds" / ".tether" / "lock").read_bytes() == b"first"
 
 
+def test_a_full_disk_refusing_the_records_folder_is_disk_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in a bench run: the disk filled up before a pull wrote its base, and creating the
+    base's folder failed. That is a DiskFullError naming the record (exit 3), not an
+    unclassified I/O error."""
+    real_mkdir = Path.mkdir
+
+    def full(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name == "store":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    target = tmp_path / "bases" / "store" / "ns" / "ds"
+    with pytest.raises(DiskFullError, match="no space left") as info:
+        write_bytes_atomic(target, b"base")
+    assert info.value.exit_code == ExitCode.REFUSED
+    assert not target.exists()
+
+
 def test_write_bytes_atomic_replaces_without_leftovers(remote: LocalRemote, root: Path) -> None:
     remote.write_bytes_atomic("ds/.tether/index", b"v1")
     target = root / "ds" / ".tether" / "index"

@@ -424,7 +424,13 @@ def create_in_place(path: str | Path) -> int:
 
 def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``final`` with ``data``: readers see old or new bytes, never a mix."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a full disk already refuses the folder (seen: a pull's base)
+        mapped = os_error_to_tether(exc, final)
+        if mapped is exc:
+            raise
+        raise mapped from exc
     tmp = temp_sibling(final)
     try:
         with open(tmp, "xb") as f:
