@@ -597,3 +597,28 @@ def test_a_remote_index_that_cannot_be_read_stops_the_diff_with_its_path(
     index.mkdir()
     r = tether("diff", DS, "hpc", cwd=hpc.root)
     _clean_error(r, ExitCode.TRANSFER_FAILED, ".tether/index")
+
+
+def test_a_push_whose_lock_was_taken_over_stops_before_the_index_with_exit_6(
+    hpc: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over SSH the helper checks the lock and writes the index in one request: a lock someone
+    else took during the upload leaves the index untouched, and the run exits 6 naming them."""
+    hpc.write("a.txt", "alpha")
+    assert tether("push", "ns/ds", "hpc", "-y", cwd=hpc.root).exit_code == 0
+    index = hpc.remote_dir / "ns/ds/.tether/index"
+    before = index.read_bytes()
+    lock = hpc.remote_dir / "ns/ds/.tether/lock"
+
+    def checkpoint(name: str) -> None:
+        if name == "before_index":  # someone ran `tether lock break --force` and took it
+            record = json.loads(lock.read_bytes())
+            lock.write_text(json.dumps({**record, "token": "d" * 32, "host": "another-laptop"}))
+
+    monkeypatch.setattr(faults, "checkpoint", checkpoint)
+    hpc.write("b.txt", "beta")
+    r = tether("push", "ns/ds", "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == ExitCode.LOCKED, r.output
+    assert "another-laptop" in r.stderr and "the index was not updated" in r.stderr
+    assert index.read_bytes() == before
+    assert json.loads(lock.read_bytes())["host"] == "another-laptop"  # their lock is left alone
