@@ -562,6 +562,29 @@ def test_full_remote_disk_fails_clearly_and_rerun_converges(
     assert_converged(tether, ws, new)
 
 
+def test_a_disk_too_full_for_the_base_folder_is_disk_full_and_rerun_converges(
+    ws: WorkspaceFixture, tmp_path: Path, tmpfs, tether
+) -> None:
+    """Seen in a bench run: the disk filled after a pull promoted its files, and the folder for
+    its base could not be made. That is exit 3 naming the disk, not an unclassified I/O error;
+    the verified files stay, and a rerun with space records the base and is in step."""
+    write_tree(ws.data / DS, {"a.txt": b"alpha\n", "b/c.txt": b"gamma\n"})
+    ok(tether, ws, ["push", DS, "store", "-y"])
+    ws2 = make_workspace(tmp_path, "ws2", ws.remote_dir)
+    bases = ws2.root / ".tether" / "bases"
+    bases.mkdir(parents=True, exist_ok=True)
+    tmpfs(bases, "64k,nr_inodes=1")  # no inode left for a folder
+    r = tether("pull", DS, "store", "-y", cwd=ws2.root)
+    assert r.exit_code == ExitCode.REFUSED, r.output
+    assert "no space left on the device holding" in r.stderr and "bases" in r.stderr
+    assert (ws2.data / DS / "a.txt").read_bytes() == b"alpha\n"  # verified and kept
+    assert_lock_released(ws)
+
+    remount(bases, "64k,nr_inodes=64")
+    ok(tether, ws2, ["pull", DS, "store", "-y"])
+    assert tether("diff", DS, "store", cwd=ws2.root).exit_code == 0
+
+
 @pytest.mark.parametrize(
     "kernel_copy_min", [fileio.KERNEL_COPY_MIN, 100_000], ids=["buffered", "kernel-copy"]
 )
