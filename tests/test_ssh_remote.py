@@ -245,7 +245,7 @@ def test_the_link_is_timed_while_the_stream_helper_warms_up(
     try:
         r.prepare_transfers()
         assert r._warming is not None
-        r._warming.join(60)  # what a scan, a plan and a lock take longer than
+        r._warming.result(60)  # what a scan, a plan and a lock take longer than
         assert pings() == ["tether-ssh-warm"] and r.rtt_s is not None
         items = [_item(tmp_path / "src", f"f{i}", b"x%d" % i, f"ds/f{i}") for i in range(3)]
         errors: list[BaseException | None] = []

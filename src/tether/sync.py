@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypedDict, Unpack
 
 from tether import audit, faults, fidelity
+from tether.background import in_background
 from tether.errors import (
     DatasetNotFound,
     Interrupted,
@@ -171,18 +172,7 @@ class Context:
         record (an SSH close waits for its helpers and its master to exit, 40 ms through a 20 ms
         link, as long as that bookkeeping). close() waits for it and raises its error."""
         if self.closing is None and self.checking is None:
-            closing: Future[None] = Future()
-
-            def run() -> None:
-                try:
-                    self.backend.close()
-                except BaseException as exc:
-                    closing.set_exception(exc)
-                else:
-                    closing.set_result(None)
-
-            threading.Thread(target=run, name="tether-close", daemon=True).start()
-            self.closing = closing
+            self.closing = in_background(self.backend.close, "tether-close")
 
     def close(self) -> None:
         if self.closing is not None:
@@ -273,18 +263,7 @@ def _get_ready(remote: Remote, may_transfer: bool) -> None:
 
 def _check_in_background(remote: Remote, may_transfer: bool) -> Future[None]:
     """Run _get_ready in a thread; Context.remote waits for it (and raises its error)."""
-    checking: Future[None] = Future()
-
-    def run() -> None:
-        try:
-            _get_ready(remote, may_transfer)
-        except BaseException as exc:
-            checking.set_exception(exc)
-        else:
-            checking.set_result(None)
-
-    threading.Thread(target=run, name="tether-remote-check", daemon=True).start()
-    return checking
+    return in_background(lambda: _get_ready(remote, may_transfer), "tether-remote-check")
 
 
 def _scope(dataset: Dataset, profile: DatasetProfile, primary_only: bool, skip: tuple[str, ...]) -> Scope:

@@ -43,11 +43,13 @@ import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from tether import fileio
+from tether.background import in_background
 from tether.errors import (
     ConfigError,
     DiskFullError,
@@ -720,6 +722,7 @@ class _Channel:
         self.ids = itertools.count(1)
         self.ready = False
         self.initialised = False
+        self.facts: dict[str, Any] = {}  # the init answer (SshRemote._init)
         self.closed = False
         self.chatter = 0  # bytes the remote shell printed before the helper spoke
         self.hello: dict[str, Any] = {}
@@ -976,8 +979,7 @@ class SshRemote:
         self._bulk: _Channel | None = None
         self._extra: list[_Channel] = []  # further stream channels of large batches
         self.rtt_s: float | None = None
-        self._warming: threading.Thread | None = None  # starts the bulk helper and times a ping
-        self._warm_error: BaseException | None = None
+        self._warming: Future[None] | None = None  # waits for the bulk helper, times a ping
         self._lost: TetherError | None = None
         self.facts: dict[str, Any] = {}
         self.flushed_behind = 0  # background flushes the helper ran before the last flush()
@@ -998,10 +1000,13 @@ class SshRemote:
         return channel
 
     def _init(self, channel: _Channel) -> dict[str, Any]:
-        """The answer to the init request pipelined at spawn: the base folder's facts."""
-        facts, _ = channel.answer("init")
-        channel.initialised = True
-        return facts
+        """The answer to the init request pipelined at spawn: the base folder's facts. Read once,
+        under the channel's lock, whichever thread asks first (the warm-up or a transfer)."""
+        with channel.lock:
+            if not channel.initialised:
+                channel.facts, _ = channel.answer("init")
+                channel.initialised = True
+            return channel.facts
 
     def control(self) -> _Channel:
         """The small-request channel; the first call connects and starts its helper."""
@@ -1038,37 +1043,30 @@ class SshRemote:
             if self._lost is None and (self._bulk is None or self._bulk.closed):
                 self._bulk = self._spawn("bulk")
                 if self.rtt_s is None:
-                    self._warming = threading.Thread(
-                        target=self._warm_up, args=(self._bulk,), name="tether-ssh-warm", daemon=True
-                    )
-                    self._warming.start()
+                    bulk = self._bulk
+                    self._warming = in_background(lambda: self._warm_up(bulk), "tether-ssh-warm")
 
     def _warm_up(self, channel: _Channel) -> None:
         """Wait for the stream helper and time a ping on it, off the critical path: the scan,
         the plan and the lock take longer than both, so the first transfer finds the streams
-        decided (the ping cost every push and pull a round trip before its first byte)."""
-        try:
-            self._init(channel)
-            self.round_trip(channel)
-        except BaseException as exc:  # bulk() reports it to the caller
-            self._warm_error = exc
+        decided (the ping cost every push and pull a round trip before its first byte). Its
+        error reaches the caller of bulk()."""
+        self._init(channel)
+        self.round_trip(channel)
 
     def bulk(self) -> _Channel:
         """The stream channel, started on first use if prepare_transfers did not start it
         (respawned if a stream had to be abandoned)."""
         self.prepare_transfers()
-        if self._warming is not None:
-            self._warming.join()
-            self._warming = None
+        with self._lock:
+            warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.result()  # raises the warm-up's error (to this caller only)
         with self._lock:
             if self._lost is not None:
                 raise self._lost
-            if self._warm_error is not None:
-                error, self._warm_error = self._warm_error, None
-                raise error
             assert self._bulk is not None
-            if not self._bulk.initialised:
-                self._init(self._bulk)
+            self._init(self._bulk)
             return self._bulk
 
     def streams(self, pieces: int) -> list[_Channel]:
