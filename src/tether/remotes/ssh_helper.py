@@ -401,8 +401,9 @@ class Helper:
         reader.start()
         listed: list = []
         refused: list = []
+        temps: list | None = [] if h.get("clean") else None
         if os.path.isdir(root):
-            self.walk(root, "", listed, refused, h["id"], page=False)
+            self.walk(root, "", listed, refused, h["id"], page=False, temps=temps)
         reader.join()
         if "error" in read:
             raise read["error"]
@@ -412,8 +413,8 @@ class Helper:
         entries = [e for e in listed if vouched.pop(e[0], None) != [e[1], e[2]]]
         digest = hashlib.sha256(raw).hexdigest() if raw else None
         answer = {"entries": entries, "refused": refused, "missing": list(vouched), "index_digest": digest}
-        if h.get("clean"):  # the look under the lock: clear what killed writers left, no extra request
-            answer["cleaned"] = self.op_cleanup({"prefix": prefix}, b"")
+        if temps is not None:  # the look under the lock: clear what killed writers left
+            answer["cleaned"] = clear_temps(temps)
         stale = digest is not None and digest != h.get("have") and not read.get("sent")
         return answer, (raw if stale else b"")
 
@@ -439,11 +440,21 @@ class Helper:
             self.index_memo = (key, out["raw"], dict(out["stats"]))
 
     def walk(
-        self, root: str, prefix: str, entries: list, refused: list, rid: int, *, page: bool = True
+        self,
+        root: str,
+        prefix: str,
+        entries: list,
+        refused: list,
+        rid: int,
+        *,
+        page: bool = True,
+        temps: list | None = None,
     ) -> None:
         """Mirror of tether.scan: sorted, state folders and temp names skipped, links refused.
         ``page``: send ``entries`` in pages as they fill (a full listing); without it they all
-        stay in ``entries`` for the caller to filter first."""
+        stay in ``entries`` for the caller to filter first. ``temps`` (the look under the lock)
+        collects the temporary files passed over, state folders' included, for clear_temps:
+        one walk where a listing and a clean-up took two."""
         try:
             with os.scandir(os.path.join(root, prefix) if prefix else root) as it:
                 items = sorted(it, key=lambda d: d.name)
@@ -453,6 +464,8 @@ class Helper:
             name = item.name
             rel = prefix + "/" + name if prefix else name
             if name == STATE_DIR or (not prefix and name == ".git"):
+                if temps is not None and name == STATE_DIR:
+                    temps += temp_files_below(os.path.join(root, rel))
                 continue
             try:
                 name.encode("utf-8")
@@ -464,9 +477,11 @@ class Helper:
             except FileNotFoundError:
                 continue  # removed while we walked
             if stat.S_ISDIR(st.st_mode):
-                self.walk(root, rel, entries, refused, rid, page=page)
+                self.walk(root, rel, entries, refused, rid, page=page, temps=temps)
                 continue
             if TEMP_MARKER in name:
+                if temps is not None:
+                    temps.append(os.path.join(root, rel))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 refused.append([rel, "symlink" if stat.S_ISLNK(st.st_mode) else "special file"])
@@ -570,24 +585,7 @@ class Helper:
         return {}
 
     def op_cleanup(self, h: dict, data: bytes) -> dict:
-        """Remove temporary files a killed writer left; keep recent resumable ``.part`` files."""
-        removed = kept = 0
-        now = time.time()
-        for folder, _dirs, files in os.walk(self.base.abs(h.get("prefix") or "")):
-            for name in files:
-                if TEMP_MARKER not in name:
-                    continue
-                path = os.path.join(folder, name)
-                if name.endswith(PART_SUFFIX):
-                    try:
-                        if now - os.lstat(path).st_mtime < PART_MAX_AGE_S:
-                            kept += 1
-                            continue
-                    except FileNotFoundError:
-                        continue
-                remove(path)
-                removed += 1
-        return {"removed": removed, "kept_parts": kept}
+        return clear_temps(temp_files_below(self.base.abs(h.get("prefix") or "")))
 
     def op_flush(self, h: dict, data: bytes) -> dict:
         """The flush the client's index waits for; a background flush asked for runs first."""
@@ -999,6 +997,28 @@ def bigger_pipe(fd: int) -> None:
 
 def mismatch(rel: str, expected: str, got: str) -> str:
     return f"{rel}: content hash mismatch (expected {expected[:12]}..., got {got[:12]}...)"
+
+
+def temp_files_below(folder: str) -> list:
+    """Every temporary file (a TEMP_MARKER name) in ``folder`` and below it."""
+    return [os.path.join(d, n) for d, _dirs, files in os.walk(folder) for n in files if TEMP_MARKER in n]
+
+
+def clear_temps(paths: list) -> dict:
+    """Remove temporary files a killed writer left; keep recent resumable ``.part`` files."""
+    removed = kept = 0
+    now = time.time()
+    for path in paths:
+        if path.endswith(PART_SUFFIX):
+            try:
+                if now - os.lstat(path).st_mtime < PART_MAX_AGE_S:
+                    kept += 1
+                    continue
+            except FileNotFoundError:
+                continue
+        remove(path)
+        removed += 1
+    return {"removed": removed, "kept_parts": kept}
 
 
 def lock_token(path: str) -> str | None:
