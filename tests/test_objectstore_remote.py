@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import obstore
 import pytest
@@ -248,10 +249,52 @@ def test_listing_pages_and_plain_md5_etags(rclone: S3Server, tmp_path: Path) -> 
     assert first.etag == hashlib.md5(remote.key("ds/f0000").encode()).hexdigest()
 
 
+def test_a_dataset_with_folders_is_listed_a_stream_per_folder(rclone: S3Server, tmp_path: Path) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        prefix = unique_prefix()
+        remote = _remote(rclone, tmp_path, prefix, endpoint=proxy.endpoint)
+        store = rclone.store()
+        files = ["top.txt", "d0/a", "d0/b", "d1/x/y/deep", "d2/c", "_derived/e.parquet"]
+        for rel in [*files, ".tether/index"]:
+            obstore.put(store, remote.key(f"ds/{rel}"), rel.encode())
+        obstore.put(store, remote.key("ds-other/not-mine"), b"a sibling dataset, never listed")
+        proxy.requests.clear()
+        listed = list(remote.list_files("ds"))
+        assert sorted(st.path for st in listed) == sorted(files)
+        assert {st.path: st.size for st in listed} == {rel: len(rel) for rel in files}
+        lists = [parse_qs(urlsplit(p).query) for m, p in proxy.requests if "list-type=2" in p]
+        assert len(lists) == len(proxy.requests)
+        folder_lists = sorted(q["prefix"][0] for q in lists if "delimiter" not in q)
+        # each top-level folder once (tether's state folder too: its keys are dropped as ever)
+        base = remote.key("ds")
+        assert folder_lists == sorted(f"{base}/{name}/" for name in (".tether", "_derived", "d0", "d1", "d2"))
+    finally:
+        proxy.close()
+
+
+def test_a_flat_dataset_or_one_folder_is_listed_in_one_stream(rclone: S3Server, tmp_path: Path) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        remote = _remote(rclone, tmp_path, endpoint=proxy.endpoint)
+        store = rclone.store()
+        for rel in ("only/a", "only/b/c"):
+            obstore.put(store, remote.key(f"ds/{rel}"), b"x")
+        proxy.requests.clear()
+        assert sorted(st.path for st in remote.list_files("ds")) == ["only/a", "only/b/c"]
+        undelimited = [p for _m, p in proxy.requests if "delimiter" not in p]
+        assert len(undelimited) == 1, proxy.requests  # the probe, then the dataset's one stream
+    finally:
+        proxy.close()
+
+
 # -- hostile keys -------------------------------------------------------------------------------
-def test_a_key_escaping_the_dataset_is_refused(moto: S3Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bad", ["../x", "d0/../../x"], ids=["top", "in-a-folder"])
+def test_a_key_escaping_the_dataset_is_refused(moto: S3Server, tmp_path: Path, bad: str) -> None:
     remote = _remote(moto, tmp_path)
-    moto.client().request("PUT", remote.key("ds") + "/../x", body=b"evil")
+    for fine in ("d0/a", "d1/b"):  # folders: each listed on its own stream
+        obstore.put(moto.store(), remote.key(f"ds/{fine}"), b"fine")
+    moto.client().request("PUT", remote.key("ds") + "/" + bad, body=b"evil")
     with pytest.raises(InvalidPath, match=r"\.\."):
         list(remote.list_files("ds"))
 

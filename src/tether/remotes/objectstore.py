@@ -35,8 +35,9 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.objectstore")
 
 SMALL_READ = 8 * MiB  # objects up to this size are fetched in one response body
+LIST_STREAMS = 8  # folders listed at once (see ObjectStoreRemote._list)
 CREDENTIAL_CODES = {
     "SignatureDoesNotMatch",
     "InvalidAccessKeyId",
@@ -258,6 +260,7 @@ class ObjectStoreRemote:
             atomic_replace=True,
             conditional_create=bool(settings.conditional_writes),
             server_side_hashing=False,
+            lock_before_listing=True,
             preserves_mtime=False,
             # Single-PUT files are read whole before they are sent: hash those bytes on the way.
             hash_on_write_max=settings.multipart_threshold - 1,
@@ -417,9 +420,69 @@ class ObjectStoreRemote:
         return self._list(base)
 
     def _list(self, base: str) -> Iterator[RemoteStat]:
-        stream = obstore.list(self._store, base or None, chunk_size=1000)
+        """Every object below ``base``, a LIST page (1,000 objects) at a time.
+
+        A page is a round trip plus the server's work, and one stream reads them one after
+        another: 20,000 objects took 0.30-0.36 s from a loopback `rclone serve s3` and 0.78 s
+        through 20 ms. Where the top level holds a few folders (a dataset's sidecar folders, the
+        versioned layout's fan-out), each folder gets its own stream, LIST_STREAMS at a time:
+        0.16 s and 0.22-0.31 s. Only LIST_STREAMS folders' listings are held at once.
+        """
+        level = self._top_level(base)
+        if level is None:
+            yield from self._list_stream(base, base)
+            return
+        folders, has_objects = level
+        with ThreadPoolExecutor(max_workers=LIST_STREAMS, thread_name_prefix="tether-list") as pool:
+            tasks: list[Callable[[], list[RemoteStat]]] = [
+                lambda f=f: list(self._list_stream(f, base)) for f in folders
+            ]
+            if has_objects:
+                tasks.insert(0, lambda: self._list_level(base))
+            pending: deque[Future[list[RemoteStat]]] = deque()
+            try:
+                for task in tasks:
+                    pending.append(pool.submit(task))
+                    if len(pending) == LIST_STREAMS:
+                        yield from pending.popleft().result()
+                while pending:
+                    yield from pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _top_level(self, base: str) -> tuple[list[str], bool] | None:
+        """The folders directly below ``base`` (keys, no trailing '/') and whether objects sit
+        beside them, if one page of a delimited listing holds the whole level and it has two or
+        more folders; None where one stream is the way (a flat folder, a store other than S3
+        with static keys, a server refusing the request, a name the listing must refuse)."""
+        if self._client is None:
+            return None
+        prefix = f"{base}/" if base else ""
+        try:
+            page = self._client.list_folders(prefix)
+        except mp.S3Error as exc:
+            if exc.status in (400, 405, 501):
+                return None
+            raise self.to_tether(exc, base) from exc
+        except mp.S3ConnectionError as exc:
+            raise self.to_tether(exc, base) from exc
+        names = [f[len(prefix) : -1] for f in page.folders]
+        if not page.complete or len(names) < 2 or any(n in ("", ".", "..") for n in names):
+            return None  # the one stream lists them (and refuses a bad name, naming it)
+        if any(not f.startswith(prefix) or not f.endswith("/") for f in page.folders):
+            return None
+        return [prefix + n for n in names], page.has_objects
+
+    def _list_level(self, base: str) -> list[RemoteStat]:
+        """The objects directly below ``base`` (not in its folders): at most a page."""
+        level = self._call(lambda: obstore.list_with_delimiter(self._store, base or None), base)
+        return [st for meta in level["objects"] if (st := self._stat(meta, base)) is not None]
+
+    def _list_stream(self, where: str, base: str) -> Iterator[RemoteStat]:
+        stream = obstore.list(self._store, where or None, chunk_size=1000)
         while True:
-            chunk = self._call(lambda: next(stream, None), base)
+            chunk = self._call(lambda: next(stream, None), where)
             if chunk is None:
                 return
             for meta in chunk:

@@ -74,6 +74,13 @@ class S3Error(Exception):
         return self.status >= 500 or self.code in {"SlowDown", "RequestTimeout", "InternalError"}
 
 
+@dataclass(frozen=True)
+class FolderPage:
+    folders: list[str]  # full key prefixes, each ending in '/'
+    has_objects: bool  # objects sit directly at this level too
+    complete: bool  # the page held the whole level
+
+
 class S3ConnectionError(ConnectionError):
     """The endpoint could not be reached (refused, DNS, timeout) after the retries."""
 
@@ -315,6 +322,20 @@ class S3Client:
             id_marker = _child_text(root, "NextUploadIdMarker") or ""
             if not key_marker:
                 return
+
+    def list_folders(self, prefix: str) -> FolderPage:
+        """One page of a delimited listing of ``prefix`` (ending in '/', or '' for the bucket):
+        the folders directly below it, and whether objects sit there too. obstore's
+        list_with_delimiter reads every page before it returns, so on a flat folder of a
+        million objects it would hold them all; one page says whether the level is small."""
+        query = {"list-type": "2", "prefix": prefix, "delimiter": "/", "max-keys": "1000"}
+        _s, _h, data = self.request("GET", "", query)
+        root = _xml(data)
+        return FolderPage(
+            folders=[_child_text(c, "Prefix") or "" for c in _children(root, "CommonPrefixes")],
+            has_objects=any(True for _ in _children(root, "Contents")),
+            complete=(_child_text(root, "IsTruncated") or "false").lower() != "true",
+        )
 
     def get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
         """Bytes [start, end) of an object. Accepts a 200 whose Content-Range matches: some
