@@ -273,7 +273,8 @@ class ThrottlingProxy:
 
     ``fail_next(n, method)`` throttles (503 SlowDown) the next n requests with that method (all
     methods when None); ``always`` throttles everything; ``canned = (status, code)`` answers every
-    request with that error (clock skew, access denied); ``reject_header`` refuses requests that
+    request with that error (clock skew, access denied); ``read_only`` denies every write (keys
+    that may only read); ``reject_header`` refuses requests that
     carry a header, as some stores refuse checksum headers; ``truncate`` (a path substring) sends
     half of each matching GET's body, then closes the connection: a link dropped mid-download
     (only the next ``truncate_times`` such GETs when that is set: a link that drops, then holds).
@@ -289,6 +290,7 @@ class ThrottlingProxy:
         self.reject_header: str | None = None  # 400 InvalidRequest to requests carrying this header
         self.truncate: str | None = None  # GETs whose path contains this lose half their body
         self.truncate_times: int | None = None  # how many more matching GETs to cut (None: all)
+        self.read_only = False  # 403 AccessDenied to every PUT, POST and DELETE (read-only keys)
         self.truncated = 0
         self.throttled = 0
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
@@ -354,6 +356,8 @@ class ThrottlingProxy:
         with self._lock:
             if self.canned is not None:
                 return self.canned
+            if self.read_only and method in ("PUT", "POST", "DELETE"):
+                return 403, "AccessDenied"
             if self.reject_header is not None and self.reject_header in headers:
                 return 400, "InvalidRequest"
             if self.always or (self.budget > 0 and (self.method is None or self.method == method)):

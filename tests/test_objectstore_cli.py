@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import obstore
 import pytest
@@ -23,6 +24,7 @@ import tomlkit
 
 from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
 from s3servers import S3Server, ThrottlingProxy, get_server, unique_prefix
+from tether import sync
 from tether.config import RemoteConfig
 from tether.errors import LockHeld, StalePlanError
 from tether.lock import Lease
@@ -146,14 +148,20 @@ def test_no_op_diff_costs_only_listing_requests(rclone: S3Server, tmp_path: Path
         assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
         proxy.requests.clear()
         assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+        # a LIST for the check, LISTs of the dataset (a probe of its folders, then one per
+        # folder), a GET of the index: nothing per file, however many files there are
+        assert all(m == "GET" for m, _p in proxy.requests), proxy.requests
+        assert len(proxy.requests) <= 8, proxy.requests
+        proxy.requests.clear()
         r = tether("push", DS, "s3", "-y", cwd=ws.root)
         assert r.exit_code == 0 and "up to date" in r.output.lower(), r.output
-        # per command: a LIST for the check, LISTs of the dataset, GETs of the index (and of the
-        # lock record, for push): nothing per file, however many files there are
-        assert all(m == "GET" for m, _p in proxy.requests), proxy.requests
-        per_file = [p for _m, p in proxy.requests if "list-type=2" not in p and "/.tether/" not in p]
+        # the same, and the lock taken before the look (-y): its record written, read, deleted
+        # (and, under the lock, a LIST of abandoned multipart uploads to clear)
+        assert _lock_writes(proxy) == ["PUT", "delete"], proxy.requests
+        per_run = ("list-type=2", "/.tether/", "?uploads", "?delete")
+        per_file = [p for _m, p in proxy.requests if not any(word in p for word in per_run)]
         assert per_file == []
-        assert len(proxy.requests) <= 8, proxy.requests
+        assert len(proxy.requests) <= 16, proxy.requests  # 40 files: far fewer than one each
     finally:
         proxy.close()
 
@@ -248,6 +256,94 @@ def test_lock_fallback_on_a_store_without_conditional_writes(
         assert r.exit_code == 6, r.output
     finally:
         lease.release()
+
+
+def _lock_writes(proxy: ThrottlingProxy) -> list[str]:
+    """The writes seen: PUTs (of the lock record only) and deletes (a DELETE or a bulk POST)."""
+    puts = [p.split("?")[0] for m, p in proxy.requests if m == "PUT"]
+    assert all(p.endswith("/.tether/lock") for p in puts), puts
+    deletes = [m for m, p in proxy.requests if m == "DELETE" or (m == "POST" and p.endswith("?delete"))]
+    return ["PUT"] * len(puts) + ["delete"] * len(deletes)
+
+
+def _dataset_looks(proxy: ThrottlingProxy, prefix: str) -> int:
+    """How many times the dataset was listed: each look starts with one delimited LIST of it."""
+    looks = 0
+    for method, path in proxy.requests:
+        query = parse_qs(urlsplit(path).query)
+        if method == "GET" and "delimiter" in query and query.get("prefix") == [f"{prefix}/{DS}/"]:
+            looks += 1
+    return looks
+
+
+def test_a_pull_nobody_reviews_lists_the_remote_once_under_the_lock(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        ws = make_workspace(tmp_path)
+        prefix = add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
+        files = _files(ws, 12)
+        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+        reviewed = make_workspace(tmp_path, "reviewed")
+        add_s3_remote(reviewed, rclone, prefix=prefix, endpoint=proxy.endpoint)
+        proxy.requests.clear()
+        # a person confirmed the plan: planned before the lock, looked at again under it
+        sync.pull(DS, "s3", workspace=reviewed.root, confirm=lambda plan: True)
+        assert _dataset_looks(proxy, prefix) == 2
+        unattended = make_workspace(tmp_path, "unattended")
+        add_s3_remote(unattended, rclone, prefix=prefix, endpoint=proxy.endpoint)
+        proxy.requests.clear()
+        r = tether("pull", DS, "s3", "-y", cwd=unattended.root)
+        assert r.exit_code == 0, r.output
+        assert _dataset_looks(proxy, prefix) == 1
+        assert _lock_writes(proxy) == ["PUT", "delete"], proxy.requests
+        for w in (reviewed, unattended):
+            assert {rel: (w.data / DS / rel).read_bytes() for rel in files} == files
+    finally:
+        proxy.close()
+
+
+def test_an_unattended_run_with_the_lock_taken_still_ends_in_step_when_nothing_moves(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    """Taking the lock first is only a shortcut: a run that cannot take it plans as before, so a
+    pull with nothing to do ends in step, and one with work exits 6 naming the holder."""
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone)
+    _files(ws, 3)
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    lease = Lease(_remote(rclone, prefix, tmp_path), DS, operation="push", host="other-machine")
+    lease.acquire()
+    try:
+        r = tether("pull", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 0, r.output
+        ws.write("d0/f000.txt", "edited here")
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 6 and "other-machine" in r.stderr, r.output
+    finally:
+        lease.release()
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+
+
+def test_read_only_keys_pull_what_there_is_and_a_no_op_stays_exit_0(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        ws = make_workspace(tmp_path)
+        prefix = add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
+        files = _files(ws, 4)
+        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+        reader = make_workspace(tmp_path, "reader")
+        add_s3_remote(reader, rclone, prefix=prefix, endpoint=proxy.endpoint)
+        assert tether("pull", DS, "s3", "-y", cwd=reader.root).exit_code == 0
+        proxy.read_only = True
+        r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+        assert r.exit_code == 0, r.output  # in step: the lock it could not write was not needed
+        assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+    finally:
+        proxy.close()
 
 
 # -- failures -----------------------------------------------------------------------------------

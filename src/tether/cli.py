@@ -780,6 +780,8 @@ def _sync_command(direction: str) -> Callable[..., None]:
                 jobs=jobs,
                 dry_run=dry_run,
                 confirm=confirm,
+                # Nobody reads the plan before it runs: it is made under the remote's lock.
+                reviewed=not yes and sys.stdin.isatty() and not as_json,
                 progress=progress,
                 audit_out=audit_json_out,
                 verify=verify,

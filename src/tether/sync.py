@@ -29,7 +29,9 @@ from tether.background import in_background
 from tether.errors import (
     DatasetNotFound,
     Interrupted,
+    LockHeld,
     RefusedError,
+    RemotePermissionError,
     StalePlanError,
     TetherError,
     UsageError,
@@ -596,15 +598,25 @@ def _compare_foreign(ctx: Context, unknown: list[RemoteStat]) -> tuple[list[Comp
     return compared, rest
 
 
-def scan_both(ctx: Context, *, base: Manifest | None = None) -> tuple[Manifest, RemoteState]:
+def scan_both(
+    ctx: Context, *, base: Manifest | None = None, take_lock: Callable[[], bool] | None = None
+) -> tuple[Manifest, RemoteState]:
     """Both sides at once: the remote's listing is mostly waiting on the network (or the
     cluster's disk) while the local scan is mostly this machine's, so they overlap well.
 
     ``base`` (a push to a backend that hashes while it copies): files that neither the remote
     nor the base holds are left unhashed, to be hashed by their copy (see scan_local).
+    ``take_lock``: called first on the remote's side (so the local walk does not wait for the
+    login); where it took the remote's lock (True), the listing is made under it and clears what
+    killed writers left.
     """
+
+    def remote_side() -> RemoteState:
+        locked = take_lock is not None and take_lock()
+        return scan_remote(ctx, clean_temp=locked)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-scan-remote") as pool:
-        remote = pool.submit(scan_remote, ctx)
+        remote = pool.submit(remote_side)
 
         try:
             held = None if base is None else lambda: _held_paths(remote.result().manifest, base)
@@ -693,6 +705,7 @@ class SyncOptions(ContextOptions, total=False):
     max_delete: MaxDelete | str | None
     dry_run: bool
     confirm: Confirm | None
+    reviewed: bool | None
     audit_out: Path | None
 
 
@@ -799,12 +812,25 @@ def _run(
     max_delete: MaxDelete | str | None = None,
     dry_run: bool = False,
     confirm: Confirm | None = None,
+    reviewed: bool | None = None,
     audit_out: Path | None = None,
     **context_options: Unpack[ContextOptions],
 ) -> SyncResult:
+    """``reviewed``: a person reads the plan before it runs (default: whenever ``confirm`` is
+    given). Then the plan is made before the remote's lock is taken, since nobody's lock should
+    wait on someone reading, and checked again under it. A run nobody reviews (``-y``, a script)
+    on a backend whose listing is the costly part (Capabilities.lock_before_listing) takes the
+    lock first and plans from its one look at the remote under it: a pull of 20,000 files from
+    an object store listed them twice, 0.45 s on a loopback server. If the lock is taken by
+    someone else or cannot be written (read-only keys), the run plans without it as before, so
+    a run with nothing to do still ends in step."""
     options = _options(direction, mode, prefer, max_delete)
     started = time.time()
-    with open_context(target, remote, may_transfer=True, **context_options) as ctx:
+    unreviewed = not (confirm is not None if reviewed is None else reviewed)
+    with (
+        open_context(target, remote, may_transfer=True, **context_options) as ctx,
+        contextlib.ExitStack() as held,
+    ):
         record = _new_record(ctx, direction.value, options.mode, started)
         ctx.defer_foreign_hashing = direction == Direction.PULL
         # -- scan both sides, plan
@@ -819,7 +845,25 @@ def _run(
         copies_hashing = (
             direction == Direction.PUSH and not dry_run and ctx.backend.capabilities.hash_on_write_max > 0
         )
-        local, remote_state = scan_both(ctx, base=base if copies_hashing else None)
+        lock_first = unreviewed and not dry_run and ctx.backend.capabilities.lock_before_listing
+        leases: list[Lease] = []  # the remote lock, once taken
+
+        def take_lock() -> bool:
+            lease = _lease(ctx, direction)
+            held.callback(lease.release)
+            try:
+                lease.acquire()
+            except (LockHeld, RemotePermissionError):
+                return False  # plan without it; a plan with work tries again and says why not
+            leases.append(lease)
+            return True
+
+        if lock_first:
+            held.enter_context(_local_lock(ctx))
+        local, remote_state = scan_both(
+            ctx, base=base if copies_hashing else None, take_lock=take_lock if lock_first else None
+        )
+        planned_under_lock = bool(leases)
         remote_m, remote_exists = remote_state.manifest, remote_state.exists
         ctx.comparisons = remote_state.comparisons
         if ctx.dataset.only is not None and not local.entries and not remote_m.entries:
@@ -855,7 +899,7 @@ def _run(
             return result
         if not plan.has_work:
             save_base(ctx, local, remote_m, base)  # local bookkeeping only
-            _finish_killed_run(ctx, direction, remote_state)
+            _finish_killed_run(ctx, direction, remote_state, leases[0] if leases else None)
             # Nothing to move, but a sidecar that differs is still not in step (exit 4).
             verification = fidelity.verify_run(ctx, [], local, remote_m)
             if not verification.ok:
@@ -870,20 +914,23 @@ def _run(
         if confirm is not None and not confirm(plan):
             raise Interrupted("Declined; nothing was changed.")
 
-        # -- lock + re-check
-        with (
-            _local_lock(ctx),
-            Lease(
-                ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname
-            ) as lease,
-        ):
-            try:
-                result, verification = _execute_locked(ctx, direction, plan, local, remote_m, base, lease)
-            except TetherError as exc:
-                record.state = "failed"
-                record.error = exc.message
-                _finish(ctx, plan, record, None, audit_out)
-                raise
+        if not planned_under_lock:  # -- lock, then check the plan still holds under it
+            if not lock_first:
+                held.enter_context(_local_lock(ctx))
+            leases.append(held.enter_context(_lease(ctx, direction)))
+        try:
+            if planned_under_lock:
+                faults.checkpoint("locked")
+                result, verification = _execute(ctx, direction, plan, local, remote_state, base, leases[0])
+            else:
+                result, verification = _execute_locked(ctx, direction, plan, local, remote_m, base, leases[0])
+        except TetherError as exc:
+            record.state = "failed"
+            record.error = exc.message
+            held.close()
+            _finish(ctx, plan, record, None, audit_out)
+            raise
+        held.close()  # release the locks
         ctx.close_soon()  # the lock was the last thing on the remote
         # -- audit (what was actually done, measured after the transfer)
         _record_outcome(record, result, verification)
@@ -917,9 +964,26 @@ def _execute_locked(
     if changed and make_plan(local, remote_now, base, plan.options).fingerprint() != plan.fingerprint():
         raise StalePlanError(f"the remote copy of {ctx.dataset.id!r} changed after the plan was made")
     faults.checkpoint("locked")
+    return _execute(ctx, direction, plan, local, state_now, base, lease)
+
+
+def _execute(
+    ctx: Context,
+    direction: Direction,
+    plan: Plan,
+    local: Manifest,
+    state: RemoteState,
+    base: Manifest,
+    lease: Lease,
+) -> tuple[BatchResult, VerifyReport]:
+    """Carry out ``plan``, made from ``state`` as listed while ``lease`` was held."""
     if direction == Direction.PUSH:
-        return _execute_push(ctx, plan, local, base, lease, state_now)
-    return _execute_pull(ctx, plan, local, remote_now, base)
+        return _execute_push(ctx, plan, local, base, lease, state)
+    return _execute_pull(ctx, plan, local, state.manifest, base)
+
+
+def _lease(ctx: Context, direction: Direction) -> Lease:
+    return Lease(ctx.remote, ctx.dataset.id, operation=direction.value, host=ctx.workspace.hostname)
 
 
 def _record_outcome(record: audit.AuditRecord, result: BatchResult, verification: VerifyReport) -> None:
@@ -1118,21 +1182,28 @@ def _remember_digests(
         )
 
 
-def _finish_killed_run(ctx: Context, direction: Direction, remote_state: RemoteState) -> None:
+def _finish_killed_run(
+    ctx: Context, direction: Direction, remote_state: RemoteState, lease: Lease | None
+) -> None:
     """Nothing to transfer, but a killed run may have left work behind (invariant 7).
 
     A push killed after its data landed left the index behind the data: write it now (under
     the lock, which also takes over the dead run's record). Otherwise drop a lock record of a
     dead run on this machine, and staged files no plan needs any more. A fully clean no-op
-    takes no lock and writes nothing on the remote.
+    planned before the lock (``lease`` None) takes none and writes nothing on the remote; one
+    planned under ``lease`` listed ``remote_state`` while it held it, and its taking the lock
+    already replaced a dead run's record.
     """
     if direction == Direction.PUSH and remote_state.exists and not remote_state.index_current:
-        with Lease(ctx.remote, ctx.dataset.id, operation="push", host=ctx.workspace.hostname) as lease:
-            state = scan_remote(ctx)
-            write_index(ctx, state, lease)
+        if lease is not None:
+            write_index(ctx, remote_state, lease)
+        else:
+            with _lease(ctx, direction) as taken:
+                write_index(ctx, scan_remote(ctx), taken)
         ctx.progress.message("the remote index was behind its files (an interrupted run); rewrote it")
         return
-    clear_dead_lock(ctx.remote, ctx.dataset.id, host=ctx.workspace.hostname)
+    if lease is None:
+        clear_dead_lock(ctx.remote, ctx.dataset.id, host=ctx.workspace.hostname)
     shutil.rmtree(_staging_dir(ctx), ignore_errors=True)
 
 

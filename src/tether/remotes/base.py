@@ -96,6 +96,12 @@ class Capabilities:
     # flush() is this machine's syncfs: calling it in the background while writing starts the
     # disk's writes during the copy instead of after it (tether.fileio.FlushBehind).
     flush_behind: bool = False
+    # A push or pull nobody reviews takes the lock before its one look at the remote instead of
+    # looking again under the lock (tether.sync._run): where a listing is the costly part and
+    # the lock record makes no folders (object stores). On a path or over SSH it would make
+    # the dataset's folders on a pull of a dataset the remote lacks, and the look under the
+    # lock there is a walk told against the index.
+    lock_before_listing: bool = False
 
 
 SMALL_FILE_BYTES = 1024 * 1024
