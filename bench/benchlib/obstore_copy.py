@@ -2,10 +2,10 @@
 
     python obstore_copy.py put|get ENDPOINT BUCKET KEY_PREFIX LOCAL_DIR
 
-``put`` uploads the files below LOCAL_DIR 48 at a time (all four large files at once), each as a
+``put`` uploads the files below LOCAL_DIR 96 at a time (all four large files at once), each as a
 multipart upload of 16 MiB parts with 8 parts in flight (tether's object-store defaults), to
 KEY_PREFIX/<relative path>. ``get``
-lists KEY_PREFIX and streams every object into LOCAL_DIR, 48 at a time. No listing of the
+lists KEY_PREFIX and streams every object into LOCAL_DIR, 96 at a time. No listing of the
 destination, no hashing, no verification: the bytes alone, as fast as the library moves them.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -35,7 +35,7 @@ def store(endpoint: str, bucket: str) -> S3Store:
     )
 
 
-FILES_IN_FLIGHT = 48  # tether's object-store default for many files
+FILES_IN_FLIGHT = 96  # tether's object-store default for many files
 
 
 async def put(s: S3Store, prefix: str, root: Path) -> None:

@@ -144,8 +144,8 @@ def _mtime_ns(when: datetime) -> int:
 class ByteBudget:
     """Bounds the file bytes held in memory by all concurrent transfers together.
 
-    Uploads read a file (or a part) into memory to hash it before sending it; 48 connections
-    times 32 MiB files would otherwise hold 1.5 GiB. A reservation larger than the whole
+    Uploads read a file (or a part) into memory to hash it before sending it; 96 connections
+    times 32 MiB files would otherwise hold 3 GiB. A reservation larger than the whole
     budget is clamped to it, so one huge request waits for the others instead of deadlocking.
     """
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 DEFAULTS: dict[str, Any] = {
-    "connections": 48,  # concurrent requests for many small files (see docs/object-stores.md)
+    "connections": 96,  # concurrent requests for many small files (see docs/object-stores.md)
     "multipart_threshold": 32 * MiB,
     "part_size": 16 * MiB,
     "part_concurrency": 8,
