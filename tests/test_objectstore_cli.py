@@ -653,6 +653,46 @@ def test_remote_test_on_object_stores(
     assert "FAIL" in r.stdout
 
 
+def test_first_push_hashes_multipart_files_from_the_parts_it_sends(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    """A large file new to both sides is read once, part by part, hashed in order as it is sent;
+    one that changes while it is read is refused and its upload aborted, never completed."""
+    ws = make_workspace(tmp_path)
+    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
+    prefix = add_s3_remote(ws, rclone, **big)
+    data = os.urandom(13 * MiB)
+    ws.write("big.bin", data)
+    ws.write("small.txt", "small")
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 0, r.output
+        assert proxy.count("PUT", "partNumber=") == 3
+    finally:
+        proxy.close()
+    stored = rclone.data_dir / rclone.bucket / prefix / DS  # type: ignore[operator]
+    assert (stored / "big.bin").read_bytes() == data
+    index = Manifest.loads((stored / ".tether" / "index").read_bytes())
+    assert index.by_path()["big.bin"].digest == hashlib.sha256(data).hexdigest()
+
+    remote = _remote(rclone, prefix, tmp_path, **big)
+    try:
+        source = ws.write("late.bin", os.urandom(7 * MiB))
+        st = source.stat()
+        state = StatEntry("late.bin", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        with source.open("r+b") as f:  # rewritten in place after the scan: same size
+            f.write(b"changed")
+        with pytest.raises(StalePlanError, match=r"late\.bin"):
+            remote.put_file_hashing(source, f"{DS}/late.bin", expect=state, mtime_ns=st.st_mtime_ns)
+        assert not (stored / "late.bin").exists()
+        assert list(rclone.client().list_uploads(prefix + "/")) == []  # aborted, not left behind
+        assert journals(tmp_path / ".tether", remote.describe()) == []
+    finally:
+        remote.close()
+
+
 def test_first_push_hashes_single_put_files_from_the_bytes_it_sends(
     rclone: S3Server, tmp_path: Path, tether: Tether
 ) -> None:

@@ -499,6 +499,28 @@ def test_diagnose_passes_on_working_stores(kind: str, tmp_path: Path) -> None:
     assert ("enforced" in conditional) if kind == "moto" else ("not enforced" in conditional)
 
 
+def test_diagnose_lists_one_page_however_full_the_prefix(rclone: S3Server, tmp_path: Path) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        remote = _remote(rclone, tmp_path, endpoint=proxy.endpoint)
+        store = rclone.store()
+        keys = [remote.key(f"ds{i % 3}/f{i:04d}") for i in range(1030)]  # two pages' worth
+        threads = [
+            threading.Thread(target=lambda ks=keys[i::16]: [obstore.put(store, k, b"x") for k in ks])
+            for i in range(16)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        proxy.requests.clear()
+        assert all(ok for _n, ok, _d, _f in diagnose(remote))
+        lists = [p for m, p in proxy.requests if m == "GET" and "list-type=2" in p]
+        assert len(lists) == 2, lists  # the check's, then the list step's: one page each
+    finally:
+        proxy.close()
+
+
 def test_diagnose_reports_bad_credentials(rclone: S3Server, tmp_path: Path) -> None:
     remote = _remote(rclone, tmp_path, secret_access_key="wrong-secret-abc")
     [(name, ok, detail, fix)] = diagnose(remote)

@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.objectstore")
 
 SMALL_READ = 8 * MiB  # objects up to this size are fetched in one response body
+UNBOUNDED = 2**63 - 1
 LIST_STREAMS = 8  # folders listed at once (see ObjectStoreRemote._list)
 CREDENTIAL_CODES = {
     "SignatureDoesNotMatch",
@@ -248,6 +249,12 @@ class _Reader(io.RawIOBase):
         return n
 
 
+def _resumable_uploads(settings: StoreSettings) -> bool:
+    """Large uploads go through tether's own S3 client (journaled, resumable): S3 with static
+    keys. Elsewhere obstore's multipart upload, which cannot be resumed."""
+    return settings.scheme == "s3" and settings.credentials.static is not None
+
+
 # -- the remote ---------------------------------------------------------------------------------
 class ObjectStoreRemote:
     """A bucket and prefix as a tether remote (see the module docstring for the mapping)."""
@@ -262,8 +269,10 @@ class ObjectStoreRemote:
             server_side_hashing=False,
             lock_before_listing=True,
             preserves_mtime=False,
-            # Single-PUT files are read whole before they are sent: hash those bytes on the way.
-            hash_on_write_max=settings.multipart_threshold - 1,
+            # Files are read once as they are sent: single PUTs whole, resumable multipart uploads
+            # (S3 with static keys) in order, part by part; hash those bytes on the way. obstore's
+            # own multipart upload (no journal) gets files hashed before.
+            hash_on_write_max=UNBOUNDED if _resumable_uploads(settings) else settings.multipart_threshold - 1,
         )
         self.notices: list[str] = []
         self._store = make_store(settings)
@@ -271,7 +280,8 @@ class ObjectStoreRemote:
         self._put_store = make_store(settings, checksum=True) if self._checksum else self._store
         self._budget = ByteBudget(settings.memory_budget)
         self._client: mp.S3Client | None = None
-        if settings.scheme == "s3" and settings.credentials.static is not None:
+        if _resumable_uploads(settings):
+            assert settings.credentials.static is not None
             self._client = mp.S3Client(
                 settings.s3_endpoint,
                 settings.bucket,
@@ -413,6 +423,13 @@ class ObjectStoreRemote:
         """One LIST request: credentials, bucket and prefix access, endpoint reachability."""
         base = self.settings.prefix
         stream = obstore.list(self._store, base or None, chunk_size=1)
+        self._call(lambda: next(iter(stream), None), base)
+
+    def list_one_page(self) -> None:
+        """One LIST page of the whole prefix (`tether remote test`'s list permission check): a
+        bucket of a million objects answers it as fast as an empty one."""
+        base = self.settings.prefix
+        stream = obstore.list(self._store, base or None, chunk_size=1000)
         self._call(lambda: next(iter(stream), None), base)
 
     def list_files(self, prefix: str) -> Iterator[RemoteStat]:
@@ -690,7 +707,7 @@ class ObjectStoreRemote:
         if size < self.settings.multipart_threshold:
             self._put_small(source, key, size, digest, path, on_bytes)
         elif self._client is not None:
-            self._put_resumable(source, key, size, mtime_ns, digest, path, on_bytes)
+            self._put_resumable(source, key, size, digest, path, on_bytes)
         else:
             self._put_streamed(source, key, digest, path, on_bytes)
 
@@ -711,10 +728,15 @@ class ObjectStoreRemote:
     def put_file_hashing(
         self, source: Path, path: str, *, expect: StatEntry, mtime_ns: int, on_bytes: OnBytes | None = None
     ) -> str:
-        """A single-PUT file never hashed before: hash the bytes read (the source exactly as
-        scanned), send them with that SHA-256 as their checksum, return it."""
+        """A file never hashed before: hash the bytes read (the source exactly as scanned) and
+        return that SHA-256. A single PUT sends it as the object's checksum; a resumable
+        multipart upload sends each part's own (see mp.upload_file)."""
         if expect.size >= self.settings.multipart_threshold:
-            raise ValueError(f"{path}: only single-request uploads may be sent unhashed")
+            if self._client is None:
+                raise ValueError(f"{path}: only single-request uploads may be sent unhashed here")
+            return self._put_resumable(
+                source, self.key(path), expect.size, None, path, on_bytes, expect=expect
+            )
         with self._budget.reserve(expect.size):
             with open(source, "rb", buffering=0) as f:
                 check_source_state(f.fileno(), expect, path, "after it was scanned")
@@ -731,11 +753,13 @@ class ObjectStoreRemote:
         source: Path,
         key: str,
         size: int,
-        mtime_ns: int,
-        digest: str,
+        digest: str | None,
         label: str,
         on_bytes: OnBytes | None,
-    ) -> None:
+        *,
+        expect: StatEntry | None = None,
+    ) -> str:
+        """Returns the digest of the bytes sent (``digest``, when it was known)."""
         assert self._client is not None
         st = os.stat(source)
         settings = mp.MultipartSettings(
@@ -746,7 +770,7 @@ class ObjectStoreRemote:
         )
         for _attempt in range(2):
             try:
-                mp.upload_file(
+                return mp.upload_file(
                     self._client,
                     remote=self.describe(),
                     key=key,
@@ -759,8 +783,8 @@ class ObjectStoreRemote:
                     on_bytes=on_bytes,
                     memory=self._budget.reserve,
                     label=label,
+                    expect=expect,
                 )
-                return
             except mp.ChecksumRejected as exc:
                 self._drop_checksums(exc)
                 settings = replace(settings, checksum=False)
@@ -769,6 +793,7 @@ class ObjectStoreRemote:
                 if mapped is exc:
                     raise
                 raise mapped from exc
+        raise AssertionError(f"{label}: checksum headers refused although none were sent")
 
     def _put_streamed(
         self, source: Path, key: str, digest: str, label: str, on_bytes: OnBytes | None
@@ -1034,7 +1059,7 @@ def diagnose(remote: ObjectStoreRemote) -> list[tuple[str, bool, str, str]]:
     before = time.time()
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("put", lambda: remote.write_bytes_atomic(probe, b"tether remote test")),
-        ("list", lambda: [st for st in remote._list(remote.key(""))][:1]),
+        ("list", lambda: remote.list_one_page()),
         ("get", lambda: remote.read_bytes(probe)),
     ]
     for name, fn in steps:
