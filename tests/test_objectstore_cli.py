@@ -266,6 +266,25 @@ def _lock_writes(proxy: ThrottlingProxy) -> list[str]:
     return ["PUT"] * len(puts) + ["delete"] * len(deletes)
 
 
+def _pushed_through(
+    proxy: ThrottlingProxy, server: S3Server, tmp_path: Path, tether: Tether, n: int
+) -> tuple[str, dict[str, bytes]]:
+    """A workspace that pushed ``n`` files through ``proxy``: the remote's prefix, the files."""
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, server, endpoint=proxy.endpoint)
+    files = _files(ws, n)
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    return prefix, files
+
+
+def _another_workspace(
+    proxy: ThrottlingProxy, server: S3Server, tmp_path: Path, name: str, prefix: str
+) -> WorkspaceFixture:
+    ws = make_workspace(tmp_path, name)
+    add_s3_remote(ws, server, prefix=prefix, endpoint=proxy.endpoint)
+    return ws
+
+
 def _dataset_looks(proxy: ThrottlingProxy, prefix: str) -> int:
     """How many times the dataset was listed: each look starts with one delimited LIST of it."""
     looks = 0
@@ -281,18 +300,13 @@ def test_a_pull_nobody_reviews_lists_the_remote_once_under_the_lock(
 ) -> None:
     proxy = ThrottlingProxy(rclone.endpoint)
     try:
-        ws = make_workspace(tmp_path)
-        prefix = add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
-        files = _files(ws, 12)
-        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
-        reviewed = make_workspace(tmp_path, "reviewed")
-        add_s3_remote(reviewed, rclone, prefix=prefix, endpoint=proxy.endpoint)
+        prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 12)
+        reviewed = _another_workspace(proxy, rclone, tmp_path, "reviewed", prefix)
         proxy.requests.clear()
         # a person confirmed the plan: planned before the lock, looked at again under it
         sync.pull(DS, "s3", workspace=reviewed.root, confirm=lambda plan: True)
         assert _dataset_looks(proxy, prefix) == 2
-        unattended = make_workspace(tmp_path, "unattended")
-        add_s3_remote(unattended, rclone, prefix=prefix, endpoint=proxy.endpoint)
+        unattended = _another_workspace(proxy, rclone, tmp_path, "unattended", prefix)
         proxy.requests.clear()
         r = tether("pull", DS, "s3", "-y", cwd=unattended.root)
         assert r.exit_code == 0, r.output
@@ -331,12 +345,8 @@ def test_read_only_keys_pull_what_there_is_and_a_no_op_stays_exit_0(
 ) -> None:
     proxy = ThrottlingProxy(rclone.endpoint)
     try:
-        ws = make_workspace(tmp_path)
-        prefix = add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
-        files = _files(ws, 4)
-        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
-        reader = make_workspace(tmp_path, "reader")
-        add_s3_remote(reader, rclone, prefix=prefix, endpoint=proxy.endpoint)
+        prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
+        reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
         assert tether("pull", DS, "s3", "-y", cwd=reader.root).exit_code == 0
         proxy.read_only = True
         r = tether("pull", DS, "s3", "-y", cwd=reader.root)
