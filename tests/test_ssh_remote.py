@@ -585,6 +585,46 @@ def test_interrupted_large_upload_resumes_from_its_verified_prefix(
     assert _temp_files(root) == []
 
 
+def test_interrupted_unhashed_upload_resumes_from_its_verified_prefix(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first push's large file has no digest yet: its partial is named by the file's scanned
+    state, and a rerun on the unchanged file resumes it and still reports the whole digest."""
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
+    data = os.urandom(12 * 1024 * 1024)
+    item = _unhashed(_item(tmp_path / "src", "big.bin", data, "ds/big.bin"))
+    first = Relay(sshd.port)
+    first.cut_after(5 * 1024 * 1024)
+    r = _relay_remote(tmp_path, sshd, first)
+    with pytest.raises(RemoteUnavailable):
+        r.put_many([item], on_bytes=lambda n: None, on_done=lambda i, e: None)
+    r.close()
+    first.close()
+    sshd.wait_sessions_closed()
+    root = tmp_path / "remote-root"
+    [part] = [p for p in (root / "ds").iterdir() if p.name.endswith(".part")]
+    have = part.stat().st_size
+    assert 0 < have < len(data)
+
+    second = Relay(sshd.port)
+    r = _relay_remote(tmp_path, sshd, second)
+    learnt: dict[str, str] = {}
+    done: list[object] = []
+    r.put_many(
+        [item],
+        on_bytes=lambda n: None,
+        on_done=lambda i, e: done.append(e),
+        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
+    )
+    r.close()
+    second.close()
+    assert done == [None]
+    assert learnt == {"ds/big.bin": hashlib.sha256(data).hexdigest()}
+    assert (root / "ds" / "big.bin").read_bytes() == data
+    assert second.bytes_up < len(data) - have + 1024 * 1024  # only the rest crossed the link
+    assert _temp_files(root) == []
+
+
 def test_interrupted_large_download_resumes_from_what_arrived(
     tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -996,14 +1036,65 @@ def test_unhashed_file_changed_since_the_scan_is_not_sent(remote: SshRemote, tmp
     stale = _unhashed(_item(tmp_path / "src", "b", b"B" * 50, "ds/b"))
     Path(stale.local).write_bytes(b"C" * 60)  # a job rewrote it after the scan
     big = _unhashed(_item(tmp_path / "src", "big", os.urandom(2 * 1024 * 1024), "ds/big"))
+    Path(big.local).write_bytes(os.urandom(2 * 1024 * 1024))  # the same size, other bytes
     errors: dict[str, object] = {}
     remote.put_many(
         [good, stale, big], on_bytes=lambda n: None, on_done=lambda i, e: errors.__setitem__(i.path, e)
     )
     assert errors["ds/a"] is None
     assert isinstance(errors["ds/b"], StalePlanError)
-    assert isinstance(errors["ds/big"], ValueError)  # only small files may travel unhashed
+    assert isinstance(errors["ds/big"], StalePlanError)
     assert sorted(s.path for s in remote.list_files("ds")) == ["a"]
+    assert _temp_files(remote_root(remote)) == []
+
+
+@pytest.mark.parametrize("resumable", [False, True], ids=["streamed", "resumable"])
+def test_unhashed_large_files_are_hashed_as_sent_and_checked_on_arrival(
+    remote: SshRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resumable: bool
+) -> None:
+    """A first push reads a large file once: its digest follows its bytes, the helper checks it."""
+    if resumable:
+        monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
+    src = tmp_path / "src"
+    items = [_item(src, f"big{i}", os.urandom(3 * 1024 * 1024 + i), f"ds/big{i}") for i in range(2)]
+    learnt: dict[str, str] = {}
+    done: list[object] = []
+    remote.put_many(
+        [_unhashed(i) for i in items],
+        on_bytes=lambda n: None,
+        on_done=lambda i, e: done.append(e),
+        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
+    )
+    assert done == [None, None]
+    assert learnt == {i.path: i.digest for i in items}
+    root = remote_root(remote)
+    assert {f"ds/{p.name}": p.read_bytes() for p in (root / "ds").iterdir()} == {
+        i.path: Path(i.local).read_bytes() for i in items
+    }
+    assert _temp_files(root) == []
+
+
+def test_unhashed_large_file_changed_while_sent_is_refused(remote: SshRemote, tmp_path: Path) -> None:
+    big = _unhashed(_item(tmp_path / "src", "big", os.urandom(4 * 1024 * 1024), "ds/big"))
+    sent: list[int] = []
+
+    def meanwhile(n: int) -> None:  # a job appends to the file while it is being sent
+        sent.append(n)
+        if len(sent) == 1:
+            with open(big.local, "ab") as f:
+                f.write(b"appended")
+
+    errors: dict[str, object] = {}
+    learnt: dict[str, str] = {}
+    remote.put_many(
+        [big],
+        on_bytes=meanwhile,
+        on_done=lambda i, e: errors.__setitem__(i.path, e),
+        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
+    )
+    assert isinstance(errors["ds/big"], StalePlanError), errors
+    assert learnt == {}
+    assert list(remote.list_files("ds")) == []
     assert _temp_files(remote_root(remote)) == []
 
 

@@ -961,9 +961,10 @@ class SshRemote:
         conditional_create=True,
         server_side_hashing=True,
         preserves_mtime=True,
-        # Small files are read whole before they are sent: hashing those bytes on the way makes
-        # a first push read each once (larger uploads name their resumable .part by digest).
-        hash_on_write_max=SMALL,
+        # Every file is read once as it is sent: hashing those bytes on the way makes a first
+        # push read each once (2 GiB of large files: 2.4 s of reading before the first byte).
+        # A large one's resumable .part is then named by its scanned state (see _state_tag).
+        hash_on_write_max=2**63 - 1,
     )
 
     def __init__(self, url: str, settings: SshSettings) -> None:
@@ -1341,7 +1342,7 @@ class SshRemote:
         """Partial uploads on the remote whose prefix matches our file (one round trip)."""
         if not large:
             return {}
-        header, _ = channel.call("parts", items=[[i.path, i.digest, i.size] for i in large])
+        header, _ = channel.call("parts", items=[[i.path, _part_key(i), i.size] for i in large])
         found = header["parts"]
         points: dict[str, tuple[int, str]] = {}
         for item in large:
@@ -1380,6 +1381,18 @@ def _hash_prefix(path: str | Path, n: int) -> tuple[int, Any]:
             hasher.update(chunk)
             done += len(chunk)
     return done, hasher
+
+
+def _part_key(item: TransferItem) -> str:
+    """What names a large upload's resumable .part: its digest, or for a file sent before it
+    was ever hashed, a digest of the state the scan saw (inode, size, mtime, ctime), which a
+    rerun sees again while the file is unchanged. Either way a partial is resumed only if its
+    bytes are a prefix of the file (_resume_points)."""
+    if item.digest != UNHASHED:
+        return item.digest
+    e = item.expect
+    assert e is not None
+    return hashlib.sha256(f"unhashed {e.inode} {e.size} {e.mtime_ns} {e.ctime_ns}".encode()).hexdigest()
 
 
 def _prefix_digest(path: str, n: int) -> str | None:
@@ -1567,8 +1580,8 @@ class _PutStream:
     def send_item(self, rid: int, item: TransferItem) -> None:
         resumable = item.size >= RESUME_MIN
         unhashed = item.digest == UNHASHED
-        if unhashed and (resumable or item.size > SMALL or item.expect is None):
-            self.done(item, ValueError(f"{item.path}: only small files are sent unhashed"))
+        if unhashed and item.expect is None:
+            self.done(item, ValueError(f"{item.path}: sent unhashed without its scanned state"))
             return
         try:
             f = open(item.local, "rb", buffering=0)  # noqa: SIM115 (a with block follows)
@@ -1577,6 +1590,12 @@ class _PutStream:
             return
         with f:
             if resumable or item.size > SMALL:
+                if unhashed:
+                    try:
+                        check_source_state(f.fileno(), item.expect, item.path, "after it was scanned")
+                    except (OSError, StalePlanError) as exc:
+                        self.done(item, exc)
+                        return
                 self.send_run()  # files keep their order: the run before this one goes first
                 self.pending[rid] = item
                 self.send_large(rid, item, f)
@@ -1616,21 +1635,35 @@ class _PutStream:
 
     def send_large(self, rid: int, item: TransferItem, f: BinaryIO) -> None:
         """Exactly ``size - offset`` bytes follow the header, whatever happens to the local file:
-        a short or failing read is padded, and the helper's digest check then rejects it."""
+        a short or failing read is padded, and the helper's digest check then rejects it.
+
+        A file never hashed before (a first push) is hashed from the bytes sent, the partial's
+        prefix included, and its digest follows them as a 64-byte trailer the helper checks its
+        own against; one that left its scanned state meanwhile gets a trailer of zeros instead."""
+        unhashed = item.digest == UNHASHED
         header: dict[str, Any] = {
             "op": "put",
             "id": rid,
             "path": item.path,
-            "digest": item.digest,
+            "digest": _part_key(item),  # the .part's name; the trailer carries the digest
             "mtime_ns": item.mtime_ns,
         }
+        if unhashed:
+            header["trailer"] = True
         offset = 0
         if item.size >= RESUME_MIN:
             offset, prefix = self.offsets.get(item.path, (0, ""))
             header.update(resumable=True, offset=offset, prefix_digest=prefix)
         n = item.size - offset
+        hasher = hashlib.sha256() if unhashed else None
         if offset:
             self.on_bytes(offset)
+            if hasher is not None:
+                done, hasher = _hash_prefix(item.local, offset)
+                if done != offset:
+                    self.local_errors[rid] = VerificationError(
+                        f"{item.path}: changed size while read", paths=[item.path]
+                    )
             f.seek(offset)
         self.ch.send_head(header, n)
         left = n
@@ -1642,9 +1675,29 @@ class _PutStream:
                 chunk = b""
             if not chunk:
                 chunk = bytes(min(CHUNK, left))
+                self.local_errors.setdefault(
+                    rid, VerificationError(f"{item.path}: changed size while read", paths=[item.path])
+                )
+            elif hasher is not None:
+                hasher.update(chunk)
             self.ch.w.write(chunk)
             left -= len(chunk)
             self.on_bytes(len(chunk))
+        if hasher is not None:
+            self.ch.w.write(self.trailer(rid, item, f, hasher))
+
+    def trailer(self, rid: int, item: TransferItem, f: BinaryIO, hasher: Any) -> bytes:
+        """The digest of what was sent, if the file kept its scanned state to its last byte."""
+        try:
+            check_source_state(f.fileno(), item.expect, item.path, "while it was sent")
+        except (OSError, StalePlanError) as exc:
+            self.local_errors.setdefault(rid, exc)
+        if rid in self.local_errors:
+            return b"0" * 64  # matches no digest: the helper refuses the file
+        digest: str = hasher.hexdigest()
+        if self.on_digest is not None:
+            self.on_digest(item, digest)
+        return digest.encode("ascii")
 
     def read_acks(self) -> None:
         """Runs until the barrier's answer. It must never stop reading early while the helper

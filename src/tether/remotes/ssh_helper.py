@@ -230,6 +230,11 @@ def temp_name(final: str) -> str:
     return os.path.join(head, f".{name}{TEMP_MARKER}{_TEMP_TAG}{next(_temp_counter):x}")
 
 
+def trailer_size(h: dict) -> int:
+    """Bytes after a streamed upload's data: the hex digest of a file hashed as it was sent."""
+    return 64 if h.get("trailer") else 0
+
+
 def part_name(final: str, digest: str) -> str:
     head, name = os.path.split(final)
     return os.path.join(head, f".{name}{TEMP_MARKER}{digest[:16]}{PART_SUFFIX}")
@@ -646,7 +651,7 @@ class Helper:
         try:
             final = self.base.parent_ok(rel, True)
         except BaseException as exc:
-            self.conn.skip(n)
+            self.conn.skip(n + trailer_size(h))
             self.conn.ack(rid, error_info(exc, rel))
             return
         self.put_large(rid, rel, final, h, n)
@@ -737,7 +742,7 @@ class Helper:
         try:
             hasher, f = self.open_target(tmp, offset, h, resumable)
         except BaseException as exc:
-            self.conn.skip(n)
+            self.conn.skip(n + trailer_size(h))
             self.conn.ack(rid, error_info(exc, rel))
             return
         sink = Sink(f, hasher)
@@ -749,6 +754,11 @@ class Helper:
                 sink.put(chunk)
                 if self.flush_behind is not None:
                     self.flush_behind.landed(len(chunk))
+            # A file hashed as it was sent: its digest follows its bytes (the header's names
+            # its .part).
+            expected = h["digest"]
+            if trailer_size(h):
+                expected = self.conn.read_exact(trailer_size(h)).decode("ascii", "replace")
         except EOFError:
             sink.close()
             if not resumable:
@@ -759,8 +769,8 @@ class Helper:
             if failed is not None:
                 raise failed
             digest = hasher.hexdigest()
-            if digest != h["digest"]:
-                raise Refused(mismatch(rel, h["digest"], digest), "verify")
+            if digest != expected:
+                raise Refused(mismatch(rel, expected, digest), "verify")
             os.utime(tmp, ns=(h["mtime_ns"], h["mtime_ns"]))
             os.replace(tmp, final)
         except BaseException as exc:
