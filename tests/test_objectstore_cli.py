@@ -29,6 +29,7 @@ from tether.config import RemoteConfig
 from tether.errors import LockHeld, StalePlanError
 from tether.lock import Lease
 from tether.manifest import Manifest
+from tether.progress import Progress
 from tether.remotes import open_remote
 from tether.remotes.objectstore_multipart import journals
 from tether.scan import StatEntry
@@ -343,14 +344,63 @@ def test_an_unattended_run_with_the_lock_taken_still_ends_in_step_when_nothing_m
 def test_read_only_keys_pull_what_there_is_and_a_no_op_stays_exit_0(
     rclone: S3Server, tmp_path: Path, tether: Tether
 ) -> None:
+    """Keys that may only read (a shared bucket's collaborators) cannot write the lock: the
+    pull goes ahead without it, says so, and writes nothing on the store."""
     proxy = ThrottlingProxy(rclone.endpoint)
     try:
         prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
         reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
-        assert tether("pull", DS, "s3", "-y", cwd=reader.root).exit_code == 0
         proxy.read_only = True
+        proxy.requests.clear()
+        r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+        assert r.exit_code == 0, r.output
+        assert "read-only" in r.stderr and "without it" in r.stderr, r.stderr
+        assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+        assert {m for m, _p in proxy.requests} <= {"GET", "HEAD", "PUT"}  # the PUTs were refused
         r = tether("pull", DS, "s3", "-y", cwd=reader.root)
         assert r.exit_code == 0, r.output  # in step: the lock it could not write was not needed
+    finally:
+        proxy.close()
+
+
+def test_a_read_only_pull_waits_for_no_one_and_promotes_nothing_a_push_overtook(
+    rclone: S3Server, tmp_path: Path, tether: Tether
+) -> None:
+    proxy = ThrottlingProxy(rclone.endpoint)
+    try:
+        prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
+        reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
+        proxy.read_only = True
+        # a live push elsewhere: the read-only pull refuses to start (exit 6)
+        lease = Lease(_remote(rclone, prefix, tmp_path), DS, operation="push", host="other-machine")
+        lease.acquire()
+        try:
+            r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+            assert r.exit_code == 6 and "other-machine" in r.stderr, r.output
+        finally:
+            lease.release()
+        assert not (reader.data / DS).exists()
+
+        # a push that commits a new index while the files download: nothing is promoted
+        index_key = f"{prefix}/{DS}/.tether/index"
+        store = rclone.store()
+
+        class PushMeanwhile(Progress):
+            def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+                if name == "downloading":  # the push's files, then its index (the commit)
+                    old = memoryview(obstore.get(store, index_key).bytes()).tobytes()
+                    obstore.put(store, f"{prefix}/{DS}/late.txt", b"pushed meanwhile")
+                    obstore.put(store, index_key, old + b"\n")
+
+        with pytest.raises(StalePlanError, match="changed while it was pulled"):
+            sync.pull(DS, "s3", workspace=reader.root, progress=PushMeanwhile(), reviewed=False)
+        assert not (reader.data / DS / "d0").exists()  # nothing promoted
+        proxy.read_only = False
+        obstore.delete(store, f"{prefix}/{DS}/late.txt")
+        assert tether("push", DS, "s3", "-y", cwd=tmp_path / "ws").exit_code == 0  # a good index
+        proxy.read_only = True
+        r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+        assert r.exit_code == 0, r.output
         assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
     finally:
         proxy.close()

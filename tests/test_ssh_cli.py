@@ -303,6 +303,45 @@ def test_base_path_problems_are_exit_5(hpc: WorkspaceFixture, sshd: SshServer, t
     )
 
 
+def _as_nobody() -> str:
+    """The remote python3 run as ``nobody``: root reads and writes everything."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the helper as another user")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing to drop root's rights")
+    return "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3"
+
+
+def test_a_dataset_the_login_may_only_read_is_pulled_without_the_lock(
+    tmp_path: Path, sshd: SshServer, tether
+) -> None:
+    """A group's shared, read-only copy on the cluster: the lock record cannot be made there, so
+    the pull goes ahead without it (saying so), leaving the remote exactly as it was."""
+    reader_python = _as_nobody()
+    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"tether-ro-{os.getpid()}"
+    shared.mkdir(mode=0o755, exist_ok=True)
+    try:
+        remote_root = shared / "remote"
+        remote_root.mkdir(mode=0o755, exist_ok=True)
+        ws = make_workspace(tmp_path)
+        files = {f"d{i % 2}/f{i}.txt": f"file {i}\n".encode() for i in range(6)}
+        for rel, data in files.items():
+            ws.write(rel, data)
+        add_remote(ws.root, "hpc", f"ssh://{HOST}{remote_root}", sshd.options())
+        assert tether("push", DS, "hpc", "-y", cwd=ws.root).exit_code == 0
+        before = sorted((str(p), p.stat().st_mtime_ns) for p in remote_root.rglob("*"))
+
+        reader = make_workspace(tmp_path, "reader")
+        add_remote(reader.root, "hpc", f"ssh://{HOST}{remote_root}", sshd.options(python=reader_python))
+        r = tether("pull", DS, "hpc", "-y", cwd=reader.root)
+        assert r.exit_code == 0, r.output
+        assert "read-only" in r.stderr, r.stderr
+        assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+        assert sorted((str(p), p.stat().st_mtime_ns) for p in remote_root.rglob("*")) == before
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_permission_denied_on_the_base_path_is_exit_5(tmp_path: Path, sshd: SshServer, tether) -> None:
     """Root reads everything, so the helper is run as ``nobody`` (setpriv) against a 0700 folder."""
     if os.geteuid() != 0:

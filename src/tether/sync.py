@@ -123,6 +123,8 @@ class Context:
     # walk of 20,000 cold files. None once it passed.
     checking: Future[None] | None = None
     closing: Future[None] | None = None  # the remote closing in the background (close_soon)
+    # A pull without the lock (read-only keys): checked before anything is promoted.
+    before_promote: Callable[[], None] | None = None
 
     @property
     def remote(self) -> Remote:
@@ -917,13 +919,19 @@ def _run(
         if not planned_under_lock:  # -- lock, then check the plan still holds under it
             if not lock_first:
                 held.enter_context(_local_lock(ctx))
-            leases.append(held.enter_context(_lease(ctx, direction)))
+            try:
+                leases.append(held.enter_context(_lease(ctx, direction)))
+            except RemotePermissionError:
+                if direction != Direction.PULL:
+                    raise
+                ctx.before_promote = _pull_without_lock(ctx)
+        lease = leases[0] if leases else None
         try:
             if planned_under_lock:
                 faults.checkpoint("locked")
-                result, verification = _execute(ctx, direction, plan, local, remote_state, base, leases[0])
+                result, verification = _execute(ctx, direction, plan, local, remote_state, base, lease)
             else:
-                result, verification = _execute_locked(ctx, direction, plan, local, remote_m, base, leases[0])
+                result, verification = _execute_locked(ctx, direction, plan, local, remote_m, base, lease)
         except TetherError as exc:
             record.state = "failed"
             record.error = exc.message
@@ -948,7 +956,7 @@ def _execute_locked(
     local: Manifest,
     remote_m: Manifest,
     base: Manifest,
-    lease: Lease,
+    lease: Lease | None,
 ) -> tuple[BatchResult, VerifyReport]:
     """Under the lock: make sure the plan made before it still holds, then carry it out.
 
@@ -957,8 +965,9 @@ def _execute_locked(
     file changing on the remote during the download, such as a ledger a job appends to, was
     then reported either as a stale plan or as a failed digest, depending on timing.)
     """
-    # The same look clears temporary files killed writers left (over SSH in the same request).
-    state_now = scan_remote(ctx, clean_temp=True)
+    # The same look clears temporary files killed writers left (over SSH in the same request),
+    # only while holding the lock: without it (read-only keys) they may be a live writer's.
+    state_now = scan_remote(ctx, clean_temp=lease is not None)
     remote_now = state_now.manifest
     changed = remote_now.entries != remote_m.entries
     if changed and make_plan(local, remote_now, base, plan.options).fingerprint() != plan.fingerprint():
@@ -974,12 +983,57 @@ def _execute(
     local: Manifest,
     state: RemoteState,
     base: Manifest,
-    lease: Lease,
+    lease: Lease | None,
 ) -> tuple[BatchResult, VerifyReport]:
-    """Carry out ``plan``, made from ``state`` as listed while ``lease`` was held."""
+    """Carry out ``plan``, made from ``state`` as listed while ``lease`` was held (a pull with
+    read-only keys holds none: see _pull_without_lock)."""
     if direction == Direction.PUSH:
+        assert lease is not None
         return _execute_push(ctx, plan, local, base, lease, state)
     return _execute_pull(ctx, plan, local, state.manifest, base)
+
+
+def _pull_without_lock(ctx: Context) -> Callable[[], None]:
+    """A pull whose keys may read but not write the remote (a shared bucket's read-only keys)
+    cannot take the lock. It checks instead: no live lock record when it starts, and before it
+    promotes anything, still none and the same index (a push writes the index last). A push
+    that ran meanwhile then makes it stop as a stale plan (exit 3; verified staged files are
+    kept for the rerun) instead of promoting a mix of two versions. Returns that last check."""
+
+    def index_now() -> bytes | None:
+        try:
+            return ctx.remote.read_bytes(index_path(ctx.dataset.id))
+        except FileNotFoundError:
+            return None
+
+    def writer() -> LockRecord | None:
+        current = read_lock(ctx.remote, ctx.dataset.id)
+        return None if current is None or current.stale(time.time(), ctx.workspace.hostname) else current
+
+    holder = writer()
+    if holder is not None:
+        raise LockHeld(
+            f"{ctx.dataset.id} on {ctx.remote.url} is locked by {holder.describe()}",
+            holder=dataclasses.asdict(holder),
+            hint="Wait for that run to finish, then pull again.",
+        )
+    seen = index_now()
+    ctx.progress.message(
+        f"cannot write the lock on {ctx.remote_name!r} (read-only access?): pulling without it; "
+        "nothing is promoted if a push runs meanwhile"
+    )
+
+    def still_unwritten() -> None:
+        holder = writer()
+        if holder is not None or index_now() != seen:
+            by = f" ({holder.describe()})" if holder is not None else ""
+            raise StalePlanError(
+                f"the remote copy of {ctx.dataset.id!r} changed while it was pulled{by}; "
+                "nothing was promoted",
+                hint="Pull again: the files already downloaded and verified are reused.",
+            )
+
+    return still_unwritten
 
 
 def _lease(ctx: Context, direction: Direction) -> Lease:
@@ -1092,6 +1146,7 @@ def _execute_pull(
         plan.changes,
         jobs=ctx.jobs,
         progress=ctx.progress,
+        before_promote=ctx.before_promote,
     )
     # provisional digests of foreign objects, now known from their bytes
     remote_m = remote_m.with_digests(result.resolved)

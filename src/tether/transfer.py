@@ -446,8 +446,10 @@ def pull_changes(
     *,
     jobs: int,
     progress: Progress = NO_PROGRESS,
+    before_promote: Callable[[], None] | None = None,
 ) -> BatchResult:
-    """Download into ``staging``, verify, and only if every file arrived promote them all.
+    """Download into ``staging``, verify, and only if every file arrived promote them all
+    (``before_promote`` may still refuse, raising).
 
     Verified staged files survive a failed or killed run, so the next run reuses them instead
     of fetching them again over a flaky link.
@@ -554,6 +556,8 @@ def pull_changes(
             f"{len(stale)} local file(s) changed during the pull: {', '.join(stale[:5])}",
             paths=stale,
         )
+    if before_promote is not None:
+        before_promote()
     syncfs(staging)  # staged bytes are durable before they take their final names
     progress.stage("promoting", files=len(downloads) + len(deletes))
     root = os.fspath(local_root)
