@@ -519,6 +519,27 @@ def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
                 subprocess.run(["umount", "-l", str(target)], check=False)
 
 
+def test_a_read_only_export_is_pulled_without_the_lock(
+    tmp_path: Path, tether, tmpfs: Callable[[Path, str], Path]
+) -> None:
+    """A dataset on a read-only mount (an NFS export, a snapshot): no lock record can be made,
+    so the pull goes ahead without it and says so; nothing is written there."""
+    export = tmp_path / "export"
+    export.mkdir()
+    tmpfs(export, "16m")
+    ws = make_workspace(tmp_path, remote_dir=export)
+    files = {f"d{i % 2}/f{i}.bin": os.urandom(100 + i) for i in range(8)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    assert tether("push", DS, "store", "-y", cwd=ws.root).exit_code == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(export)], check=True)
+    reader = make_workspace(tmp_path, "reader", remote_dir=export)
+    r = tether("pull", DS, "store", "-y", cwd=reader.root)
+    assert r.exit_code == 0, r.output
+    assert "read-only" in r.stderr, r.stderr
+    assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+
+
 def remount(target: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(target)], check=True)
 

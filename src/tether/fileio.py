@@ -441,7 +441,8 @@ def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> Non
         faults.checkpoint("record_rename")
         os.replace(tmp, final)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
+            tmp.unlink(missing_ok=True)
         mapped = os_error_to_tether(exc, final)
         if mapped is exc:
             raise

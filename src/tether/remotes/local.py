@@ -6,6 +6,7 @@ and creating folders on the mount point would silently sync to the wrong disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable, Iterator
@@ -123,7 +124,10 @@ class LocalRemote:
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         final = self._abs(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only export: the caller may go on without the lock
+            raise os_error_to_tether(exc, final.parent) from exc
         # Write the whole record under a temporary name, then hard-link it into place: link()
         # fails if the name exists, so the record appears complete or not at all.
         tmp = temp_sibling(final)
@@ -135,7 +139,8 @@ class LocalRemote:
         except OSError as exc:
             raise os_error_to_tether(exc, final) from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
+                tmp.unlink(missing_ok=True)
         return True
 
     def put_file(
