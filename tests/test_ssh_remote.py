@@ -608,14 +608,7 @@ def test_interrupted_unhashed_upload_resumes_from_its_verified_prefix(
 
     second = Relay(sshd.port)
     r = _relay_remote(tmp_path, sshd, second)
-    learnt: dict[str, str] = {}
-    done: list[object] = []
-    r.put_many(
-        [item],
-        on_bytes=lambda n: None,
-        on_done=lambda i, e: done.append(e),
-        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
-    )
+    done, learnt = _put_unhashed(r, [item])
     r.close()
     second.close()
     assert done == [None]
@@ -1008,6 +1001,19 @@ def test_shell_startup_chatter_before_the_helper_is_skipped(tmp_path: Path, sshd
 
 
 # -- small files sent before they were ever hashed (a first push) --------------------------------
+def _put_unhashed(remote: SshRemote, items: list[TransferItem]) -> tuple[list[object], dict[str, str]]:
+    """put_many of ``items`` (made unhashed unless they are): each one's error, the digests learnt."""
+    done: list[object] = []
+    learnt: dict[str, str] = {}
+    remote.put_many(
+        [i if i.digest == UNHASHED else _unhashed(i) for i in items],
+        on_bytes=lambda n: None,
+        on_done=lambda i, e: done.append(e),
+        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
+    )
+    return done, learnt
+
+
 def _unhashed(item: TransferItem) -> TransferItem:
     st = Path(item.local).stat()
     state = StatEntry(Path(item.local).name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
@@ -1018,14 +1024,7 @@ def test_unhashed_small_files_are_hashed_as_sent_and_checked_on_arrival(
     remote: SshRemote, tmp_path: Path
 ) -> None:
     items = [_item(tmp_path / "src", f"d/f{i}", os.urandom(100 + i), f"ds/d/f{i}") for i in range(20)]
-    learnt: dict[str, str] = {}
-    done: list[object] = []
-    remote.put_many(
-        [_unhashed(i) for i in items],
-        on_bytes=lambda n: None,
-        on_done=lambda i, e: done.append(e),
-        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
-    )
+    done, learnt = _put_unhashed(remote, items)
     assert done == [None] * 20
     assert learnt == {i.path: i.digest for i in items}
     assert remote.hash_files([i.path for i in items]) == learnt
@@ -1057,14 +1056,7 @@ def test_unhashed_large_files_are_hashed_as_sent_and_checked_on_arrival(
         monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
     src = tmp_path / "src"
     items = [_item(src, f"big{i}", os.urandom(3 * 1024 * 1024 + i), f"ds/big{i}") for i in range(2)]
-    learnt: dict[str, str] = {}
-    done: list[object] = []
-    remote.put_many(
-        [_unhashed(i) for i in items],
-        on_bytes=lambda n: None,
-        on_done=lambda i, e: done.append(e),
-        on_digest=lambda i, d: learnt.__setitem__(i.path, d),
-    )
+    done, learnt = _put_unhashed(remote, items)
     assert done == [None, None]
     assert learnt == {i.path: i.digest for i in items}
     root = remote_root(remote)
