@@ -551,68 +551,39 @@ def _relay_remote(tmp_path: Path, server: SshServer, relay: Relay, name: str = "
     return open_remote(RemoteConfig("r", f"ssh://{HOST}{root}", server.options(config), "test"))  # type: ignore[return-value]
 
 
+@pytest.mark.parametrize("unhashed", [False, True], ids=["hashed", "first-push"])
 def test_interrupted_large_upload_resumes_from_its_verified_prefix(
-    tmp_path: Path,
-    sshd: SshServer,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
-    data = os.urandom(12 * 1024 * 1024)
-    item = _item(tmp_path / "src", "big.bin", data, "ds/big.bin")
-    first = Relay(sshd.port)
-    first.cut_after(5 * 1024 * 1024)  # the link dies mid-file
-    r = _relay_remote(tmp_path, sshd, first)
-    with pytest.raises(RemoteUnavailable) as info:
-        r.put_file(Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns)
-    r.close()
-    first.close()
-    assert "lost the connection" in info.value.message
-    sshd.wait_sessions_closed()
-    root = tmp_path / "remote-root"
-    parts = [p for p in (root / "ds").iterdir() if p.name.endswith(".part")]
-    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(data)
-    assert not (root / "ds" / "big.bin").exists()  # nothing torn under the real name
-    have = parts[0].stat().st_size
-
-    second = Relay(sshd.port)
-    r = _relay_remote(tmp_path, sshd, second)
-    assert r.cleanup_temp("ds") == 0  # a recent resumable .part is kept by the clean-up
-    r.put_file(Path(item.local), item.path, digest=item.digest, mtime_ns=item.mtime_ns)
-    r.close()
-    second.close()
-    assert (root / "ds" / "big.bin").read_bytes() == data
-    assert second.bytes_up < len(data) - have + 1024 * 1024  # only the rest crossed the link
-    assert _temp_files(root) == []
-
-
-def test_interrupted_unhashed_upload_resumes_from_its_verified_prefix(
-    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch, unhashed: bool
 ) -> None:
     """A first push's large file has no digest yet: its partial is named by the file's scanned
     state, and a rerun on the unchanged file resumes it and still reports the whole digest."""
     monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
     data = os.urandom(12 * 1024 * 1024)
-    item = _unhashed(_item(tmp_path / "src", "big.bin", data, "ds/big.bin"))
+    item = _item(tmp_path / "src", "big.bin", data, "ds/big.bin")
+    item = _unhashed(item) if unhashed else item
     first = Relay(sshd.port)
-    first.cut_after(5 * 1024 * 1024)
+    first.cut_after(5 * 1024 * 1024)  # the link dies mid-file
     r = _relay_remote(tmp_path, sshd, first)
-    with pytest.raises(RemoteUnavailable):
-        r.put_many([item], on_bytes=lambda n: None, on_done=lambda i, e: None)
+    with pytest.raises(RemoteUnavailable) as info:
+        _put(r, [item])
     r.close()
     first.close()
+    assert "lost the connection" in info.value.message
     sshd.wait_sessions_closed()
     root = tmp_path / "remote-root"
     [part] = [p for p in (root / "ds").iterdir() if p.name.endswith(".part")]
     have = part.stat().st_size
     assert 0 < have < len(data)
+    assert not (root / "ds" / "big.bin").exists()  # nothing torn under the real name
 
     second = Relay(sshd.port)
     r = _relay_remote(tmp_path, sshd, second)
-    done, learnt = _put_unhashed(r, [item])
+    assert r.cleanup_temp("ds") == 0  # a recent resumable .part is kept by the clean-up
+    done, learnt = _put(r, [item])
     r.close()
     second.close()
     assert done == [None]
-    assert learnt == {"ds/big.bin": hashlib.sha256(data).hexdigest()}
+    assert learnt == ({"ds/big.bin": hashlib.sha256(data).hexdigest()} if unhashed else {})
     assert (root / "ds" / "big.bin").read_bytes() == data
     assert second.bytes_up < len(data) - have + 1024 * 1024  # only the rest crossed the link
     assert _temp_files(root) == []
@@ -1001,12 +972,12 @@ def test_shell_startup_chatter_before_the_helper_is_skipped(tmp_path: Path, sshd
 
 
 # -- small files sent before they were ever hashed (a first push) --------------------------------
-def _put_unhashed(remote: SshRemote, items: list[TransferItem]) -> tuple[list[object], dict[str, str]]:
-    """put_many of ``items`` (made unhashed unless they are): each one's error, the digests learnt."""
+def _put(remote: SshRemote, items: list[TransferItem]) -> tuple[list[object], dict[str, str]]:
+    """put_many of ``items``: each one's error, and the digests learnt from the unhashed ones."""
     done: list[object] = []
     learnt: dict[str, str] = {}
     remote.put_many(
-        [i if i.digest == UNHASHED else _unhashed(i) for i in items],
+        items,
         on_bytes=lambda n: None,
         on_done=lambda i, e: done.append(e),
         on_digest=lambda i, d: learnt.__setitem__(i.path, d),
@@ -1024,7 +995,7 @@ def test_unhashed_small_files_are_hashed_as_sent_and_checked_on_arrival(
     remote: SshRemote, tmp_path: Path
 ) -> None:
     items = [_item(tmp_path / "src", f"d/f{i}", os.urandom(100 + i), f"ds/d/f{i}") for i in range(20)]
-    done, learnt = _put_unhashed(remote, items)
+    done, learnt = _put(remote, [_unhashed(i) for i in items])
     assert done == [None] * 20
     assert learnt == {i.path: i.digest for i in items}
     assert remote.hash_files([i.path for i in items]) == learnt
@@ -1056,7 +1027,7 @@ def test_unhashed_large_files_are_hashed_as_sent_and_checked_on_arrival(
         monkeypatch.setattr(ssh_mod, "RESUME_MIN", 1024 * 1024)
     src = tmp_path / "src"
     items = [_item(src, f"big{i}", os.urandom(3 * 1024 * 1024 + i), f"ds/big{i}") for i in range(2)]
-    done, learnt = _put_unhashed(remote, items)
+    done, learnt = _put(remote, [_unhashed(i) for i in items])
     assert done == [None, None]
     assert learnt == {i.path: i.digest for i in items}
     root = remote_root(remote)
