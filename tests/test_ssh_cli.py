@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -303,74 +303,79 @@ def test_base_path_problems_are_exit_5(hpc: WorkspaceFixture, sshd: SshServer, t
     )
 
 
-def _as_nobody() -> str:
-    """The remote python3 run as ``nobody``: root reads and writes everything."""
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """A folder other users can reach (pytest's tmp_path is private to its owner)."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tether-shared-{tmp_path.name}-{os.getpid()}"
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        for folder in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)  # a test may have made it read-only
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _without_rights(folder: Path) -> str:
+    """The remote ``python3`` for a helper without write rights in ``folder``: as root (who
+    bypasses permissions) it runs as ``nobody`` through setpriv, which also keeps it out of a
+    0700 folder; as anyone else the tree is made read-only for its owner."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to run the helper as another user")
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user bypasses permissions")
+        return "python3"
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is missing to drop root's rights")
+        message = "setpriv (util-linux) is missing to run the helper as nobody"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3"
 
 
 def test_a_dataset_the_login_may_only_read_is_pulled_without_the_lock(
-    tmp_path: Path, sshd: SshServer, tether
+    tmp_path: Path, sshd: SshServer, tether, shared: Path
 ) -> None:
     """A group's shared, read-only copy on the cluster: the lock record cannot be made there, so
     the pull goes ahead without it (saying so), leaving the remote exactly as it was."""
-    reader_python = _as_nobody()
-    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"tether-ro-{os.getpid()}"
-    shared.mkdir(mode=0o755, exist_ok=True)
-    try:
-        remote_root = shared / "remote"
-        remote_root.mkdir(mode=0o755, exist_ok=True)
-        ws = make_workspace(tmp_path)
-        files = {f"d{i % 2}/f{i}.txt": f"file {i}\n".encode() for i in range(6)}
-        for rel, data in files.items():
-            ws.write(rel, data)
-        add_remote(ws.root, "hpc", f"ssh://{HOST}{remote_root}", sshd.options())
-        assert tether("push", DS, "hpc", "-y", cwd=ws.root).exit_code == 0
-        # and a file a cluster job wrote there since: no index vouches for it, the helper hashes
-        # it where it lives and cannot keep that digest (its cache is not writable either)
-        (remote_root / DS / "d0" / "from-a-job.txt").write_bytes(b"written on the cluster")
-        files["d0/from-a-job.txt"] = b"written on the cluster"
-        before = sorted((str(p), p.stat().st_mtime_ns) for p in remote_root.rglob("*"))
+    remote_root = shared / "remote"
+    remote_root.mkdir(mode=0o755)
+    ws = make_workspace(tmp_path)
+    files = {f"d{i % 2}/f{i}.txt": f"file {i}\n".encode() for i in range(6)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    add_remote(ws.root, "hpc", f"ssh://{HOST}{remote_root}", sshd.options())
+    assert tether("push", DS, "hpc", "-y", cwd=ws.root).exit_code == 0
+    # and a file a cluster job wrote there since: no index vouches for it, the helper hashes
+    # it where it lives and cannot keep that digest (its cache is not writable either)
+    (remote_root / DS / "d0" / "from-a-job.txt").write_bytes(b"written on the cluster")
+    files["d0/from-a-job.txt"] = b"written on the cluster"
+    reader_python = _without_rights(remote_root)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in remote_root.rglob("*"))
 
-        reader = make_workspace(tmp_path, "reader")
-        add_remote(reader.root, "hpc", f"ssh://{HOST}{remote_root}", sshd.options(python=reader_python))
-        r = tether("pull", DS, "hpc", "-y", cwd=reader.root)
-        assert r.exit_code == 0, r.output
-        assert "read-only" in r.stderr, r.stderr
-        assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
-        assert sorted((str(p), p.stat().st_mtime_ns) for p in remote_root.rglob("*")) == before
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    reader = make_workspace(tmp_path, "reader")
+    add_remote(reader.root, "hpc", f"ssh://{HOST}{remote_root}", sshd.options(python=reader_python))
+    r = tether("pull", DS, "hpc", "-y", cwd=reader.root)
+    assert r.exit_code == 0, r.output
+    assert "read-only" in r.stderr, r.stderr
+    assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in remote_root.rglob("*")) == before
 
 
-def test_permission_denied_on_the_base_path_is_exit_5(tmp_path: Path, sshd: SshServer, tether) -> None:
-    """Root reads everything, so the helper is run as ``nobody`` (setpriv) against a 0700 folder."""
-    if os.geteuid() != 0:
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0)
-        if os.access(locked, os.R_OK):
-            pytest.skip("this user bypasses permissions")
-        python = "python3"
-    else:
-        if shutil.which("setpriv") is None:
-            pytest.skip("root bypasses permissions and setpriv (util-linux) is missing to drop them")
-        python = "setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3"
-    shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"tether-perm-{os.getpid()}"
-    shared.mkdir(mode=0o755, exist_ok=True)
-    try:
-        locked = shared / "locked"
-        locked.mkdir(mode=0o700, exist_ok=True)
-        ws = make_workspace(tmp_path)
-        ws.write("a.txt", "a")
-        add_remote(ws.root, "hpc", f"ssh://{HOST}{locked}", sshd.options(python=python))
-        r = tether("push", DS, "hpc", "-y", cwd=ws.root)
-        _clean_error(r, ExitCode.UNREACHABLE, "permission denied")
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+def test_permission_denied_on_the_base_path_is_exit_5(
+    tmp_path: Path, sshd: SshServer, tether, shared: Path
+) -> None:
+    locked = shared / "locked"
+    locked.mkdir(mode=0o700)
+    python = _without_rights(locked)
+    if python == "python3":
+        locked.chmod(0)  # not even readable for its owner
+    ws = make_workspace(tmp_path)
+    ws.write("a.txt", "a")
+    add_remote(ws.root, "hpc", f"ssh://{HOST}{locked}", sshd.options(python=python))
+    r = tether("push", DS, "hpc", "-y", cwd=ws.root)
+    _clean_error(r, ExitCode.UNREACHABLE, "permission denied")
 
 
 # -- tether remote test -------------------------------------------------------------------------
