@@ -26,7 +26,7 @@ from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
 from s3servers import S3Server, ThrottlingProxy, get_server, unique_prefix
 from tether import sync
 from tether.config import RemoteConfig
-from tether.errors import LockHeld, StalePlanError
+from tether.errors import ExitCode, LockHeld, StalePlanError
 from tether.lock import Lease
 from tether.manifest import Manifest
 from tether.progress import Progress
@@ -392,8 +392,9 @@ def test_a_read_only_pull_waits_for_no_one_and_promotes_nothing_a_push_overtook(
                     obstore.put(store, f"{prefix}/{DS}/late.txt", b"pushed meanwhile")
                     obstore.put(store, index_key, old + b"\n")
 
-        with pytest.raises(StalePlanError, match="changed while it was pulled"):
+        with pytest.raises(StalePlanError, match="changed while it was pulled") as stale:
             sync.pull(DS, "s3", workspace=reader.root, progress=PushMeanwhile(), reviewed=False)
+        assert stale.value.exit_code == ExitCode.REFUSED and "Pull again" in (stale.value.hint or "")
         assert not (reader.data / DS / "d0").exists()  # nothing promoted
         proxy.read_only = False
         obstore.delete(store, f"{prefix}/{DS}/late.txt")
@@ -744,8 +745,9 @@ def test_first_push_hashes_multipart_files_from_the_parts_it_sends(
         state = StatEntry("late.bin", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         with source.open("r+b") as f:  # rewritten in place after the scan: same size
             f.write(b"changed")
-        with pytest.raises(StalePlanError, match=r"late\.bin"):
+        with pytest.raises(StalePlanError, match=r"late\.bin changed locally after it was scanned") as stale:
             remote.put_file_hashing(source, f"{DS}/late.bin", expect=state, mtime_ns=st.st_mtime_ns)
+        assert stale.value.exit_code == ExitCode.REFUSED
         assert not (stored / "late.bin").exists()
         assert list(rclone.client().list_uploads(prefix + "/")) == []  # aborted, not left behind
         assert journals(tmp_path / ".tether", remote.describe()) == []

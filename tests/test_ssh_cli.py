@@ -482,9 +482,10 @@ def test_files_changed_or_deleted_after_the_scan_are_refused_and_the_rest_lands(
 def test_first_push_learns_digests_from_what_it_sends(
     hpc: WorkspaceFixture, tether: Callable[..., Result]
 ) -> None:
-    """Small new files are hashed as they are sent (read once); the index, the base and the
-    local hash cache get the real digests, so the next diff reads nothing."""
+    """New files, small and large, are hashed as they are sent (read once); the index, the base
+    and the local hash cache get the real digests, so the next diff reads nothing."""
     files = _files(hpc, 30)
+    files["big/stream.bin"] = hpc.write("big/stream.bin", os.urandom(3 * 1024 * 1024)).read_bytes()
     backdate(hpc.data / DS)
     r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
     assert r.exit_code == 0, r.output
