@@ -105,6 +105,7 @@ class Capabilities:
 
 
 SMALL_FILE_BYTES = 1024 * 1024
+ANY_SIZE = 2**63 - 1  # hash_on_write_max of a backend that hashes whatever it sends
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ from tether.errors import RemotePermissionError, RemoteUnavailable, ScanError
 from tether.fileio import copy_verified, os_error_to_tether, syncfs, temp_sibling, write_bytes_atomic
 from tether.hashing import digest_file
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
-from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
+from tether.remotes.base import ANY_SIZE, Capabilities, ErrorKind, OnBytes, RemoteStat
 from tether.remotes.ssh_helper import filesystem_type as mounted_filesystem_type
 from tether.scan import StatEntry, scan_tree
 
@@ -72,7 +72,7 @@ class LocalRemote:
             parallel_connections=8,
             small_file_jobs=None if network else 1,
             small_file_processes=0 if network else SMALL_FILE_PROCESSES,
-            hash_on_write_max=2**63,
+            hash_on_write_max=ANY_SIZE,
             flush_behind=not network,
         )
 

@@ -61,7 +61,7 @@ from tether.hashing import CHUNK
 from tether.manifest import parse_provisional
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
 from tether.remotes import objectstore_multipart as mp
-from tether.remotes.base import Capabilities, ErrorKind, OnBytes, RemoteStat
+from tether.remotes.base import ANY_SIZE, Capabilities, ErrorKind, OnBytes, RemoteStat
 from tether.remotes.objectstore_config import (  # re-exported: the backend's public surface
     MiB,
     StoreSettings,
@@ -78,7 +78,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.objectstore")
 
 SMALL_READ = 8 * MiB  # objects up to this size are fetched in one response body
-UNBOUNDED = 2**63 - 1
 LIST_STREAMS = 8  # folders listed at once (see ObjectStoreRemote._list)
 CREDENTIAL_CODES = {
     "SignatureDoesNotMatch",
@@ -272,7 +271,7 @@ class ObjectStoreRemote:
             # Files are read once as they are sent: single PUTs whole, resumable multipart uploads
             # (S3 with static keys) in order, part by part; hash those bytes on the way. obstore's
             # own multipart upload (no journal) gets files hashed before.
-            hash_on_write_max=UNBOUNDED if _resumable_uploads(settings) else settings.multipart_threshold - 1,
+            hash_on_write_max=ANY_SIZE if _resumable_uploads(settings) else settings.multipart_threshold - 1,
         )
         self.notices: list[str] = []
         self._store = make_store(settings)

@@ -67,6 +67,7 @@ from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
 from tether.remotes import ssh_helper
 from tether.remotes.base import (
+    ANY_SIZE,
     Capabilities,
     ErrorKind,
     ListingDelta,
@@ -963,8 +964,8 @@ class SshRemote:
         preserves_mtime=True,
         # Every file is read once as it is sent: hashing those bytes on the way makes a first
         # push read each once (2 GiB of large files: 2.4 s of reading before the first byte).
-        # A large one's resumable .part is then named by its scanned state (see _state_tag).
-        hash_on_write_max=2**63 - 1,
+        # A large one's resumable .part is then named by its scanned state (see _part_key).
+        hash_on_write_max=ANY_SIZE,
     )
 
     def __init__(self, url: str, settings: SshSettings) -> None:
