@@ -424,13 +424,6 @@ class ObjectStoreRemote:
         stream = obstore.list(self._store, base or None, chunk_size=1)
         self._call(lambda: next(iter(stream), None), base)
 
-    def list_one_page(self) -> None:
-        """One LIST page of the whole prefix (`tether remote test`'s list permission check): a
-        bucket of a million objects answers it as fast as an empty one."""
-        base = self.settings.prefix
-        stream = obstore.list(self._store, base or None, chunk_size=1000)
-        self._call(lambda: next(iter(stream), None), base)
-
     def list_files(self, prefix: str) -> Iterator[RemoteStat]:
         base = self.key(prefix)
         return self._list(base)
@@ -483,12 +476,13 @@ class ObjectStoreRemote:
             raise self.to_tether(exc, base) from exc
         except mp.S3ConnectionError as exc:
             raise self.to_tether(exc, base) from exc
-        names = [f[len(prefix) : -1] for f in page.folders]
-        if not page.complete or len(names) < 2 or any(n in ("", ".", "..") for n in names):
-            return None  # the one stream lists them (and refuses a bad name, naming it)
-        if any(not f.startswith(prefix) or not f.endswith("/") for f in page.folders):
+        if not page.complete or len(page.folders) < 2:
             return None
-        return [prefix + n for n in names], page.has_objects
+        for folder in page.folders:
+            name = folder[len(prefix) : -1]
+            if not folder.startswith(prefix) or not folder.endswith("/") or name in ("", ".", ".."):
+                return None  # the one stream lists it, and refuses a bad name, naming it
+        return [folder[:-1] for folder in page.folders], page.has_objects
 
     def _list_level(self, base: str) -> list[RemoteStat]:
         """The objects directly below ``base`` (not in its folders): at most a page."""
@@ -1058,7 +1052,7 @@ def diagnose(remote: ObjectStoreRemote) -> list[tuple[str, bool, str, str]]:
     before = time.time()
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("put", lambda: remote.write_bytes_atomic(probe, b"tether remote test")),
-        ("list", lambda: remote.list_one_page()),
+        ("list", remote.check),  # one LIST request, however many objects the prefix holds
         ("get", lambda: remote.read_bytes(probe)),
     ]
     for name, fn in steps:
