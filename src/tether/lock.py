@@ -108,6 +108,17 @@ def read_lock(remote: Remote, dataset_id: str) -> LockRecord | None:
     return _read_record(remote, lock_path(dataset_id))
 
 
+def live_lock(remote: Remote, dataset_id: str, host: str) -> LockRecord | None:
+    """The lock record, if a run that is still alive holds it (None: free, or stale)."""
+    current = read_lock(remote, dataset_id)
+    return None if current is None or current.stale(time.time(), host) else current
+
+
+def lock_held(holder: LockRecord, dataset_id: str, remote: Remote, hint: str) -> LockHeld:
+    message = f"{dataset_id} on {remote.url} is locked by {holder.describe()}"
+    return LockHeld(message, holder=asdict(holder), hint=hint)
+
+
 class Lease:
     """Context manager: acquire, renew in the background, release."""
 
@@ -160,10 +171,11 @@ class Lease:
             if current is None or current.stale(time.time(), self.host):
                 self._take_over(current)
                 continue
-            raise LockHeld(
-                f"{self.dataset_id} on {self.remote.url} is locked by {current.describe()}",
-                holder=asdict(current),
-                hint="Wait for that run to finish. If it died on another machine, the lock "
+            raise lock_held(
+                current,
+                self.dataset_id,
+                self.remote,
+                "Wait for that run to finish. If it died on another machine, the lock "
                 "expires by itself; `tether lock break TARGET REMOTE --force` breaks it now.",
             )
         raise LockHeld(f"could not take the lock on {self.dataset_id}: it keeps changing")

@@ -41,7 +41,7 @@ from tether.fileio import write_bytes_atomic
 from tether.foreign import SIZE_ONLY, Compared, compare_with_local
 from tether.hashing import HashCache, hash_entries
 from tether.ledger import LedgerCheck, local_reader
-from tether.lock import Lease, break_lock, clear_dead_lock, local_flock, read_lock
+from tether.lock import Lease, break_lock, clear_dead_lock, live_lock, local_flock, lock_held, read_lock
 from tether.lock import LockRecord as LockRecord
 from tether.manifest import UNHASHED, Entry, Manifest, ManifestFormatError, provisional_digest
 from tether.paths import check_relpath
@@ -1007,16 +1007,11 @@ def _pull_without_lock(ctx: Context) -> Callable[[], None]:
             return None
 
     def writer() -> LockRecord | None:
-        current = read_lock(ctx.remote, ctx.dataset.id)
-        return None if current is None or current.stale(time.time(), ctx.workspace.hostname) else current
+        return live_lock(ctx.remote, ctx.dataset.id, ctx.workspace.hostname)
 
     holder = writer()
     if holder is not None:
-        raise LockHeld(
-            f"{ctx.dataset.id} on {ctx.remote.url} is locked by {holder.describe()}",
-            holder=dataclasses.asdict(holder),
-            hint="Wait for that run to finish, then pull again.",
-        )
+        raise lock_held(holder, ctx.dataset.id, ctx.remote, "Wait for that run to finish, then pull again.")
     seen = index_now()
     ctx.progress.message(
         f"cannot write the lock on {ctx.remote_name!r} (read-only access?): pulling without it; "
