@@ -1339,19 +1339,26 @@ class SshRemote:
             cut = [[pair for piece in cut for pair in piece]]
         return _Pieces(cut, len(items), on_done, on_bytes), channels
 
-    def _resume_points(self, channel: _Channel, large: list[TransferItem]) -> dict[str, tuple[int, str]]:
-        """Partial uploads on the remote whose prefix matches our file (one round trip)."""
+    def _resume_points(self, channel: _Channel, large: list[TransferItem]) -> dict[str, _ResumePoint]:
+        """Partial uploads on the remote whose prefix matches our file (one round trip), with
+        our SHA-256 state over that prefix (a file sent unhashed goes on hashing from it)."""
         if not large:
             return {}
         header, _ = channel.call("parts", items=[[i.path, _part_key(i), i.size] for i in large])
         found = header["parts"]
-        points: dict[str, tuple[int, str]] = {}
+        points: dict[str, _ResumePoint] = {}
         for item in large:
             if item.path not in found:
                 continue
             have, prefix_digest = found[item.path]
-            if have > 0 and _prefix_digest(item.local, have) == prefix_digest:
-                points[item.path] = (have, prefix_digest)
+            if have <= 0:
+                continue
+            try:
+                done, hasher = _hash_prefix(item.local, have)
+            except OSError:
+                continue
+            if done == have and hasher.hexdigest() == prefix_digest:
+                points[item.path] = (have, prefix_digest, hasher)
         return points
 
     def __repr__(self) -> str:
@@ -1396,14 +1403,7 @@ def _part_key(item: TransferItem) -> str:
     return hashlib.sha256(f"unhashed {e.inode} {e.size} {e.mtime_ns} {e.ctime_ns}".encode()).hexdigest()
 
 
-def _prefix_digest(path: str, n: int) -> str | None:
-    try:
-        done, hasher = _hash_prefix(path, n)
-    except OSError:
-        return None
-    return hasher.hexdigest() if done == n else None
-
-
+_ResumePoint = tuple[int, str, Any]  # bytes the remote partial holds, their digest, our hasher
 _Piece = list[tuple[int, TransferItem]]  # consecutive files of a batch, with ids unique in it
 
 
@@ -1515,7 +1515,7 @@ class _PutStream:
         remote: SshRemote,
         channel: _Channel,
         pieces: _Pieces,
-        offsets: dict[str, tuple[int, str]],
+        offsets: dict[str, _ResumePoint],
         ahead: Prefetcher,
         on_digest: OnDigest | None = None,
     ) -> None:
@@ -1651,20 +1651,16 @@ class _PutStream:
         }
         if unhashed:
             header["trailer"] = True
-        offset = 0
+        offset, prefix_hasher = 0, None
         if item.size >= RESUME_MIN:
-            offset, prefix = self.offsets.get(item.path, (0, ""))
+            offset, prefix, prefix_hasher = self.offsets.get(item.path, (0, "", None))
             header.update(resumable=True, offset=offset, prefix_digest=prefix)
         n = item.size - offset
-        hasher = hashlib.sha256() if unhashed else None
+        hasher = None
+        if unhashed:  # the file's state is checked after its last byte (trailer)
+            hasher = prefix_hasher.copy() if prefix_hasher is not None else hashlib.sha256()
         if offset:
             self.on_bytes(offset)
-            if hasher is not None:
-                done, hasher = _hash_prefix(item.local, offset)
-                if done != offset:
-                    self.local_errors[rid] = VerificationError(
-                        f"{item.path}: changed size while read", paths=[item.path]
-                    )
             f.seek(offset)
         self.ch.send_head(header, n)
         left = n
