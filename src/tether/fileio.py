@@ -331,6 +331,13 @@ def _buffer() -> memoryview:
     return buffer
 
 
+def discard(path: str | Path) -> None:
+    """Remove a temporary file this run may have made, whatever happens: it must never mask the
+    error being reported (a read-only filesystem refuses even the unlink of a missing name)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -441,14 +448,13 @@ def write_bytes_atomic(final: Path, data: bytes, *, durable: bool = True) -> Non
         faults.checkpoint("record_rename")
         os.replace(tmp, final)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
-            tmp.unlink(missing_ok=True)
+        discard(tmp)
         mapped = os_error_to_tether(exc, final)
         if mapped is exc:
             raise
         raise mapped from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
     if durable:
         fsync_dir(final.parent)

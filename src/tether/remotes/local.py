@@ -6,7 +6,6 @@ and creating folders on the mount point would silently sync to the wrong disk.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterable, Iterator
@@ -16,7 +15,7 @@ from typing import BinaryIO
 
 from tether import forked
 from tether.errors import RemotePermissionError, RemoteUnavailable, ScanError
-from tether.fileio import copy_verified, os_error_to_tether, syncfs, temp_sibling, write_bytes_atomic
+from tether.fileio import copy_verified, discard, os_error_to_tether, syncfs, temp_sibling, write_bytes_atomic
 from tether.hashing import digest_file
 from tether.paths import STATE_DIR, check_relpath, is_temp_name
 from tether.remotes.base import ANY_SIZE, Capabilities, ErrorKind, OnBytes, RemoteStat
@@ -139,8 +138,7 @@ class LocalRemote:
         except OSError as exc:
             raise os_error_to_tether(exc, final) from exc
         finally:
-            with contextlib.suppress(OSError):  # a read-only filesystem refuses even this
-                tmp.unlink(missing_ok=True)
+            discard(tmp)
         return True
 
     def put_file(
