@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -55,6 +55,16 @@ def rclone() -> S3Server:
 @pytest.fixture
 def moto() -> S3Server:
     return get_server("moto")
+
+
+@pytest.fixture
+def proxy(rclone: S3Server) -> Iterator[ThrottlingProxy]:
+    """A proxy in front of the rclone server that counts requests and injects faults."""
+    counting = ThrottlingProxy(rclone.endpoint)
+    try:
+        yield counting
+    finally:
+        counting.close()
 
 
 def add_s3_remote(
@@ -140,35 +150,35 @@ def test_push_diff_pull_round_trip(
     assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
 
 
-def test_no_op_diff_costs_only_listing_requests(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        ws = make_workspace(tmp_path)
-        add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
-        _files(ws, 40)
-        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
-        proxy.requests.clear()
-        assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
-        # a LIST for the check, LISTs of the dataset (a probe of its folders, then one per
-        # folder), a GET of the index: nothing per file, however many files there are
-        assert all(m == "GET" for m, _p in proxy.requests), proxy.requests
-        assert len(proxy.requests) <= 8, proxy.requests
-        proxy.requests.clear()
-        r = tether("push", DS, "s3", "-y", cwd=ws.root)
-        assert r.exit_code == 0 and "up to date" in r.output.lower(), r.output
-        # the same, and the lock taken before the look (-y): its record written, read, deleted
-        # (and, under the lock, a LIST of abandoned multipart uploads to clear)
-        assert _lock_writes(proxy) == ["PUT", "delete"], proxy.requests
-        per_run = ("list-type=2", "/.tether/", "?uploads", "?delete")
-        per_file = [p for _m, p in proxy.requests if not any(word in p for word in per_run)]
-        assert per_file == []
-        assert len(proxy.requests) <= 16, proxy.requests  # 40 files: far fewer than one each
-    finally:
-        proxy.close()
+def test_no_op_diff_costs_only_listing_requests(
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
+) -> None:
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
+    _files(ws, 40)
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    proxy.requests.clear()
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+    # a LIST for the check, LISTs of the dataset (a probe of its folders, then one per
+    # folder), a GET of the index: nothing per file, however many files there are
+    assert all(m == "GET" for m, _p in proxy.requests), proxy.requests
+    assert len(proxy.requests) <= 8, proxy.requests
+    proxy.requests.clear()
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0 and "up to date" in r.output.lower(), r.output
+    # the same, and the lock taken before the look (-y): its record written, read, deleted
+    # (and, under the lock, a LIST of abandoned multipart uploads to clear)
+    assert _lock_writes(proxy) == ["PUT", "delete"], proxy.requests
+    per_run = ("list-type=2", "/.tether/", "?uploads", "?delete")
+    per_file = [p for _m, p in proxy.requests if not any(word in p for word in per_run)]
+    assert per_file == []
+    assert len(proxy.requests) <= 16, proxy.requests  # 40 files: far fewer than one each
 
 
 # -- large files --------------------------------------------------------------------------------
-def test_killed_multipart_upload_resumes_its_parts(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
+def test_killed_multipart_upload_resumes_its_parts(
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
+) -> None:
     ws = make_workspace(tmp_path)
     big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
     prefix = add_s3_remote(ws, rclone, **big)
@@ -182,15 +192,12 @@ def test_killed_multipart_upload_resumes_its_parts(rclone: S3Server, tmp_path: P
     assert len(list(rclone.client().list_uploads(prefix + "/"))) == 1
     parts_total = -(-len(data) // (5 * MiB))
 
-    proxy = ThrottlingProxy(rclone.endpoint)  # the rerun goes through a proxy that counts requests
-    try:
-        add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
-        r = tether("push", DS, "s3", "-y", cwd=ws.root)
-        assert r.exit_code == 0, r.output
-        resent = proxy.count("PUT", "partNumber=")
-        assert resent <= parts_total - len(journal.parts), (resent, len(journal.parts))
-    finally:
-        proxy.close()
+    # the rerun goes through a proxy that counts requests
+    add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    resent = proxy.count("PUT", "partNumber=")
+    assert resent <= parts_total - len(journal.parts), (resent, len(journal.parts))
     stored = rclone.data_dir / rclone.bucket / prefix / DS / "big.bin"  # type: ignore[operator]
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
     assert list(rclone.client().list_uploads(prefix + "/")) == []  # no orphan uploads
@@ -297,26 +304,22 @@ def _dataset_looks(proxy: ThrottlingProxy, prefix: str) -> int:
 
 
 def test_a_pull_nobody_reviews_lists_the_remote_once_under_the_lock(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 12)
-        reviewed = _another_workspace(proxy, rclone, tmp_path, "reviewed", prefix)
-        proxy.requests.clear()
-        # a person confirmed the plan: planned before the lock, looked at again under it
-        sync.pull(DS, "s3", workspace=reviewed.root, confirm=lambda plan: True)
-        assert _dataset_looks(proxy, prefix) == 2
-        unattended = _another_workspace(proxy, rclone, tmp_path, "unattended", prefix)
-        proxy.requests.clear()
-        r = tether("pull", DS, "s3", "-y", cwd=unattended.root)
-        assert r.exit_code == 0, r.output
-        assert _dataset_looks(proxy, prefix) == 1
-        assert _lock_writes(proxy) == ["PUT", "delete"], proxy.requests
-        for w in (reviewed, unattended):
-            assert {rel: (w.data / DS / rel).read_bytes() for rel in files} == files
-    finally:
-        proxy.close()
+    prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 12)
+    reviewed = _another_workspace(proxy, rclone, tmp_path, "reviewed", prefix)
+    proxy.requests.clear()
+    # a person confirmed the plan: planned before the lock, looked at again under it
+    sync.pull(DS, "s3", workspace=reviewed.root, confirm=lambda plan: True)
+    assert _dataset_looks(proxy, prefix) == 2
+    unattended = _another_workspace(proxy, rclone, tmp_path, "unattended", prefix)
+    proxy.requests.clear()
+    r = tether("pull", DS, "s3", "-y", cwd=unattended.root)
+    assert r.exit_code == 0, r.output
+    assert _dataset_looks(proxy, prefix) == 1
+    assert _lock_writes(proxy) == ["PUT", "delete"], proxy.requests
+    for w in (reviewed, unattended):
+        assert {rel: (w.data / DS / rel).read_bytes() for rel in files} == files
 
 
 def test_an_unattended_run_with_the_lock_taken_still_ends_in_step_when_nothing_moves(
@@ -342,69 +345,61 @@ def test_an_unattended_run_with_the_lock_taken_still_ends_in_step_when_nothing_m
 
 
 def test_read_only_keys_pull_what_there_is_and_a_no_op_stays_exit_0(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
     """Keys that may only read (a shared bucket's collaborators) cannot write the lock: the
     pull goes ahead without it, says so, and writes nothing on the store."""
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
-        reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
-        proxy.read_only = True
-        proxy.requests.clear()
-        r = tether("pull", DS, "s3", "-y", cwd=reader.root)
-        assert r.exit_code == 0, r.output
-        assert "read-only" in r.stderr and "without it" in r.stderr, r.stderr
-        assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
-        assert {m for m, _p in proxy.requests} <= {"GET", "HEAD", "PUT"}  # the PUTs were refused
-        r = tether("pull", DS, "s3", "-y", cwd=reader.root)
-        assert r.exit_code == 0, r.output  # in step: the lock it could not write was not needed
-    finally:
-        proxy.close()
+    prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
+    reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
+    proxy.read_only = True
+    proxy.requests.clear()
+    r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+    assert r.exit_code == 0, r.output
+    assert "read-only" in r.stderr and "without it" in r.stderr, r.stderr
+    assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+    assert {m for m, _p in proxy.requests} <= {"GET", "HEAD", "PUT"}  # the PUTs were refused
+    r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+    assert r.exit_code == 0, r.output  # in step: the lock it could not write was not needed
 
 
 def test_a_read_only_pull_waits_for_no_one_and_promotes_nothing_a_push_overtook(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
-    proxy = ThrottlingProxy(rclone.endpoint)
+    prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
+    reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
+    proxy.read_only = True
+    # a live push elsewhere: the read-only pull refuses to start (exit 6)
+    lease = Lease(_remote(rclone, prefix, tmp_path), DS, operation="push", host="other-machine")
+    lease.acquire()
     try:
-        prefix, files = _pushed_through(proxy, rclone, tmp_path, tether, 4)
-        reader = _another_workspace(proxy, rclone, tmp_path, "reader", prefix)
-        proxy.read_only = True
-        # a live push elsewhere: the read-only pull refuses to start (exit 6)
-        lease = Lease(_remote(rclone, prefix, tmp_path), DS, operation="push", host="other-machine")
-        lease.acquire()
-        try:
-            r = tether("pull", DS, "s3", "-y", cwd=reader.root)
-            assert r.exit_code == 6 and "other-machine" in r.stderr, r.output
-        finally:
-            lease.release()
-        assert not (reader.data / DS).exists()
-
-        # a push that commits a new index while the files download: nothing is promoted
-        index_key = f"{prefix}/{DS}/.tether/index"
-        store = rclone.store()
-
-        class PushMeanwhile(Progress):
-            def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
-                if name == "downloading":  # the push's files, then its index (the commit)
-                    old = memoryview(obstore.get(store, index_key).bytes()).tobytes()
-                    obstore.put(store, f"{prefix}/{DS}/late.txt", b"pushed meanwhile")
-                    obstore.put(store, index_key, old + b"\n")
-
-        with pytest.raises(StalePlanError, match="changed while it was pulled") as stale:
-            sync.pull(DS, "s3", workspace=reader.root, progress=PushMeanwhile(), reviewed=False)
-        assert stale.value.exit_code == ExitCode.REFUSED and "Pull again" in (stale.value.hint or "")
-        assert not (reader.data / DS / "d0").exists()  # nothing promoted
-        proxy.read_only = False
-        obstore.delete(store, f"{prefix}/{DS}/late.txt")
-        assert tether("push", DS, "s3", "-y", cwd=tmp_path / "ws").exit_code == 0  # a good index
-        proxy.read_only = True
         r = tether("pull", DS, "s3", "-y", cwd=reader.root)
-        assert r.exit_code == 0, r.output
-        assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
+        assert r.exit_code == 6 and "other-machine" in r.stderr, r.output
     finally:
-        proxy.close()
+        lease.release()
+    assert not (reader.data / DS).exists()
+
+    # a push that commits a new index while the files download: nothing is promoted
+    index_key = f"{prefix}/{DS}/.tether/index"
+    store = rclone.store()
+
+    class PushMeanwhile(Progress):
+        def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+            if name == "downloading":  # the push's files, then its index (the commit)
+                old = memoryview(obstore.get(store, index_key).bytes()).tobytes()
+                obstore.put(store, f"{prefix}/{DS}/late.txt", b"pushed meanwhile")
+                obstore.put(store, index_key, old + b"\n")
+
+    with pytest.raises(StalePlanError, match="changed while it was pulled") as stale:
+        sync.pull(DS, "s3", workspace=reader.root, progress=PushMeanwhile(), reviewed=False)
+    assert stale.value.exit_code == ExitCode.REFUSED and "Pull again" in (stale.value.hint or "")
+    assert not (reader.data / DS / "d0").exists()  # nothing promoted
+    proxy.read_only = False
+    obstore.delete(store, f"{prefix}/{DS}/late.txt")
+    assert tether("push", DS, "s3", "-y", cwd=tmp_path / "ws").exit_code == 0  # a good index
+    proxy.read_only = True
+    r = tether("pull", DS, "s3", "-y", cwd=reader.root)
+    assert r.exit_code == 0, r.output
+    assert {rel: (reader.data / DS / rel).read_bytes() for rel in files} == files
 
 
 # -- failures -----------------------------------------------------------------------------------
@@ -444,16 +439,14 @@ def test_unreachable_endpoint_exit_5(rclone: S3Server, tmp_path: Path, tether: T
     _clean_error(tether("diff", DS, "s3", cwd=ws.root), 5, "cannot reach", f"127.0.0.1:{port}")
 
 
-def test_throttled_to_the_end_exit_5(rclone: S3Server, tmp_path: Path, tether: Tether) -> None:
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        ws = make_workspace(tmp_path)
-        add_s3_remote(ws, rclone, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
-        _files(ws, 2)
-        proxy.always = True
-        _clean_error(tether("push", DS, "s3", "-y", cwd=ws.root), 5, "throttling")
-    finally:
-        proxy.close()
+def test_throttled_to_the_end_exit_5(
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
+) -> None:
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone, endpoint=proxy.endpoint, max_retries=1, retry_timeout=3)
+    _files(ws, 2)
+    proxy.always = True
+    _clean_error(tether("push", DS, "s3", "-y", cwd=ws.root), 5, "throttling")
 
 
 def _pushed_then_cloned_behind(
@@ -471,78 +464,66 @@ def _pushed_then_cloned_behind(
 
 
 def test_download_cut_mid_body_is_one_clear_error_and_the_rerun_finishes(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
     """A link that drops mid-download, again on every retry: exit 5 with one line and a hint (not
     obstore's pages of debug output), no torn file in the dataset; the rerun pulls everything."""
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        other, files = _pushed_then_cloned_behind(proxy, rclone, tmp_path, tether)
-        proxy.truncate = "f004.txt"
-        r = tether("pull", DS, "s3", "-y", cwd=other.root)
-        _clean_error(r, 5, "dropped while transferring", "f004.txt", "Rerun")
-        assert "Debug source" not in r.output and proxy.truncated >= 2  # obstore retried it
-        assert not (other.data / DS / "d1/f004.txt").exists()
-        proxy.truncate = None
-        assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
-        assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
-    finally:
-        proxy.close()
+    other, files = _pushed_then_cloned_behind(proxy, rclone, tmp_path, tether)
+    proxy.truncate = "f004.txt"
+    r = tether("pull", DS, "s3", "-y", cwd=other.root)
+    _clean_error(r, 5, "dropped while transferring", "f004.txt", "Rerun")
+    assert "Debug source" not in r.output and proxy.truncated >= 2  # obstore retried it
+    assert not (other.data / DS / "d1/f004.txt").exists()
+    proxy.truncate = None
+    assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
+    assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
 
 
 def test_a_download_cut_more_often_than_the_store_client_retries_is_retried_per_file(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
     """obstore retries a cut body max_retries times; a link that drops once more than that (flaky
     Wi-Fi, a saturated proxy) costs the file another try, not the whole 20,000-file pull."""
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        other, files = _pushed_then_cloned_behind(proxy, rclone, tmp_path, tether)
-        proxy.truncate, proxy.truncate_times = "f004.txt", 2  # the first GET and obstore's one retry
-        r = tether("pull", DS, "s3", "-y", cwd=other.root)
-        assert r.exit_code == 0, r.output
-        assert proxy.truncated == 2 and proxy.count("GET", "f004.txt") == 3
-        assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
-    finally:
-        proxy.close()
+    other, files = _pushed_then_cloned_behind(proxy, rclone, tmp_path, tether)
+    proxy.truncate, proxy.truncate_times = "f004.txt", 2  # the first GET and obstore's one retry
+    r = tether("pull", DS, "s3", "-y", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    assert proxy.truncated == 2 and proxy.count("GET", "f004.txt") == 3
+    assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
 
 
 def test_a_versioned_pull_retries_an_object_whose_download_was_cut(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
     """The versioned store moves objects with the same per-file retries as a mirror transfer
     (a bench pull of 20,000 objects through a 20 ms proxy once failed on one cut object)."""
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        ws = make_workspace(tmp_path / "a")
-        prefix = add_s3_remote(ws, rclone, layout="versioned")
-        files = _files(ws, 6)
-        assert tether("commit", DS, "-m", "v1", cwd=ws.root).exit_code == 0
-        assert tether("push", DS, "s3", cwd=ws.root).exit_code == 0
-        other = make_workspace(tmp_path / "b")
-        (other.root / "tether.lock").write_bytes((ws.root / "tether.lock").read_bytes())
-        add_s3_remote(
-            other,
-            rclone,
-            prefix=prefix,
-            layout="versioned",
-            endpoint=proxy.endpoint,
-            max_retries=1,
-            retry_timeout=3,
-        )
-        cut = hashlib.sha256(files["d1/f004.txt"]).hexdigest()[2:]  # objects/ab/<the rest>
-        proxy.truncate, proxy.truncate_times = cut, 2
-        r = tether("pull", DS, "s3", cwd=other.root)
-        assert r.exit_code == 0, r.output
-        assert proxy.truncated == 2 and proxy.count("GET", cut) == 3
-        assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
-        # and a link that never holds is still one clear error (exit 5), not a pull that hangs
-        (other.data / DS / "d1/f004.txt").unlink()
-        shutil.rmtree(other.root / ".tether/cache")
-        proxy.truncate_times = None
-        _clean_error(tether("pull", DS, "s3", cwd=other.root), 5, "dropped while transferring", cut[:8])
-    finally:
-        proxy.close()
+    ws = make_workspace(tmp_path / "a")
+    prefix = add_s3_remote(ws, rclone, layout="versioned")
+    files = _files(ws, 6)
+    assert tether("commit", DS, "-m", "v1", cwd=ws.root).exit_code == 0
+    assert tether("push", DS, "s3", cwd=ws.root).exit_code == 0
+    other = make_workspace(tmp_path / "b")
+    (other.root / "tether.lock").write_bytes((ws.root / "tether.lock").read_bytes())
+    add_s3_remote(
+        other,
+        rclone,
+        prefix=prefix,
+        layout="versioned",
+        endpoint=proxy.endpoint,
+        max_retries=1,
+        retry_timeout=3,
+    )
+    cut = hashlib.sha256(files["d1/f004.txt"]).hexdigest()[2:]  # objects/ab/<the rest>
+    proxy.truncate, proxy.truncate_times = cut, 2
+    r = tether("pull", DS, "s3", cwd=other.root)
+    assert r.exit_code == 0, r.output
+    assert proxy.truncated == 2 and proxy.count("GET", cut) == 3
+    assert {rel: (other.data / DS / rel).read_bytes() for rel in files} == files
+    # and a link that never holds is still one clear error (exit 5), not a pull that hangs
+    (other.data / DS / "d1/f004.txt").unlink()
+    shutil.rmtree(other.root / ".tether/cache")
+    proxy.truncate_times = None
+    _clean_error(tether("pull", DS, "s3", cwd=other.root), 5, "dropped while transferring", cut[:8])
 
 
 def test_a_key_escaping_the_dataset_exit_2_and_nothing_written(
@@ -715,7 +696,7 @@ def test_remote_test_on_object_stores(
 
 
 def test_first_push_hashes_multipart_files_from_the_parts_it_sends(
-    rclone: S3Server, tmp_path: Path, tether: Tether
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
     """A large file new to both sides is read once, part by part, hashed in order as it is sent;
     one that changes while it is read is refused and its upload aborted, never completed."""
@@ -725,14 +706,10 @@ def test_first_push_hashes_multipart_files_from_the_parts_it_sends(
     data = os.urandom(13 * MiB)
     ws.write("big.bin", data)
     ws.write("small.txt", "small")
-    proxy = ThrottlingProxy(rclone.endpoint)
-    try:
-        add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
-        r = tether("push", DS, "s3", "-y", cwd=ws.root)
-        assert r.exit_code == 0, r.output
-        assert proxy.count("PUT", "partNumber=") == 3
-    finally:
-        proxy.close()
+    add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert proxy.count("PUT", "partNumber=") == 3
     stored = rclone.data_dir / rclone.bucket / prefix / DS  # type: ignore[operator]
     assert (stored / "big.bin").read_bytes() == data
     index = Manifest.loads((stored / ".tether" / "index").read_bytes())
