@@ -67,6 +67,28 @@ def test_round_trip_preserves_every_field() -> None:
     assert back.algorithm == DEFAULT_ALGORITHM
 
 
+def test_object_store_entries_keep_their_etag_and_others_write_none() -> None:
+    """An index on an object store vouches by (size, ETag): the tag round-trips; entries
+    without one are written as before, so indexes on paths and over SSH are unchanged."""
+    tagged = Manifest.from_entries(
+        [Entry("a", 1, 2, D1, "9b2cf535f27731c974343645a3985328-3"), Entry("b", 1, 2, D2)]
+    )
+    back = Manifest.loads(tagged.dumps())
+    assert back.entries == tagged.entries
+    assert [line.get("etag") for line in lines_of(tagged.dumps())[1:]] == [
+        "9b2cf535f27731c974343645a3985328-3",
+        None,
+    ]
+    assert Manifest.loads(raw_manifest(good_line())).entries[0].etag is None
+    assert (
+        Manifest.from_entries([Entry("b", 1, 2, D2)]).dumps()
+        == Manifest.from_entries([Entry("b", 1, 2, D2, None)]).dumps()
+    )
+    assert tagged.with_digests({"a": D2}).entries[0] == Entry(
+        "a", 1, 2, D2, "9b2cf535f27731c974343645a3985328-3"
+    )
+
+
 def test_round_trip_of_empty_manifest() -> None:
     back = Manifest.loads(Manifest().dumps())
     assert len(back) == 0
@@ -253,7 +275,17 @@ def test_unknown_digest_algorithm_in_header_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("size", -1), ("size", True), ("digest", None), ("digest", "xyz"), ("mtime_ns", "1")],
+    [
+        ("size", -1),
+        ("size", True),
+        ("digest", None),
+        ("digest", "xyz"),
+        ("mtime_ns", "1"),
+        ("etag", 5),
+        ("etag", ""),
+        ("etag", "x" * 257),
+        ("etag", "a\nb"),
+    ],
 )
 def test_loads_rejects_bad_field_values(field: str, value: object) -> None:
     line = good_line()

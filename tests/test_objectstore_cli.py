@@ -30,7 +30,7 @@ from tether.errors import ExitCode, LockHeld, StalePlanError
 from tether.lock import Lease
 from tether.manifest import Manifest
 from tether.progress import Progress
-from tether.remotes import open_remote
+from tether.remotes import objectstore, open_remote
 from tether.remotes.objectstore_multipart import journals
 from tether.scan import StatEntry
 
@@ -173,6 +173,74 @@ def test_no_op_diff_costs_only_listing_requests(
     per_file = [p for _m, p in proxy.requests if not any(word in p for word in per_run)]
     assert per_file == []
     assert len(proxy.requests) <= 16, proxy.requests  # 40 files: far fewer than one each
+
+
+def test_a_push_records_the_etags_it_was_answered_and_lists_nothing_after_its_uploads(
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
+) -> None:
+    """The index vouches for objects by (size, ETag): single PUTs' tags as answered, a
+    multipart object's by one HEAD (rclone serve s3 lists the whole object's MD5, not the
+    completion's tag). The next look trusts them without a byte read, still sees an object
+    replaced behind tether's back with the same size, and a pull gives files their pushed mtime."""
+    ws = make_workspace(tmp_path)
+    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
+    prefix = add_s3_remote(ws, rclone, endpoint=proxy.endpoint, **big)
+    files = _files(ws, 30)
+    ws.write("big.bin", os.urandom(13 * MiB))
+    pushed_mtime = 1_600_000_000_123_456_789
+    os.utime(ws.data / DS / "d1/f001.txt", ns=(pushed_mtime, pushed_mtime))
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    lists = [i for i, (m, p) in enumerate(proxy.requests) if m == "GET" and "list-type=2" in p]
+    first_upload = min(i for i, (m, p) in enumerate(proxy.requests) if m in ("PUT", "POST") and "/d0/" in p)
+    assert lists and max(lists) < first_upload, proxy.requests  # no listing after the uploads
+    heads = [p for m, p in proxy.requests if m == "HEAD" and "/.tether/" not in p]
+    assert heads == [f"/{rclone.bucket}/{prefix}/{DS}/big.bin"], proxy.requests
+    listed = {
+        m["path"].removeprefix(f"{prefix}/{DS}/"): m["e_tag"].strip('"')
+        for m in obstore.list(rclone.store(), f"{prefix}/{DS}/").collect()
+        if "/.tether/" not in m["path"]
+    }
+    stored = rclone.data_dir / rclone.bucket / prefix / DS  # type: ignore[operator]
+    index = Manifest.loads((stored / ".tether" / "index").read_bytes())
+    assert {e.path: e.etag for e in index.entries} == listed
+    assert len(listed) == len(files) + 1
+
+    proxy.requests.clear()
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+    assert [p for _m, p in proxy.requests if f"/{DS}/" in p and "/.tether/" not in p] == []  # nothing read
+
+    # replaced behind tether's back: same size, other bytes
+    theirs = b"X" * len(files["d2/f002.txt"])
+    obstore.put(rclone.store(), f"{prefix}/{DS}/d2/f002.txt", theirs)
+    r = tether("diff", DS, "s3", "--json", cwd=ws.root)
+    assert r.exit_code == 1, r.output
+    assert "d2/f002.txt" in r.stdout
+
+    other = make_workspace(tmp_path, "ws2")
+    add_s3_remote(other, rclone, prefix=prefix, **big)
+    assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
+    assert (other.data / DS / "d2/f002.txt").read_bytes() == theirs
+    assert (other.data / DS / "d1/f001.txt").stat().st_mtime_ns == pushed_mtime
+
+
+def test_a_push_whose_tags_are_not_all_known_lists_the_prefix_instead(
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More multipart objects than are worth a HEAD each: the index takes its tags from one
+    listing after the uploads, and the next look still reads no byte."""
+    monkeypatch.setattr(objectstore, "MAX_TAG_LOOKUPS", 0)
+    ws = make_workspace(tmp_path)
+    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
+    add_s3_remote(ws, rclone, endpoint=proxy.endpoint, **big)
+    _files(ws, 5)
+    ws.write("big.bin", os.urandom(7 * MiB))
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    completed = max(i for i, (m, p) in enumerate(proxy.requests) if m == "POST" and "uploadId=" in p)
+    assert any(m == "GET" and "list-type=2" in p for m, p in proxy.requests[completed:]), proxy.requests
+    assert proxy.count("HEAD", "big.bin") == 0
+    proxy.requests.clear()
+    assert tether("diff", DS, "s3", cwd=ws.root).exit_code == 0
+    assert [p for _m, p in proxy.requests if f"/{DS}/" in p and "/.tether/" not in p] == []
 
 
 # -- large files --------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def compare_with_local(
                 continue
             st = c.stat
             compared.append(
-                Compared(Entry(st.path, st.size, st.mtime_ns, got[0]), EXACT if c.md5 else SIZE_ONLY)
+                Compared(Entry(st.path, st.size, st.mtime_ns, got[0], st.etag), EXACT if c.md5 else SIZE_ONLY)
             )
     cache.flush()
     return compared, rest

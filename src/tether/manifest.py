@@ -25,6 +25,7 @@ MANIFEST_VERSION = 1
 DEFAULT_ALGORITHM = "sha256"
 DIGEST_LENGTHS = {"sha256": 64}
 _HEX = re.compile(r"[0-9a-f]+")
+MAX_ETAG = 256  # S3's are 32-40 characters; anything far longer is damage, not a tag
 # A foreign object that a pull downloads anyway is not hashed beforehand: its entry carries this
 # stand-in (the listing's ETag and size), which never equals a digest, is checked by the download
 # (ETag pinned, MD5 where the ETag is one) and replaced by the SHA-256 of the bytes received. It
@@ -52,12 +53,18 @@ def parse_provisional(digest: str) -> tuple[str, int] | None:
 
 
 class Entry(NamedTuple):
-    """One file: relative POSIX path, size in bytes, mtime in ns, and content digest (hex)."""
+    """One file: relative POSIX path, size in bytes, mtime in ns, and content digest (hex).
+
+    ``etag`` is set only in an object store's index: the tag the store gave the object's
+    content, which its listing repeats. Object stores stamp their own mtimes, so the index
+    vouches there by (size, etag): a push records the tag its upload was answered with and
+    need not list the prefix again to learn a stamp (docs/format.md)."""
 
     path: str
     size: int
     mtime_ns: int
     digest: str
+    etag: str | None = None
 
     def same_content(self, other: Entry | None) -> bool:
         return other is not None and self.size == other.size and self.digest == other.digest
@@ -109,7 +116,10 @@ class Manifest:
         # Entry(...) directly: _replace (namedtuple._make) took twice as long per entry.
         get = digests.get
         return Manifest(
-            [e if (d := get(e.path)) is None else Entry(e.path, e.size, e.mtime_ns, d) for e in self.entries],
+            [
+                e if (d := get(e.path)) is None else Entry(e.path, e.size, e.mtime_ns, d, e.etag)
+                for e in self.entries
+            ],
             self.algorithm,
         )
 
@@ -131,12 +141,13 @@ class Manifest:
             raise ValueError("a manifest with digests not yet computed cannot be stored")
         # One f-string per entry with the C string escaper: 12 ms for 20,000 entries, against
         # 60 ms for a dict and an encode() call each. Same bytes as json.dumps of
-        # {"path", "size", "mtime_ns", "digest"} in that order.
+        # {"path", "size", "mtime_ns", "digest"} in that order, and "etag" last where set.
         q = encode_basestring
         lines = [json.dumps(header, sort_keys=True)]
         lines += [
-            f'{{"path": {q(p)}, "size": {size:d}, "mtime_ns": {mtime:d}, "digest": {q(d)}}}'
-            for p, size, mtime, d in self.entries
+            f'{{"path": {q(p)}, "size": {size:d}, "mtime_ns": {mtime:d}, "digest": {q(d)}'
+            + ("}" if tag is None else f', "etag": {q(tag)}}}')
+            for p, size, mtime, d, tag in self.entries
         ]
         try:
             text = ("\n".join(lines) + "\n").encode("utf-8")
@@ -216,7 +227,8 @@ def _entries_fast(raws: list[object], digest_length: int) -> list[Entry] | None:
         sizes = [r["size"] for r in raws]  # type: ignore[index]
         mtimes = [r["mtime_ns"] for r in raws]  # type: ignore[index]
         digests = [r["digest"] for r in raws]  # type: ignore[index]
-    except (TypeError, KeyError):
+        etags = [r.get("etag") for r in raws]  # type: ignore[attr-defined]
+    except (TypeError, KeyError, AttributeError):
         return None
     if not (
         all(type(p) is str for p in paths)
@@ -224,12 +236,18 @@ def _entries_fast(raws: list[object], digest_length: int) -> list[Entry] | None:
         and all(type(n) is int for n in mtimes)
         and all(type(d) is str and len(d) == digest_length for d in digests)
         and _HEX.fullmatch("".join(digests) or "0")
+        and (etags.count(None) == len(etags) or all(t is None or _is_etag(t) for t in etags))
     ):
         return None
     if any(_suspicious(p) for p in paths):
         for p in paths:
             check_relpath(p)  # raises InvalidPath naming the path (invariant 5)
-    return list(map(Entry._make, zip(paths, sizes, mtimes, digests, strict=True)))
+    return list(map(Entry._make, zip(paths, sizes, mtimes, digests, etags, strict=True)))
+
+
+def _is_etag(tag: object) -> bool:
+    """An ETag as stores send them: a short printable string (quotes stripped by the reader)."""
+    return type(tag) is str and 0 < len(tag) <= MAX_ETAG and tag.isprintable()
 
 
 def _suspicious(path: str) -> bool:
@@ -258,7 +276,10 @@ def _parse_entry(raw: object, digest_length: int) -> Entry:
         raise ValueError(f"mtime_ns {mtime_ns!r} is not an integer")
     if not isinstance(digest, str) or len(digest) != digest_length or not _HEX.fullmatch(digest):
         raise ValueError(f"digest {digest!r} is not a {digest_length}-character hex string")
-    return Entry(check_relpath(path), size, mtime_ns, digest)
+    etag = raw.get("etag")
+    if etag is not None and not _is_etag(etag):
+        raise ValueError(f"etag {etag!r} is not a printable string of at most {MAX_ETAG} characters")
+    return Entry(check_relpath(path), size, mtime_ns, digest, etag)
 
 
 def _encodable(path: str) -> bool:

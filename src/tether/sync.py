@@ -62,7 +62,7 @@ from tether.profiles import DatasetProfile, profile_for
 from tether.progress import NO_PROGRESS, Progress
 from tether.readahead import read_soon
 from tether.remotes import Remote, open_remote
-from tether.remotes.base import IndexedListing, RemoteStat, prepare_transfers
+from tether.remotes.base import IndexedListing, RemoteStat, TaggedUploads, prepare_transfers
 from tether.scan import ScanReport, StatEntry, scan_tree
 from tether.transfer import BatchResult, pull_changes, push_changes
 from tether.verify import (
@@ -410,6 +410,16 @@ def _read_index_meanwhile(ctx: Context) -> Callable[[], Manifest | None]:
     return wait
 
 
+def _same_version(old: Entry, st: RemoteStat) -> bool:
+    """Whether the listed file is the one an index entry of the same size describes: by the
+    ETag where both carry one (object stores, whose mtimes are their own stamps), else by the
+    mtime. An entry with a tag whose listing shows none is not vouched for: its mtime is the
+    source file's, never the store's stamp."""
+    if old.etag is not None and st.etag is not None:
+        return old.etag == st.etag
+    return old.mtime_ns == st.mtime_ns
+
+
 def list_remote(
     ctx: Context, *, clean_temp: bool = False
 ) -> tuple[list[RemoteStat], Manifest | None, list[Entry]]:
@@ -521,7 +531,8 @@ def scan_remote(
     listing, index, confirmed = list_remote(ctx, clean_temp=clean_temp)
     fresh = fresh or {}
     # Where the backend keeps the mtime we set (local, SSH), a fresh upload vouches only for a file
-    # with exactly that mtime; object stores stamp their own time, so there size must do.
+    # with exactly that mtime; object stores stamp their own time, so there size must do (this
+    # fallback runs only where a store did not tell the uploads' ETags: _state_after_push).
     exact_mtime = ctx.remote.capabilities.preserves_mtime
     entries: list[Entry] = []
     unowned: list[Entry] = []
@@ -537,14 +548,14 @@ def scan_remote(
     for st in listing:
         check_relpath(st.path, what="remote path")  # invariant 5, before any I/O with it
         old = known.get(st.path)
-        vouched = old is not None and (old.size, old.mtime_ns) == (st.size, st.mtime_ns)
+        vouched = old is not None and old.size == st.size and _same_version(old, st)
         if not ctx.keep(st.path):
             if vouched:
                 unowned.append(old)  # type: ignore[arg-type]
             continue
         new = fresh.get(st.path)
         if new is not None and new.size == st.size and (not exact_mtime or new.mtime_ns == st.mtime_ns):
-            entries.append(Entry(st.path, st.size, st.mtime_ns, new.digest))
+            entries.append(Entry(st.path, st.size, st.mtime_ns, new.digest, st.etag))
         elif vouched and not ctx.checksum:
             entries.append(old)  # type: ignore[arg-type]
         else:
@@ -566,7 +577,8 @@ def scan_remote(
             (f"{ctx.dataset.id}/{s.path}" for s in unknown), use_cache=not ctx.checksum
         )
         for st in unknown:
-            entries.append(Entry(st.path, st.size, st.mtime_ns, digests[f"{ctx.dataset.id}/{st.path}"]))
+            digest = digests[f"{ctx.dataset.id}/{st.path}"]
+            entries.append(Entry(st.path, st.size, st.mtime_ns, digest, st.etag))
             ctx.progress.advance(files=1, bytes=st.size)
     if as_indexed and not listing:
         # Index entries, kept in the index's order: the manifest needs no sort, and the index is
@@ -1106,23 +1118,32 @@ def _remember_learnt(ctx: Context, digests: dict[str, str], hashed_at_ns: int) -
 def _state_after_push(ctx: Context, before: RemoteState, result: BatchResult) -> RemoteState:
     """The remote's state for the index this push writes.
 
-    Under the lock nothing but this run changed the remote since ``before`` was listed, so
-    where the backend keeps the mtimes we set (local, SSH) the new state is ``before`` with this
-    run's verified uploads and deletes applied: no second listing of 20,000 files. A file
-    changed behind our back later shows a size or mtime the index does not vouch for and is
-    rehashed by the next scan. Object stores stamp their own mtimes, which the index must
-    record, so there the remote is listed again.
+    Under the lock nothing but this run changed the remote since ``before`` was listed, so the
+    new state is ``before`` with this run's verified uploads and deletes applied: no second
+    listing of 20,000 files. Where the backend keeps the mtimes we set (local, SSH) an upload's
+    entry is the local one; object stores stamp their own mtimes, so there it carries the ETag
+    the store answered the upload with (TaggedUploads), which its listings repeat. A file
+    changed behind our back later shows a size, mtime or ETag the index does not vouch for and
+    is rehashed by the next scan. A store that did not tell every tag is listed again.
     """
     done = [c for c in result.done if c.action in (Action.UPLOAD, Action.DELETE_REMOTE)]
+    uploads = [c.local for c in done if c.action == Action.UPLOAD and c.local is not None]
+    tags: dict[str, str] | None = {}
     if not ctx.remote.capabilities.preserves_mtime:
-        fresh = {c.path: c.local for c in done if c.action == Action.UPLOAD and c.local}
-        return scan_remote(ctx, fresh=fresh)
+        remote = ctx.remote
+        prefix = f"{ctx.dataset.id}/"
+        tags = None
+        if isinstance(remote, TaggedUploads):
+            tagged = remote.upload_tags([prefix + e.path for e in uploads])
+            tags = None if tagged is None else {p[len(prefix) :]: t for p, t in tagged.items()}
+        if tags is None:
+            return scan_remote(ctx, fresh={e.path: e for e in uploads})
     by_path = before.manifest.by_path()
     for change in done:
         if change.action == Action.DELETE_REMOTE:
             by_path.pop(change.path, None)
-        elif change.local is not None:
-            by_path[change.path] = change.local
+    for e in uploads:
+        by_path[e.path] = Entry(e.path, e.size, e.mtime_ns, e.digest, tags[e.path]) if tags else e
     return RemoteState(
         Manifest.from_entries(by_path.values()), True, False, before.unowned, before.comparisons
     )

@@ -285,6 +285,22 @@ class GuardedWrites(Protocol):
 
 
 @runtime_checkable
+class TaggedUploads(Protocol):
+    """Optional: the tags (ETags) this remote's listings will show for objects it uploaded.
+
+    Object stores stamp their own mtimes, so their index vouches by (size, ETag). Learning the
+    stamps meant listing the whole prefix again after every push (2.7 s after 2 GiB on
+    ``rclone serve s3``; a 200,000-object prefix is 200 LIST pages after a one-file push). A
+    single PUT is answered with its ETag, which the listing repeats; for a multipart object the
+    store's listing may show another form (``rclone serve s3``: the whole object's MD5), so a
+    backend asks the store (HEAD) for those few. ``paths`` were all uploaded by this instance;
+    None when any tag is unknown: the caller lists instead.
+    """
+
+    def upload_tags(self, paths: Sequence[str]) -> dict[str, str] | None: ...
+
+
+@runtime_checkable
 class WarmsUp(Protocol):
     """Optional: get ready for transfers that may follow, without waiting.
 

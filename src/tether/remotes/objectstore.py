@@ -21,7 +21,9 @@ How the Remote protocol maps onto an object store:
   (probed once per run); elsewhere it falls back to HEAD + PUT + read-back, which is weaker and
   says so.
 - **mtime**: object stores stamp their own time, so ``preserves_mtime`` is False and the index
-  vouches for a freshly uploaded file by size (see ``sync.scan_remote``).
+  vouches by (size, ETag) instead. A push records the ETag each upload was answered with
+  (``upload_tags``), so it need not list the prefix again to learn the stamps; the index keeps
+  the source file's mtime, which a pull gives the file it writes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -79,6 +81,7 @@ log = logging.getLogger("tether.objectstore")
 
 SMALL_READ = 8 * MiB  # objects up to this size are fetched in one response body
 LIST_STREAMS = 8  # folders listed at once (see ObjectStoreRemote._list)
+MAX_TAG_LOOKUPS = 1000  # HEADs after a push before one listing is the cheaper way (upload_tags)
 CREDENTIAL_CODES = {
     "SignatureDoesNotMatch",
     "InvalidAccessKeyId",
@@ -295,6 +298,8 @@ class ObjectStoreRemote:
         self._conditional = settings.conditional_writes
         self._ranges_native = True  # obstore ranged GETs, until a server answers them with a 200
         self._lock = threading.Lock()
+        # key -> the ETag a single PUT of this instance was answered with (see upload_tags)
+        self._put_tags: dict[str, str] = {}
 
     # -- keys -------------------------------------------------------------------------------
     def key(self, path: str) -> str:
@@ -577,28 +582,64 @@ class ObjectStoreRemote:
         attributes = {"Storage-Class": self.settings.storage_class} if self.settings.storage_class else None
         store = self._put_store if self._checksum else self._store
         try:
-            obstore.put(store, key, data, mode=mode, use_multipart=False, attributes=attributes)  # type: ignore[arg-type]
+            done = obstore.put(store, key, data, mode=mode, use_multipart=False, attributes=attributes)  # type: ignore[arg-type]
         except obx.AlreadyExistsError:
             raise
         except Exception as exc:
-            if self._checksum and _checksum_rejected(exc):
-                self._drop_checksums(exc)
-                self._call(
-                    lambda: obstore.put(
-                        self._store,
-                        key,
-                        data,
-                        mode=mode,
-                        use_multipart=False,
-                        attributes=attributes,  # type: ignore[arg-type]
-                    ),
+            if not (self._checksum and _checksum_rejected(exc)):
+                mapped = self.to_tether(exc, key)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            self._drop_checksums(exc)
+            done = self._call(
+                lambda: obstore.put(
+                    self._store,
                     key,
-                )
-                return
-            mapped = self.to_tether(exc, key)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+                    data,
+                    mode=mode,
+                    use_multipart=False,
+                    attributes=attributes,  # type: ignore[arg-type]
+                ),
+                key,
+            )
+        tag = done.get("e_tag")
+        if tag:
+            self._put_tags[key] = tag.strip('"')
+        else:
+            self._put_tags.pop(key, None)
+
+    def upload_tags(self, paths: Sequence[str]) -> dict[str, str] | None:
+        """TaggedUploads: single PUTs' tags as they were answered; multipart objects' by HEAD,
+        concurrently (few: large files), since a store may list another form than the
+        completion's (``rclone serve s3`` lists the whole object's MD5). None if any is unknown,
+        or too many would need a HEAD: a listing (1,000 objects a request) is then cheaper."""
+        tags: dict[str, str] = {}
+        ask: list[str] = []
+        for path in paths:
+            tag = self._put_tags.get(self.key(path))
+            if tag is None:
+                ask.append(path)
+            else:
+                tags[path] = tag
+        if len(ask) > MAX_TAG_LOOKUPS:
+            return None
+
+        def head(path: str) -> str | None:
+            key = self.key(path)
+            try:
+                tag = self._call(lambda: obstore.head(self._store, key), key).get("e_tag")
+            except FileNotFoundError:
+                return None
+            return tag.strip('"') if tag else None
+
+        if ask:
+            with ThreadPoolExecutor(max_workers=min(self.settings.connections, len(ask))) as pool:
+                for path, tag in zip(ask, pool.map(head, ask), strict=True):
+                    if tag is None:
+                        return None
+                    tags[path] = tag
+        return tags
 
     def _drop_checksums(self, exc: BaseException) -> None:
         with self._lock:
@@ -697,6 +738,7 @@ class ObjectStoreRemote:
     ) -> None:
         key = self.key(path)
         size = os.stat(source).st_size
+        self._put_tags.pop(key, None)  # a multipart upload's tag is asked for (upload_tags)
         if size < self.settings.multipart_threshold:
             self._put_small(source, key, size, digest, path, on_bytes)
         elif self._client is not None:
@@ -725,6 +767,7 @@ class ObjectStoreRemote:
         return that SHA-256. A single PUT sends it as the object's checksum; a resumable
         multipart upload sends each part's own (see mp.upload_file)."""
         if expect.size >= self.settings.multipart_threshold:
+            self._put_tags.pop(self.key(path), None)
             if self._client is None:
                 raise ValueError(f"{path}: only single-request uploads may be sent unhashed here")
             return self._put_resumable(
