@@ -299,6 +299,20 @@ def test_lease_writes_a_record_naming_us_and_releases_it(tmp_path: Path) -> None
     assert not (tmp_path / lock_path(DS)).exists()
 
 
+def test_a_lease_let_go_with_its_last_write_is_released_once(tmp_path: Path) -> None:
+    """write_while_held(release=True) on a backend without a guarded write: checked, written,
+    then released; leaving the context afterwards touches nothing (the next run's lock stays)."""
+    remote = LocalRemote(str(tmp_path), tmp_path)
+    with Lease(remote, DS, operation="push", host=HOST) as lease:
+        lease.write_while_held(f"{DS}/.tether/index", b"index", release=True)
+        assert (tmp_path / DS / ".tether/index").read_bytes() == b"index"
+        assert read_lock(remote, DS) is None
+        nxt = Lease(remote, DS, operation="push", host=HOST)
+        nxt.acquire()
+    assert read_lock(remote, DS) == nxt.record
+    nxt.release()
+
+
 class _CountingReads(LocalRemote):
     def __init__(self, root: Path, *, enforced: bool) -> None:
         super().__init__(str(root), root)

@@ -33,6 +33,7 @@ from tether.lock import Lease
 from tether.manifest import Manifest
 from tether.paths import TEMP_MARKER
 from tether.remotes import open_remote
+from tether.remotes import ssh as ssh_mod
 from tether.remotes.ssh import SshRemote
 
 DS = "ns/ds"
@@ -115,6 +116,29 @@ def test_a_diff_runs_one_remote_helper_and_a_push_two(hpc: WorkspaceFixture, ssh
         assert r.exit_code in (0, 1), r.output
         assert sshd.helper_starts() - before == expected, args
     assert _remote_tree(hpc) == files
+
+
+def test_a_push_ends_with_one_request_that_writes_the_index_and_lets_the_lock_go(
+    hpc: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the flush, a push's only remote request is the index's, which also deletes the
+    lock record; the files were verified (and the parquet checks read the remote) before it."""
+    ops: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        ops.append(header.get("op"))
+        return real_send(self, header, payload, **kw)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    files = _files(hpc, 20)
+    r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
+    assert r.exit_code == 0, r.output
+    assert ops[ops.index("flush") + 1 :] == ["write_locked"], ops
+    assert "release" not in ops
+    assert not (hpc.remote_dir / DS / ".tether/lock").exists()
+    assert _remote_tree(hpc) == files
+    assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 0
 
 
 def test_a_login_that_may_prompt_checks_first_and_still_starts_the_stream_helper(

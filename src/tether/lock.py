@@ -239,22 +239,33 @@ class Lease:
                 hint="Rerun the command: files already written are verified and kept.",
             )
 
-    def write_while_held(self, path: str, data: bytes) -> None:
+    def write_while_held(self, path: str, data: bytes, *, release: bool = False) -> None:
         """Write ``data`` at ``path`` (the index: a commit point) only while the lock is ours:
-        in one request where the backend checks beside the data, else ensure_held, then write."""
+        in one request where the backend checks beside the data, else ensure_held, then write.
+        ``release`` then lets the lock go (in that same request where the backend can): for a
+        write after which this run changes nothing more on the remote."""
+        if release:
+            self._stop_renewing()  # a renewal after the release would create the record again
         if isinstance(self.remote, GuardedWrites) and self.record is not None:
             lock, token = lock_path(self.dataset_id), self.record.token
-            if not self.remote.write_if_locked(path, data, lock=lock, token=token):
+            if not self.remote.write_if_locked(path, data, lock=lock, token=token, release=release):
                 self.ensure_held()  # raises, naming who holds it now
                 raise LockHeld(f"lost the lock on {self.dataset_id} while working; the index was not updated")
+            if release:
+                self.record = None
             return
         self.ensure_held()
         self.remote.write_bytes_atomic(path, data)
+        if release:
+            self.release()
 
-    def release(self) -> None:
+    def _stop_renewing(self) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join(timeout=5)
+
+    def release(self) -> None:
+        self._stop_renewing()
         if self.record is None:
             return
         if isinstance(self.remote, ReleasesLocks):

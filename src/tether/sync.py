@@ -259,10 +259,11 @@ def open_context(
 
 
 def _get_ready(remote: Remote, may_transfer: bool) -> None:
-    """Check the remote; for a push or pull, let it get ready to transfer too."""
-    remote.check()
+    """Check the remote; for a push or pull, let it get ready to transfer too (said first, so
+    a backend can get ready while it connects)."""
     if may_transfer:
         prepare_transfers(remote)
+    remote.check()
 
 
 def _check_in_background(remote: Remote, may_transfer: bool) -> Future[None]:
@@ -493,10 +494,18 @@ def _keep_index_copy(ctx: Context, data: bytes) -> None:
         )
 
 
-def write_index(ctx: Context, state: RemoteState, lease: Lease) -> None:
-    """The index is the commit point: written only while ``lease`` still holds the lock."""
-    data = state.index().dumps(dataset=ctx.dataset.id)
-    lease.write_while_held(index_path(ctx.dataset.id), data)
+def index_bytes(ctx: Context, state: RemoteState) -> bytes:
+    return state.index().dumps(dataset=ctx.dataset.id)
+
+
+def write_index(
+    ctx: Context, state: RemoteState, lease: Lease, *, data: bytes | None = None, release: bool = False
+) -> None:
+    """The index is the commit point: written only while ``lease`` still holds the lock
+    (``data``: its bytes, if already made). ``release`` lets the lock go with it, where this
+    run changes nothing more on the remote."""
+    data = index_bytes(ctx, state) if data is None else data
+    lease.write_while_held(index_path(ctx.dataset.id), data, release=release)
     _keep_index_copy(ctx, data)
 
 
@@ -1092,16 +1101,22 @@ def _execute_push(
             remembered = pool.submit(_remember_learnt, ctx, result.resolved, started_ns)
             local = local.with_digests(result.resolved)
             result.done = [_resolved_change(c, result.resolved) for c in result.done]
-        flushed.result()
-        faults.checkpoint("before_index")
+        # The new index is made while the remote flushes: only reads (an object store may be
+        # asked for its uploads' ETags); nothing is written there before the flush is done.
         after = _state_after_push(ctx, before, result)
         remote_after = after.manifest
-        write_index(ctx, after, lease)
+        data = index_bytes(ctx, after)
+        flushed.result()
+        # Verified before the index, under the lock: the parquet checks read the remote, and
+        # the index's request lets the lock go (one round trip fewer at the end of a push).
+        verification = fidelity.verify_run(ctx, result.done, local, remote_after)
+        faults.checkpoint("before_index")
+        write_index(ctx, after, lease, data=data, release=True)
         faults.checkpoint("before_base")
         save_base(ctx, local, remote_after, base)
         if remembered is not None:
             remembered.result()
-    return result, fidelity.verify_run(ctx, result.done, local, remote_after)
+    return result, verification
 
 
 def _remember_learnt(ctx: Context, digests: dict[str, str], hashed_at_ns: int) -> None:

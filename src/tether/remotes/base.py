@@ -278,10 +278,14 @@ class GuardedWrites(Protocol):
     The index is a push's commit point, written only while the lease is still ours: a check (a
     read) and the write were two round trips. A backend that runs code beside the data checks
     and writes there, under the flock that serialises creating the record. Returns whether the
-    file was written (False: the record is gone or someone else's; nothing was written).
+    file was written (False: the record is gone or someone else's; nothing was written). With
+    ``release`` the record is deleted after the write, in the same request: a push's index is
+    its last remote step, and releasing the lock was one more round trip after it.
     """
 
-    def write_if_locked(self, path: str, data: bytes, *, lock: str, token: str) -> bool: ...
+    def write_if_locked(
+        self, path: str, data: bytes, *, lock: str, token: str, release: bool = False
+    ) -> bool: ...
 
 
 @runtime_checkable
@@ -305,8 +309,10 @@ class WarmsUp(Protocol):
     """Optional: get ready for transfers that may follow, without waiting.
 
     SSH starts its stream helper (a second remote process) only for runs that may move files,
-    so a diff never pays for it: push and pull say so once the remote is reachable, and the
-    helper starts while they scan; a versioned push or fetch says so before listing objects.
+    so a diff never pays for it: push and pull say so before their check connects, and the
+    helper starts beside the control one while they scan; a versioned push or fetch says so
+    before listing objects. May be called before ``check``: it never raises for the remote
+    being unreachable (``check`` or the first use does).
     """
 
     def prepare_transfers(self) -> None: ...

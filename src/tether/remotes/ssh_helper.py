@@ -555,12 +555,15 @@ class Helper:
 
     def op_write_locked(self, h: dict, data: bytes) -> dict:
         """op_write, only while the lock record at ``lock`` holds ``token`` (the index, a push's
-        commit point: a check and a write in one request), under the flock of op_create."""
+        commit point: a check and a write in one request), under the flock of op_create; with
+        ``release``, the record is deleted after the write (a push's last remote step)."""
         lock = self.base.parent_ok(h["lock"], False)
         with flocked(lock + ".flock"):
             if lock_token(lock) != h["token"]:
                 return {"written": False}
             self.op_write(h, data)
+            if h.get("release"):
+                os.unlink(lock)
         return {"written": True}
 
     def op_release(self, h: dict, data: bytes) -> dict:
