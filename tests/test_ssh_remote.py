@@ -550,7 +550,7 @@ def test_requests_do_not_grow_with_the_number_of_files(
             ws.write(f"d{i % 7}/f{i}.txt", f"file {i}")
         calls.clear()
         sync.push("ns/ds", "hpc", workspace=ws.root, confirm=lambda plan: True)
-        pushed = list(calls)
+        pushed = sorted(calls)  # the warm-up's ping races the control requests: order aside
         calls.clear()
         assert sync.diff("ns/ds", "hpc", workspace=ws.root).in_sync
         counts[n] = (pushed, list(calls))
