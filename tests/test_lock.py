@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Result, WorkspaceFixture, run_subprocess
+from conftest import Result, WorkspaceFixture, make_workspace, run_subprocess
 from tether import faults, sync
-from tether.errors import LockHeld
+from tether.errors import LockHeld, StalePlanError
 from tether.lock import LOCK_FORMAT, Lease, LockRecord, break_lock, lock_path, read_lock
+from tether.progress import Progress
 from tether.remotes.local import LocalRemote
 from tether.workspace import Workspace
 
@@ -53,6 +54,7 @@ def record(
     expires_in: float = 3600.0,
     owner: str = "someone",
     token: str = "f" * 32,
+    operation: str = "push",
 ) -> LockRecord:
     now = time.time()
     return LockRecord(
@@ -62,7 +64,7 @@ def record(
         acquired=now - 60,
         expires=now + expires_in,
         token=token,
-        operation="push",
+        operation=operation,
     )
 
 
@@ -129,6 +131,39 @@ def test_live_lock_blocks_a_pull(ws: WorkspaceFixture, ws2: WorkspaceFixture, te
     assert r.exit_code == 6, r.output
     assert f"someone@{OTHER_HOST}" in r.output
     assert not (ws2.data / DS / "a.txt").exists()
+    assert lock_file(ws).read_bytes() == data
+
+
+def test_pulls_share_the_lock_and_a_push_meanwhile_stops_the_one_without_it(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tmp_path: Path, tether
+) -> None:
+    """A job array pulling one dataset: a pull that finds the lock held by a live pull goes
+    ahead without it (pulls change nothing on the remote) and leaves the record alone. A push
+    that commits while such a pull downloads makes it stop with nothing promoted (exit 3)."""
+    files = {f"d{i}/f{i}.txt": f"v1 {i}\n" for i in range(5)}
+    for rel, text in files.items():
+        ws.write(rel, text)
+    assert push(tether, ws).exit_code == 0
+    data = plant_lock(ws, record(operation="pull"))
+    r = tether("pull", DS, "store", "-y", cwd=ws2.root)
+    assert r.exit_code == 0, r.output
+    assert f"another pull (someone@{OTHER_HOST} pid 4242)" in r.output
+    assert {rel: (ws2.data / DS / rel).read_text() for rel in files} == files
+    assert lock_file(ws).read_bytes() == data
+
+    index = ws.remote_dir / DS / ".tether/index"
+    ws3 = make_workspace(tmp_path, "ws3", ws.remote_dir)
+
+    class PushMeanwhile(Progress):
+        def stage(self, name: str, *, files: int | None = None, bytes: int | None = None) -> None:
+            if name == "downloading":  # a push's files, then its index (the commit)
+                (ws.remote_dir / DS / "late.txt").write_text("pushed meanwhile")
+                index.write_bytes(index.read_bytes() + b"\n")
+
+    with pytest.raises(StalePlanError, match="changed while it was pulled") as stale:
+        sync.pull(DS, "store", workspace=ws3.root, progress=PushMeanwhile(), reviewed=False)
+    assert stale.value.exit_code == 3
+    assert not (ws3.data / DS / "d0").exists()  # nothing promoted
     assert lock_file(ws).read_bytes() == data
 
 

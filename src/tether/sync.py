@@ -945,7 +945,15 @@ def _run(
             except RemotePermissionError:
                 if direction != Direction.PULL:
                     raise
-                ctx.before_promote = _pull_without_lock(ctx)
+                why = f"cannot write the lock on {ctx.remote_name!r} (read-only access?)"
+                ctx.before_promote = _pull_without_lock(ctx, why=why)
+            except LockHeld as elsewhere:
+                holder = elsewhere.holder or {}
+                if direction != Direction.PULL or holder.get("operation") != "pull":
+                    raise
+                who = f"{holder.get('owner')}@{holder.get('host')} pid {holder.get('pid')}"
+                why = f"another pull ({who}) holds the lock on {ctx.remote_name!r}"
+                ctx.before_promote = _pull_without_lock(ctx, why=why)
         lease = leases[0] if leases else None
         try:
             if planned_under_lock:
@@ -1014,12 +1022,14 @@ def _execute(
     return _execute_pull(ctx, plan, local, state.manifest, base)
 
 
-def _pull_without_lock(ctx: Context) -> Callable[[], None]:
-    """A pull whose keys may read but not write the remote (a shared bucket's read-only keys)
-    cannot take the lock. It checks instead: no live lock record when it starts, and before it
-    promotes anything, still none and the same index (a push writes the index last). A push
-    that ran meanwhile then makes it stop as a stale plan (exit 3; verified staged files are
-    kept for the rerun) instead of promoting a mix of two versions. Returns that last check."""
+def _pull_without_lock(ctx: Context, *, why: str) -> Callable[[], None]:
+    """A pull that cannot take the lock, and need not: its keys may only read (a shared
+    bucket's read-only keys), or another pull holds it (a job array pulling one dataset: pulls
+    change nothing on the remote, so they need not wait for each other). It checks instead: no
+    live lock of a run that writes (anything but a pull) when it starts, and before it promotes
+    anything, still none and the same index (a push writes the index last). A push that ran
+    meanwhile then makes it stop as a stale plan (exit 3; verified staged files are kept for
+    the rerun) instead of promoting a mix of two versions. Returns that last check."""
 
     def index_now() -> bytes | None:
         try:
@@ -1028,16 +1038,14 @@ def _pull_without_lock(ctx: Context) -> Callable[[], None]:
             return None
 
     def writer() -> LockRecord | None:
-        return live_lock(ctx.remote, ctx.dataset.id, ctx.workspace.hostname)
+        holder = live_lock(ctx.remote, ctx.dataset.id, ctx.workspace.hostname)
+        return None if holder is None or holder.operation == "pull" else holder
 
     holder = writer()
     if holder is not None:
         raise lock_held(holder, ctx.dataset.id, ctx.remote, "Wait for that run to finish, then pull again.")
     seen = index_now()
-    ctx.progress.message(
-        f"cannot write the lock on {ctx.remote_name!r} (read-only access?): pulling without it; "
-        "nothing is promoted if a push runs meanwhile"
-    )
+    ctx.progress.message(f"{why}: pulling without it; nothing is promoted if a push runs meanwhile")
 
     def still_unwritten() -> None:
         holder = writer()
