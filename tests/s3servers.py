@@ -274,7 +274,8 @@ class ThrottlingProxy:
     ``fail_next(n, method)`` throttles (503 SlowDown) the next n requests with that method (all
     methods when None); ``always`` throttles everything; ``canned = (status, code)`` answers every
     request with that error (clock skew, access denied); ``read_only`` denies every write (keys
-    that may only read); ``reject_header`` refuses requests that
+    that may only read); ``put_etag_prefix`` alters the ETag PUTs are answered with;
+    ``reject_header`` refuses requests that
     carry a header, as some stores refuse checksum headers; ``truncate`` (a path substring) sends
     half of each matching GET's body, then closes the connection: a link dropped mid-download
     (only the next ``truncate_times`` such GETs when that is set: a link that drops, then holds).
@@ -291,6 +292,8 @@ class ThrottlingProxy:
         self.truncate: str | None = None  # GETs whose path contains this lose half their body
         self.truncate_times: int | None = None  # how many more matching GETs to cut (None: all)
         self.read_only = False  # 403 AccessDenied to every PUT, POST and DELETE (read-only keys)
+        self.put_etag_prefix = ""  # prepended to the ETag a PUT is answered with (a store whose
+        # answers and listings name objects differently)
         self.truncated = 0
         self.throttled = 0
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
@@ -332,6 +335,8 @@ class ThrottlingProxy:
                     status, headers, data = exc.code, exc.headers, exc.read()
                 self.send_response(status)
                 for k, v in headers.items():
+                    if k.lower() == "etag" and proxy._alters_etag(self.command, self.path):
+                        v = f'"{proxy.put_etag_prefix}{v.strip(chr(34))}"'
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
                 self.send_header("content-length", str(len(data)))
@@ -376,6 +381,9 @@ class ThrottlingProxy:
                 self.truncated += 1
                 return True
         return False
+
+    def _alters_etag(self, method: str, path: str) -> bool:
+        return bool(self.put_etag_prefix) and method == "PUT" and "uploadId=" not in path  # not parts
 
     def count(self, method: str, contains: str = "") -> int:
         with self._lock:

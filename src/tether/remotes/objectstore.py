@@ -612,8 +612,12 @@ class ObjectStoreRemote:
     def upload_tags(self, paths: Sequence[str]) -> dict[str, str] | None:
         """TaggedUploads: single PUTs' tags as they were answered; multipart objects' by HEAD,
         concurrently (few: large files), since a store may list another form than the
-        completion's (``rclone serve s3`` lists the whole object's MD5). None if any is unknown,
-        or too many would need a HEAD: a listing (1,000 objects a request) is then cheaper."""
+        completion's (``rclone serve s3`` lists the whole object's MD5). One single PUT's tag is
+        checked by a HEAD beside them: a store whose answers and listings name objects
+        differently (another S3-compatible, GCS or Azure through obstore) would otherwise have
+        every pushed object downloaded to be hashed on the next look. None if any tag is
+        unknown or that check fails, or too many would need a HEAD: a listing (1,000 objects a
+        request) is then cheaper."""
         tags: dict[str, str] = {}
         ask: list[str] = []
         for path in paths:
@@ -624,6 +628,9 @@ class ObjectStoreRemote:
                 tags[path] = tag
         if len(ask) > MAX_TAG_LOOKUPS:
             return None
+        sample = next(iter(tags), None)
+        if sample is not None:
+            ask.append(sample)  # asked again: the store must name it as its PUT was answered
 
         def head(path: str) -> str | None:
             key = self.key(path)
@@ -636,7 +643,7 @@ class ObjectStoreRemote:
         if ask:
             with ThreadPoolExecutor(max_workers=min(self.settings.connections, len(ask))) as pool:
                 for path, tag in zip(ask, pool.map(head, ask), strict=True):
-                    if tag is None:
+                    if tag is None or (path == sample and tag != tags[path]):
                         return None
                     tags[path] = tag
         return tags
