@@ -119,10 +119,11 @@ def test_a_diff_runs_one_remote_helper_and_a_push_two(hpc: WorkspaceFixture, ssh
 
 
 def test_a_push_ends_with_one_request_that_writes_the_index_and_lets_the_lock_go(
-    hpc: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+    hpc: WorkspaceFixture, sshd: SshServer, tmp_path: Path, tether, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the flush, a push's only remote request is the index's, which also deletes the
-    lock record; the files were verified (and the parquet checks read the remote) before it."""
+    lock record; the files were verified (and the parquet checks read the remote) before it.
+    A pull lets its lock go once, after its verification, while it writes its base."""
     ops: list[str] = []
     real_send = ssh_mod._Channel.send
 
@@ -139,6 +140,18 @@ def test_a_push_ends_with_one_request_that_writes_the_index_and_lets_the_lock_go
     assert not (hpc.remote_dir / DS / ".tether/lock").exists()
     assert _remote_tree(hpc) == files
     assert tether("diff", DS, "hpc", cwd=hpc.root).exit_code == 0
+
+    other = make_workspace(tmp_path, "ws2", hpc.remote_dir)
+    add_remote(other.root, "hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options())
+    ops.clear()
+    assert tether("pull", DS, "hpc", "-y", cwd=other.root).exit_code == 0
+    assert ops.count("release") == 1 and ops.count("create") == 1, ops
+    assert not (hpc.remote_dir / DS / ".tether/lock").exists()
+    assert {
+        str(p.relative_to(other.data / DS)): p.read_bytes()
+        for p in (other.data / DS).rglob("*")
+        if p.is_file()
+    } == files
 
 
 def test_a_login_that_may_prompt_checks_first_and_still_starts_the_stream_helper(

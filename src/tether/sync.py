@@ -1019,7 +1019,7 @@ def _execute(
     if direction == Direction.PUSH:
         assert lease is not None
         return _execute_push(ctx, plan, local, base, lease, state)
-    return _execute_pull(ctx, plan, local, state.manifest, base)
+    return _execute_pull(ctx, plan, local, state.manifest, base, lease)
 
 
 def _pull_without_lock(ctx: Context, *, why: str) -> Callable[[], None]:
@@ -1173,7 +1173,7 @@ def _state_after_push(ctx: Context, before: RemoteState, result: BatchResult) ->
 
 
 def _execute_pull(
-    ctx: Context, plan: Plan, local: Manifest, remote_m: Manifest, base: Manifest
+    ctx: Context, plan: Plan, local: Manifest, remote_m: Manifest, base: Manifest, lease: Lease | None
 ) -> tuple[BatchResult, VerifyReport]:
     staging = _staging_dir(ctx)
     ctx.dataset.path.mkdir(parents=True, exist_ok=True)
@@ -1189,16 +1189,23 @@ def _execute_pull(
     )
     # provisional digests of foreign objects, now known from their bytes
     remote_m = remote_m.with_digests(result.resolved)
-    faults.checkpoint("before_base")
     local_after, arrived = _state_after_pull(local, result)
+    # Verified while the lock is held (the parquet checks read the remote). Nothing touches the
+    # remote after that, so the lock goes while the base is written (the local run lock still
+    # guards it): a round trip over SSH, two on an object store, off the end of every pull.
+    verification = fidelity.verify_run(ctx, result.done, local_after, remote_m)
+    faults.checkpoint("before_base")
     # The hash cache learns the promoted files' digests beside the base write, as after a push:
     # it is only this machine's memo, with no place in the write order (20,000 rows and their
     # commit took 75 ms, the base 45 ms, one after the other).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-cache") as pool:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tether-cache") as pool:
+        released = pool.submit(lease.release) if lease is not None else None
         remembered = pool.submit(_remember_arrived, ctx, result, arrived)
         save_base(ctx, local_after, remote_m, base)
         remembered.result()
-    return result, fidelity.verify_run(ctx, result.done, local_after, remote_m)
+        if released is not None:
+            released.result()
+    return result, verification
 
 
 def _remember_arrived(ctx: Context, result: BatchResult, arrived: dict[str, Entry]) -> None:
