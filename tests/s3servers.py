@@ -322,11 +322,16 @@ class ThrottlingProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                if self.command in ("PUT", "POST") and not any(k.lower() == "content-type" for k in headers):
+                    # else urllib sends application/x-www-form-urlencoded, and moto (werkzeug)
+                    # parses the body as a form: the object is stored without its bytes
+                    headers["Content-Type"] = "application/octet-stream"
                 req = urllib.request.Request(
                     proxy.target + self.path,
                     data=body if self.command in ("PUT", "POST") else None,
                     method=self.command,
-                    headers={k: v for k, v in self.headers.items() if k.lower() not in ("connection",)},
+                    headers=headers,
                 )
                 try:
                     resp = urllib.request.urlopen(req, timeout=30)
