@@ -17,6 +17,8 @@ from tether.manifest import (
     ManifestFormatError,
 )
 from tether.paths import sort_key
+from tether.remotes.base import RemoteStat
+from tether.sync import _same_version
 
 D1 = "a" * 64
 D2 = "b" * 64
@@ -87,6 +89,24 @@ def test_object_store_entries_keep_their_etag_and_others_write_none() -> None:
     assert tagged.with_digests({"a": D2}).entries[0] == Entry(
         "a", 1, 2, D2, "9b2cf535f27731c974343645a3985328-3"
     )
+
+
+@pytest.mark.parametrize(
+    "entry_tag, listed_tag, listed_mtime, trusted",
+    [
+        ("t1", "t1", 999, True),  # the tag decides: the store's stamp is not the entry's mtime
+        ("t1", "t2", 2, False),  # replaced behind our back, even with the same mtime
+        ("t1", None, 2, True),  # a listing without tags: by mtime, as entries taken from one
+        ("t1", None, 999, False),  # an entry recorded from an upload never matches a stamp
+        (None, "t1", 2, True),  # an index written before tags: by mtime
+        (None, "t1", 999, False),
+    ],
+)
+def test_an_index_entry_vouches_by_etag_where_both_sides_have_one(
+    entry_tag: str | None, listed_tag: str | None, listed_mtime: int, trusted: bool
+) -> None:
+    entry = Entry("a", 1, 2, D1, entry_tag)
+    assert _same_version(entry, RemoteStat("a", 1, listed_mtime, listed_tag)) is trusted
 
 
 def test_round_trip_of_empty_manifest() -> None:

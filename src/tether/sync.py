@@ -414,8 +414,8 @@ def _read_index_meanwhile(ctx: Context) -> Callable[[], Manifest | None]:
 def _same_version(old: Entry, st: RemoteStat) -> bool:
     """Whether the listed file is the one an index entry of the same size describes: by the
     ETag where both carry one (object stores, whose mtimes are their own stamps), else by the
-    mtime. An entry with a tag whose listing shows none is not vouched for: its mtime is the
-    source file's, never the store's stamp."""
+    mtime. Where the listing shows no tag, an entry recorded from an upload does not match:
+    its mtime is the source file's, never the store's stamp."""
     if old.etag is not None and st.etag is not None:
         return old.etag == st.etag
     return old.mtime_ns == st.mtime_ns
