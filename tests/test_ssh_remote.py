@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import WorkspaceFixture, make_workspace, run_subprocess
+from serverutil import wait_until
 from sshd import HOST, Relay, SshServer, add_remote, get_server, ssh_remote, sshd_fixture  # noqa: F401
 from tether import sync
 from tether.config import RemoteConfig
@@ -587,17 +588,32 @@ def test_interrupted_large_upload_resumes_from_its_verified_prefix(
     data = os.urandom(12 * 1024 * 1024)
     item = _item(tmp_path / "src", "big.bin", data, "ds/big.bin")
     item = _unhashed(item) if unhashed else item
+    root = tmp_path / "remote-root"
+
+    def parts() -> list[Path]:
+        return (
+            [p for p in (root / "ds").iterdir() if p.name.endswith(".part")] if (root / "ds").is_dir() else []
+        )
+
+    def drop_once_some_landed() -> None:
+        # Cut only once the helper wrote part of the file: a cut right after 5 MiB crossed the
+        # relay could find sshd, on a loaded machine, not yet through its first MiB.
+        wait_until(lambda: any(p.stat().st_size >= 1024 * 1024 for p in parts()), 60, "a MiB to land")
+        first.drop()
+
     first = Relay(sshd.port)
-    first.cut_after(5 * 1024 * 1024)  # the link dies mid-file
+    first.stall_after(5 * 1024 * 1024)  # the link hangs mid-file, then dies
+    cutter = threading.Thread(target=drop_once_some_landed, daemon=True)
+    cutter.start()
     r = _relay_remote(tmp_path, sshd, first)
     with pytest.raises(RemoteUnavailable) as info:
         _put(r, [item])
+    cutter.join()
     r.close()
     first.close()
     assert "lost the connection" in info.value.message
     sshd.wait_sessions_closed()
-    root = tmp_path / "remote-root"
-    [part] = [p for p in (root / "ds").iterdir() if p.name.endswith(".part")]
+    [part] = parts()
     have = part.stat().st_size
     assert 0 < have < len(data)
     assert not (root / "ds" / "big.bin").exists()  # nothing torn under the real name
