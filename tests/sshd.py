@@ -310,6 +310,7 @@ class Relay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.down_limit: int | None = None  # cut once this many bytes went server -> client
+        self.down_stall = False  # stall there instead, until drop()
         self.connections = 0
         self.limit: int | None = None
         self.stall = False
@@ -326,7 +327,11 @@ class Relay:
 
     def cut_after_down(self, n: int) -> None:
         """Drop every connection once ``n`` bytes went from server to client (a download cut)."""
-        self.down_limit = n
+        self.down_limit, self.down_stall = n, False
+
+    def stall_after_down(self, n: int) -> None:
+        """Stop passing server -> client bytes once ``n`` went (then ``drop()``)."""
+        self.down_limit, self.down_stall = n, True
 
     def stall_after(self, n: int) -> None:
         self.limit, self.stall = n, True
@@ -374,6 +379,8 @@ class Relay:
                         self.bytes_down += len(data)
                         over = self.down_limit is not None and self.bytes_down >= self.down_limit
                     if over:
+                        if self.down_stall:
+                            self.cut.wait()
                         self.drop()
                         return
                 dst.sendall(data)

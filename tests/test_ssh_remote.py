@@ -653,10 +653,26 @@ def test_interrupted_large_download_resumes_from_what_arrived(
             relay.close()
         return outcomes
 
+    def drop_once_some_landed() -> None:
+        # As for the upload: cut once part of the file is on disk here, not after a byte count.
+        def landed() -> bool:
+            parts = (
+                [p for p in staged.parent.iterdir() if p.name.endswith(".part")]
+                if staged.parent.is_dir()
+                else []
+            )
+            return any(p.stat().st_size >= 1024 * 1024 for p in parts)
+
+        wait_until(landed, 60, "a MiB to land")
+        first.drop()
+
     first = Relay(sshd.port)
-    first.cut_after_down(5 * 1024 * 1024)  # the link dies mid-file
+    first.stall_after_down(5 * 1024 * 1024)  # the link hangs mid-file, then dies
+    cutter = threading.Thread(target=drop_once_some_landed, daemon=True)
+    cutter.start()
     with pytest.raises(RemoteUnavailable):
         get(first)
+    cutter.join()
     sshd.wait_sessions_closed()
     assert not staged.exists()  # nothing torn under the real name
     (part,) = [p for p in staged.parent.iterdir() if p.name.endswith(".part")]
