@@ -36,6 +36,7 @@ from tether.scan import StatEntry
 
 DS = "ns/ds"
 MiB = 1024 * 1024
+MULTIPART = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}  # from 6 MiB
 Tether = Callable[..., Result]
 
 
@@ -95,6 +96,14 @@ def _files(ws: WorkspaceFixture, n: int) -> dict[str, bytes]:
     for rel, data in files.items():
         ws.write(rel, data)
     return files
+
+
+def _a_large_and_a_small_file(ws: WorkspaceFixture, size: int) -> bytes:
+    """big.bin (multipart with MULTIPART's options) beside small.txt (a single PUT)."""
+    data = os.urandom(size)
+    ws.write("big.bin", data)
+    ws.write("small.txt", "small")
+    return data
 
 
 def _clean_error(r: Result, code: int, *words: str) -> None:
@@ -194,8 +203,7 @@ def test_a_push_records_the_etags_it_was_answered_and_lists_nothing_after_its_up
 
 def _etags_recorded(server: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether) -> None:
     ws = make_workspace(tmp_path)
-    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
-    prefix = add_s3_remote(ws, server, endpoint=proxy.endpoint, **big)
+    prefix = add_s3_remote(ws, server, endpoint=proxy.endpoint, **MULTIPART)
     files = _files(ws, 30)
     ws.write("big.bin", os.urandom(13 * MiB))
     pushed_mtime = 1_600_000_000_123_456_789
@@ -228,7 +236,7 @@ def _etags_recorded(server: S3Server, proxy: ThrottlingProxy, tmp_path: Path, te
     assert "d2/f002.txt" in r.stdout
 
     other = make_workspace(tmp_path, "ws2")
-    add_s3_remote(other, server, prefix=prefix, **big)
+    add_s3_remote(other, server, prefix=prefix, **MULTIPART)
     assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
     assert (other.data / DS / "d2/f002.txt").read_bytes() == theirs
     assert (other.data / DS / "d1/f001.txt").stat().st_mtime_ns == pushed_mtime
@@ -251,8 +259,7 @@ def test_a_push_whose_tags_are_not_all_known_lists_the_prefix_instead(
     else:
         proxy.put_etag_prefix = "other-form-"
     ws = make_workspace(tmp_path)
-    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
-    add_s3_remote(ws, rclone, endpoint=proxy.endpoint, **big)
+    add_s3_remote(ws, rclone, endpoint=proxy.endpoint, **MULTIPART)
     _files(ws, 5)
     ws.write("big.bin", os.urandom(7 * MiB))
     assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
@@ -268,11 +275,8 @@ def test_killed_multipart_upload_resumes_its_parts(
     rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether
 ) -> None:
     ws = make_workspace(tmp_path)
-    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
-    prefix = add_s3_remote(ws, rclone, **big)
-    data = os.urandom(48 * MiB)
-    ws.write("big.bin", data)
-    ws.write("small.txt", "small")
+    prefix = add_s3_remote(ws, rclone, **MULTIPART)
+    data = _a_large_and_a_small_file(ws, 48 * MiB)
     r = run_subprocess(["push", DS, "s3", "-y"], ws.root, env={"TETHER_FAULT_KILL_AT": "part_uploaded:5"})
     assert r.exit_code == -9, r.output  # SIGKILL at the checkpoint
     [journal] = journals(ws.root / ".tether", f"s3://{rclone.bucket}/{prefix}")
@@ -281,7 +285,7 @@ def test_killed_multipart_upload_resumes_its_parts(
     parts_total = -(-len(data) // (5 * MiB))
 
     # the rerun goes through a proxy that counts requests
-    add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
+    add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **MULTIPART)
     r = tether("push", DS, "s3", "-y", cwd=ws.root)
     assert r.exit_code == 0, r.output
     resent = proxy.count("PUT", "partNumber=")
@@ -293,7 +297,7 @@ def test_killed_multipart_upload_resumes_its_parts(
 
     # and back down: a ranged parallel download into a fresh workspace
     other = make_workspace(tmp_path, "ws2")
-    add_s3_remote(other, rclone, prefix=prefix, **big)
+    add_s3_remote(other, rclone, prefix=prefix, **MULTIPART)
     assert tether("pull", DS, "s3", "-y", cwd=other.root).exit_code == 0
     assert (other.data / DS / "big.bin").read_bytes() == data
 
@@ -789,12 +793,9 @@ def test_first_push_hashes_multipart_files_from_the_parts_it_sends(
     """A large file new to both sides is read once, part by part, hashed in order as it is sent;
     one that changes while it is read is refused and its upload aborted, never completed."""
     ws = make_workspace(tmp_path)
-    big = {"part_size": "5MiB", "multipart_threshold": "6MiB", "part_concurrency": 2}
-    prefix = add_s3_remote(ws, rclone, **big)
-    data = os.urandom(13 * MiB)
-    ws.write("big.bin", data)
-    ws.write("small.txt", "small")
-    add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **big)
+    prefix = add_s3_remote(ws, rclone, **MULTIPART)
+    data = _a_large_and_a_small_file(ws, 13 * MiB)
+    add_s3_remote(ws, rclone, prefix=prefix, endpoint=proxy.endpoint, **MULTIPART)
     r = tether("push", DS, "s3", "-y", cwd=ws.root)
     assert r.exit_code == 0, r.output
     assert proxy.count("PUT", "partNumber=") == 3
@@ -803,7 +804,7 @@ def test_first_push_hashes_multipart_files_from_the_parts_it_sends(
     index = Manifest.loads((stored / ".tether" / "index").read_bytes())
     assert index.by_path()["big.bin"].digest == hashlib.sha256(data).hexdigest()
 
-    remote = _remote(rclone, prefix, tmp_path, **big)
+    remote = _remote(rclone, prefix, tmp_path, **MULTIPART)
     try:
         source = ws.write("late.bin", os.urandom(7 * MiB))
         st = source.stat()
