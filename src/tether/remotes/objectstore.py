@@ -745,10 +745,11 @@ class ObjectStoreRemote:
     ) -> None:
         key = self.key(path)
         size = os.stat(source).st_size
-        self._put_tags.pop(key, None)  # a multipart upload's tag is asked for (upload_tags)
         if size < self.settings.multipart_threshold:
             self._put_small(source, key, size, digest, path, on_bytes)
-        elif self._client is not None:
+            return
+        self._put_tags.pop(key, None)  # a multipart upload's tag is asked for (upload_tags)
+        if self._client is not None:
             self._put_resumable(source, key, size, digest, path, on_bytes)
         else:
             self._put_streamed(source, key, digest, path, on_bytes)
