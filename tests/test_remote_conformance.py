@@ -133,6 +133,32 @@ def test_create_exclusive_is_exclusive(remote: Remote) -> None:
     assert remote.read_bytes("ds/.tether/lock") == b"one"
 
 
+def test_create_exclusive_within_an_existing_folder_makes_what_lies_below(
+    remote: Remote, tmp_path: Path
+) -> None:
+    src, digest = _file(tmp_path, "a", b"data")
+    remote.put_file(src, "ds/a", digest=digest, mtime_ns=1_700_000_000_000_000_000)
+    assert remote.create_exclusive("ds/.tether/lock", b"one", within="ds") is True
+    assert remote.create_exclusive("ds/.tether/lock", b"two", within="ds") is False
+    assert remote.read_bytes("ds/.tether/lock") == b"one"
+
+
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_create_exclusive_within_a_missing_folder_makes_nothing(kind: str, tmp_path: Path) -> None:
+    """A lock taken before the run has looked: a dataset the remote lacks gets no folder."""
+    remote = BACKENDS[kind](tmp_path)
+    try:
+        with pytest.raises(FileNotFoundError):
+            remote.create_exclusive("ns/ds/.tether/lock", b"one", within="ns/ds")
+        (tmp_path / "remote-root" / "ns").mkdir()
+        (tmp_path / "remote-root" / "ns" / "ds").write_bytes(b"a file, not a folder")
+        with pytest.raises(FileNotFoundError):
+            remote.create_exclusive("ns/ds/.tether/lock", b"one", within="ns/ds")
+        assert [p.name for p in (tmp_path / "remote-root").rglob("*")] == ["ns", "ds"]
+    finally:
+        remote.close()
+
+
 def test_write_bytes_atomic_replaces(remote: Remote) -> None:
     remote.write_bytes_atomic("ds/.tether/index", b"v1")
     remote.write_bytes_atomic("ds/.tether/index", b"v2")

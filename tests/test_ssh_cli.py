@@ -154,6 +154,48 @@ def test_a_push_ends_with_one_request_that_writes_the_index_and_lets_the_lock_go
     } == files
 
 
+def test_an_unattended_pull_locks_first_and_looks_once_and_a_missing_dataset_gets_no_folder(
+    hpc: WorkspaceFixture, sshd: SshServer, tmp_path: Path, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-y``: the lock is taken before the one look at the remote, which is made under it; a
+    person reviewing the plan is asked before any lock, and the plan is checked again under it.
+    A pull of a dataset the remote lacks makes no folder there (the lock goes only where the
+    dataset's folder exists)."""
+    from tether import sync
+
+    ops: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        ops.append(header.get("op"))
+        return real_send(self, header, payload, **kw)
+
+    files = _files(hpc, 12)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    unattended = make_workspace(tmp_path, "unattended", hpc.remote_dir)
+    add_remote(unattended.root, "hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options())
+    r = tether("pull", DS, "hpc", "-y", cwd=unattended.root)
+    assert r.exit_code == 0, r.output
+    looks = [op for op in ops if op in ("create", "list_delta", "release")]
+    assert looks == ["create", "list_delta", "release"], ops
+
+    reviewed = make_workspace(tmp_path, "reviewed", hpc.remote_dir)
+    add_remote(reviewed.root, "hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options())
+    ops.clear()
+    sync.pull(DS, "hpc", workspace=reviewed.root, confirm=lambda plan: True)
+    looks = [op for op in ops if op in ("create", "list_delta", "release")]
+    assert looks == ["list_delta", "create", "list_delta", "release"], ops
+    for ws in (unattended, reviewed):
+        assert {rel: (ws.data / DS / rel).read_bytes() for rel in files} == files
+
+    before = sorted(str(p) for p in hpc.remote_dir.rglob("*"))
+    r = tether("pull", "ns/not-there", "hpc", "-y", cwd=unattended.root)
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert "exists neither" in r.stderr
+    assert sorted(str(p) for p in hpc.remote_dir.rglob("*")) == before
+
+
 def test_a_login_that_may_prompt_checks_first_and_still_starts_the_stream_helper(
     hpc: WorkspaceFixture, sshd: SshServer, tether
 ) -> None:

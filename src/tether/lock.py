@@ -153,12 +153,15 @@ class Lease:
             operation=self.operation,
         )
 
-    def acquire(self) -> LockRecord:
+    def acquire(self, *, existing_only: bool = False) -> LockRecord:
+        """``existing_only``: where the dataset's folder exists already, else FileNotFoundError
+        with nothing made (a run locking before it has looked at the remote)."""
         path = lock_path(self.dataset_id)
         token = secrets.token_hex(16)
+        within = self.dataset_id if existing_only else None
         for _attempt in range(3):
             record = self._new_record(token, time.time())
-            if self.remote.create_exclusive(path, record.dumps()):
+            if self.remote.create_exclusive(path, record.dumps(), within=within):
                 # Where the backend enforces the create (a hard link, If-None-Match) the record
                 # is ours once it returns; elsewhere it is read back (a round trip saved on SSH).
                 enforced = self.remote.capabilities.conditional_create

@@ -842,11 +842,12 @@ def _run(
     """``reviewed``: a person reads the plan before it runs (default: whenever ``confirm`` is
     given). Then the plan is made before the remote's lock is taken, since nobody's lock should
     wait on someone reading, and checked again under it. A run nobody reviews (``-y``, a script)
-    on a backend whose listing is the costly part (Capabilities.lock_before_listing) takes the
-    lock first and plans from its one look at the remote under it: a pull of 20,000 files from
-    an object store listed them twice, 0.45 s on a loopback server. If the lock is taken by
-    someone else or cannot be written (read-only keys), the run plans without it as before, so
-    a run with nothing to do still ends in step."""
+    on a backend whose look at the remote costs more than its lock (Capabilities.
+    lock_before_listing) takes the lock first and plans from its one look at the remote under
+    it: a pull of 20,000 files from an object store listed them twice, 0.45 s on a loopback
+    server. If the lock is taken by someone else or cannot be written (read-only keys), or the
+    remote has no folder for the dataset yet (the lock is not what should make it), the run
+    plans without it as before, so a run with nothing to do still ends in step."""
     options = _options(direction, mode, prefer, max_delete)
     started = time.time()
     unreviewed = not (confirm is not None if reviewed is None else reviewed)
@@ -875,8 +876,8 @@ def _run(
             lease = _lease(ctx, direction)
             held.callback(lease.release)
             try:
-                lease.acquire()
-            except (LockHeld, RemotePermissionError):
+                lease.acquire(existing_only=True)
+            except (LockHeld, RemotePermissionError, FileNotFoundError):
                 return False  # plan without it; a plan with work tries again and says why not
             leases.append(lease)
             return True

@@ -97,10 +97,10 @@ class Capabilities:
     # disk's writes during the copy instead of after it (tether.fileio.FlushBehind).
     flush_behind: bool = False
     # A push or pull nobody reviews takes the lock before its one look at the remote instead of
-    # looking again under the lock (tether.sync._run): where a listing is the costly part and
-    # the lock record makes no folders (object stores). On a path or over SSH it would make
-    # the dataset's folders on a pull of a dataset the remote lacks, and the look under the
-    # lock there is a walk told against the index.
+    # looking again under the lock (tether.sync._run), where that look costs more than the lock
+    # record (an object store's listing; over SSH a cold walk of the tree through the link).
+    # The record is created only inside a dataset folder that already exists
+    # (create_exclusive's ``within``), so a pull of a dataset the remote lacks makes none.
     lock_before_listing: bool = False
 
 
@@ -161,8 +161,10 @@ class Remote(Protocol):
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Replace ``path`` with ``data`` so readers see the old or the new bytes, never a mix."""
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
-        """Create ``path`` only if absent; False if it already exists."""
+    def create_exclusive(self, path: str, data: bytes, *, within: str | None = None) -> bool:
+        """Create ``path`` only if absent; False if it already exists. ``within``: a folder
+        that must exist already (FileNotFoundError, nothing created, if it does not); folders
+        between it and ``path`` are made. Backends without folders only check the path."""
 
     def put_file(
         self, source: Path, path: str, *, digest: str, mtime_ns: int, on_bytes: OnBytes | None = None

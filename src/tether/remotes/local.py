@@ -73,6 +73,9 @@ class LocalRemote:
             small_file_processes=0 if network else SMALL_FILE_PROCESSES,
             hash_on_write_max=ANY_SIZE,
             flush_behind=not network,
+            # The look under the lock walks the tree again: 0.13 s of a 2.2 s pull of 20,000
+            # files on a local disk, more on NFS; the lock record costs a millisecond.
+            lock_before_listing=True,
         )
 
     def _abs(self, path: str) -> Path:
@@ -121,8 +124,10 @@ class LocalRemote:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         write_bytes_atomic(self._abs(path), data)
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
+    def create_exclusive(self, path: str, data: bytes, *, within: str | None = None) -> bool:
         final = self._abs(path)
+        if within is not None and not self._abs(within).is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such folder", str(self._abs(within)))
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only export: the caller may go on without the lock

@@ -667,8 +667,8 @@ class ObjectStoreRemote:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         self._put(self.key(path), data)
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
-        key = self.key(path)
+    def create_exclusive(self, path: str, data: bytes, *, within: str | None = None) -> bool:
+        key = self.key(path)  # ``within``: no folders here, so nothing to check or to make
         if self._conditional_supported(path):
             try:
                 self._put(key, data, mode="create")

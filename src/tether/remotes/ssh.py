@@ -966,6 +966,9 @@ class SshRemote:
         # push read each once (2 GiB of large files: 2.4 s of reading before the first byte).
         # A large one's resumable .part is then named by its scanned state (see _part_key).
         hash_on_write_max=ANY_SIZE,
+        # The look under the lock walks the tree through the link: an unattended pull of 20,000
+        # files through 20 ms spent 0.08 s of its 2.9 s on that second look.
+        lock_before_listing=True,
     )
 
     def __init__(self, url: str, settings: SshSettings) -> None:
@@ -1228,8 +1231,11 @@ class SshRemote:
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         self._call("write", data, path=check_relpath(path))
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
-        header, _ = self._call("create", data, path=check_relpath(path))
+    def create_exclusive(self, path: str, data: bytes, *, within: str | None = None) -> bool:
+        fields = {"within": check_relpath(within)} if within is not None else {}
+        header, _ = self._call("create", data, path=check_relpath(path), **fields)
+        if header.get("absent"):
+            raise FileNotFoundError(errno.ENOENT, "no such folder", self.where(within or ""))
         return bool(header["created"])
 
     def write_if_locked(

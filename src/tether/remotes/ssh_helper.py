@@ -528,7 +528,18 @@ class Helper:
         The record is written to a temporary file and hard-linked to its final name (link fails
         if the name exists, atomically, also on NFS), so no reader ever sees an empty lock. An
         flock on a sibling serialises creators further where the filesystem honours it.
+        With ``within``, only inside that existing folder (a lock taken before the look at a
+        dataset that may not be there): otherwise nothing is made and ``absent`` says why.
         """
+        within = h.get("within")
+        if within is not None:
+            try:  # each folder on the way checked as for a write (no symlinked folder), none made
+                folder = os.path.dirname(self.base.parent_ok(within + "/entry", False))
+                st = os.lstat(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                return {"created": False, "absent": True}
+            if not stat.S_ISDIR(st.st_mode):
+                return {"created": False, "absent": True}
         final = self.base.parent_ok(h["path"], True)
         with flocked(final + ".flock"):
             if os.path.lexists(final):
