@@ -1121,6 +1121,7 @@ def _execute_push(
         verification = fidelity.verify_run(ctx, result.done, local, remote_after)
         faults.checkpoint("before_index")
         write_index(ctx, after, lease, data=data, release=True)
+        ctx.close_soon()  # the index's request was the last on the remote
         faults.checkpoint("before_base")
         save_base(ctx, local, remote_after, base)
         if remembered is not None:
@@ -1193,14 +1194,19 @@ def _execute_pull(
     local_after, arrived = _state_after_pull(local, result)
     # Verified while the lock is held (the parquet checks read the remote). Nothing touches the
     # remote after that, so the lock goes while the base is written (the local run lock still
-    # guards it): a round trip over SSH, two on an object store, off the end of every pull.
+    # guards it): a round trip over SSH, two on an object store, off the end of every pull. The
+    # connection then closes meanwhile too (over SSH the helpers' exits take a round trip).
     verification = fidelity.verify_run(ctx, result.done, local_after, remote_m)
     faults.checkpoint("before_base")
     # The hash cache learns the promoted files' digests beside the base write, as after a push:
     # it is only this machine's memo, with no place in the write order (20,000 rows and their
     # commit took 75 ms, the base 45 ms, one after the other).
+    def release_and_close(lease: Lease) -> None:
+        lease.release()
+        ctx.close_soon()
+
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tether-cache") as pool:
-        released = pool.submit(lease.release) if lease is not None else None
+        released = pool.submit(release_and_close, lease) if lease is not None else None
         remembered = pool.submit(_remember_arrived, ctx, result, arrived)
         save_base(ctx, local_after, remote_m, base)
         remembered.result()
