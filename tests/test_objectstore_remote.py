@@ -8,6 +8,7 @@ uploads and `tether remote test`'s checks.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import threading
@@ -30,6 +31,7 @@ from tether.errors import (
 from tether.remotes import objectstore_multipart as mp
 from tether.remotes import open_remote, parse_url
 from tether.remotes.objectstore import ObjectStoreRemote, OrderedHasher, build_settings, diagnose
+from tether.scan import StatEntry
 
 MiB = 1024 * 1024
 
@@ -177,6 +179,52 @@ def test_multipart_upload_and_ranged_download(rclone: S3Server, tmp_path: Path) 
     assert dest.stat().st_mtime_ns == 1_700_000_000_000_000_000
     assert list(rclone.client().list_uploads(remote.key(""))) == []
     assert not list((tmp_path / ".tether" / "multipart").glob("*.json"))
+
+
+def test_a_part_is_read_in_slices_into_both_hashes(tmp_path: Path) -> None:
+    """Each slice feeds the file's hash and the part's; a short last part stops at the end."""
+    data = os.urandom(2 * mp.HASH_SLICE + 5 * 1024 + 7)
+    src, digest = _file(tmp_path, "f.bin", data)
+    whole = hashlib.sha256()
+    buffer = bytearray(mp.HASH_SLICE + 3)  # a part size that is no multiple of the slice
+    parts: list[tuple[int, str]] = []
+    with open(src, "rb", buffering=0) as f:
+        while True:
+            got, part_hash = mp._read_part(f, buffer, whole)
+            if not got:
+                break
+            parts.append((got, part_hash.hexdigest()))
+    step = len(buffer)
+    pieces = [data[i : i + step] for i in range(0, len(data), step)]
+    assert parts == [(len(p), hashlib.sha256(p).hexdigest()) for p in pieces]
+    assert whole.hexdigest() == digest
+
+
+def test_reused_part_buffers_carry_each_part_intact(
+    rclone: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One part in flight at a time: every part after the first is read into a buffer a sent
+    part left. The object, its digest and the checksum sent with every part must be right."""
+    remote = _remote(rclone, tmp_path, part_size="5MiB", multipart_threshold="6MiB", part_concurrency=1)
+    data = os.urandom(21 * MiB + 11)
+    src, digest = _file(tmp_path, "big.bin", data)
+    st = os.stat(src)
+    expect = StatEntry("big.bin", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    sent: dict[int, str] = {}
+    real_upload_part = mp.S3Client.upload_part
+
+    def recording(self, key, upload_id, number, body, sha256_b64):  # type: ignore[no-untyped-def]
+        sent[number] = sha256_b64
+        return real_upload_part(self, key, upload_id, number, body, sha256_b64)
+
+    monkeypatch.setattr(mp.S3Client, "upload_part", recording)
+    assert remote.put_file_hashing(src, "ds/big.bin", expect=expect, mtime_ns=0) == digest
+    step = 5 * MiB
+    parts = [data[i : i + step] for i in range(0, len(data), step)]
+    assert sent == {
+        n: base64.b64encode(hashlib.sha256(p).digest()).decode() for n, p in enumerate(parts, start=1)
+    }
+    assert remote.hash_files(["ds/big.bin"], use_cache=False) == {"ds/big.bin": digest}
 
 
 def test_interrupted_upload_of_a_file_changed_since_starts_over(rclone: S3Server, tmp_path: Path) -> None:

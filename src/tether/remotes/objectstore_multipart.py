@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from tether import faults
@@ -48,6 +49,7 @@ from tether.scan import StatEntry
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
+HASH_SLICE = 1024 * 1024  # read and hashed at a time: stays in the CPU's cache for both hashes
 JOURNAL_VERSION = 1
 
 
@@ -648,29 +650,33 @@ def _send_parts(
     expect: StatEntry | None = None,
     label: str = "",
 ) -> str:
-    """Read the file once in order (hashing it), upload missing parts in parallel; return the
-    digest. With ``expect``, the file must keep that state from its opening to its last byte."""
+    """Read the file once in order, upload missing parts in parallel; return the digest. With
+    ``expect``, the file must keep that state from its opening to its last byte.
+
+    Each slice read goes through both hashes (the file's and its part's) while it is still in
+    the CPU's cache: hashing a 16 MiB part again in its sender ran at 1.3 GB/s on the
+    project's VM, a 1 MiB slice just read at 2.0 GB/s. Part buffers are reused, not allocated
+    (and faulted in by the kernel) afresh for every part."""
     whole = hashlib.sha256()
-    work: queue.Queue[tuple[int, bytes, contextlib.AbstractContextManager[None]] | None] = queue.Queue(
-        maxsize=max(1, concurrency)
-    )
+    work: queue.Queue[_Part | None] = queue.Queue(maxsize=max(1, concurrency))
     errors: list[BaseException] = []
     stop = threading.Event()
+    spare: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
     def worker() -> None:
         while True:
-            item = work.get()
-            if item is None:
+            part = work.get()
+            if part is None:
                 return
-            number, data, reservation = item
             try:
                 if not stop.is_set():
-                    _send_one(client, journal, number, data, on_bytes)
+                    _send_one(client, journal, part.number, part.data, part.sha256_b64, on_bytes)
             except BaseException as exc:
                 errors.append(exc)
                 stop.set()
             finally:
-                reservation.__exit__(None, None, None)
+                spare.put(part.buffer)  # its bytes were sent (or never will be): reuse it
+                part.reservation.__exit__(None, None, None)
 
     threads = [
         threading.Thread(target=worker, name=f"tether-part-{i}", daemon=True)
@@ -686,14 +692,19 @@ def _send_parts(
             while not stop.is_set():
                 reservation = memory(journal.part_size)
                 reservation.__enter__()
-                data = f.read(journal.part_size)
-                if not data and number > 0:
+                try:
+                    buffer = spare.get_nowait()
+                except queue.Empty:
+                    buffer = bytearray(journal.part_size)
+                got, part_hash = _read_part(f, buffer, whole)
+                if not got and number > 0:
+                    spare.put(buffer)
                     reservation.__exit__(None, None, None)
                     break
                 number += 1
-                whole.update(data)
-                work.put((number, data, reservation))
-                if len(data) < journal.part_size:
+                sha = base64.b64encode(part_hash.digest()).decode()
+                work.put(_Part(number, buffer, memoryview(buffer)[:got], sha, reservation))
+                if got < journal.part_size:
                     break
             if expect is not None:
                 check_source_state(f.fileno(), expect, label, "while it was read")
@@ -707,22 +718,48 @@ def _send_parts(
     return whole.hexdigest()
 
 
+@dataclass
+class _Part:
+    """A part read and hashed, on its way to a sender; ``data`` is a view of ``buffer``."""
+
+    number: int
+    buffer: bytearray
+    data: memoryview
+    sha256_b64: str
+    reservation: contextlib.AbstractContextManager[None]
+
+
+def _read_part(f: BinaryIO, buffer: bytearray, whole: Any) -> tuple[int, Any]:
+    """Fill ``buffer`` from ``f`` a slice at a time, each slice hashed into ``whole`` and into
+    the part's own hash while it is hot; return the bytes read and the part's hash."""
+    part_hash = hashlib.sha256()
+    view = memoryview(buffer)
+    got = 0
+    while got < len(buffer):
+        n = f.readinto(view[got : got + HASH_SLICE])
+        if not n:
+            break
+        piece = view[got : got + n]
+        whole.update(piece)
+        part_hash.update(piece)
+        got += n
+    return got, part_hash
+
+
 def _send_one(
     client: S3Client,
     journal: Journal,
     number: int,
-    data: bytes,
+    data: memoryview,
+    sha: str,
     on_bytes: Callable[[int], None] | None,
 ) -> None:
-    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
     done = journal.parts.get(number)
     if done is not None and done.sha256_b64 == sha and done.size == len(data):
         if on_bytes is not None:
             on_bytes(len(data))
         return  # resumed: the server holds exactly these bytes already
-    etag = client.upload_part(
-        journal.key, journal.upload_id, number, memoryview(data), sha if journal.checksum else None
-    )
+    etag = client.upload_part(journal.key, journal.upload_id, number, data, sha if journal.checksum else None)
     journal.record(PartRecord(number, len(data), etag, sha))
     if on_bytes is not None:
         on_bytes(len(data))
