@@ -184,6 +184,43 @@ def test_no_op_diff_costs_only_listing_requests(
     assert len(proxy.requests) <= 16, proxy.requests  # 40 files: far fewer than one each
 
 
+def test_downloads_run_on_download_connections_and_jobs_sets_both(
+    rclone: S3Server, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GETs cost the store less than PUTs: a pull runs more requests at once than a push
+    (download_connections, connections); --jobs sets both for one run."""
+    used: list[tuple[str, int]] = []
+    for name in ("push_changes", "pull_changes"):
+        real = getattr(sync, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            used.append((_name, kwargs["jobs"]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(sync, name, spy)
+    ws = make_workspace(tmp_path)
+    prefix = add_s3_remote(ws, rclone, connections=5, download_connections=7)
+    files = _files(ws, 6)
+    other = make_workspace(tmp_path, "other")
+    add_s3_remote(other, rclone, prefix=prefix, connections=5, download_connections=7)
+    for args, cwd in (
+        (["push", DS, "s3", "-y"], ws.root),
+        (["pull", DS, "s3", "-y"], other.root),
+        (["push", DS, "s3", "-y", "--jobs", "3"], other.root),
+    ):
+        if args[0] == "push" and cwd == other.root:
+            other.write("d0/f000.txt", "changed")
+        r = tether(*args, cwd=cwd)
+        assert r.exit_code == 0, r.output
+    third = make_workspace(tmp_path, "third")
+    add_s3_remote(third, rclone, prefix=prefix, connections=5, download_connections=7)
+    r = tether("pull", DS, "s3", "-y", "--jobs", "3", cwd=third.root)
+    assert r.exit_code == 0, r.output
+    assert used == [("push_changes", 5), ("pull_changes", 7), ("push_changes", 3), ("pull_changes", 3)]
+    assert (third.data / DS / "d0/f000.txt").read_bytes() == b"changed"
+    assert (third.data / DS / "d1/f001.txt").read_bytes() == files["d1/f001.txt"]
+
+
 @pytest.mark.parametrize("kind", ["rclone", "moto"])
 def test_a_push_records_the_etags_it_was_answered_and_lists_nothing_after_its_uploads(
     kind: str, tmp_path: Path, tether: Tether

@@ -5,7 +5,7 @@
 ``put`` uploads the files below LOCAL_DIR 96 at a time (all four large files at once), each as a
 multipart upload of 16 MiB parts with 8 parts in flight (tether's object-store defaults), to
 KEY_PREFIX/<relative path>. ``get``
-lists KEY_PREFIX and streams every object into LOCAL_DIR, 96 at a time. No listing of the
+lists KEY_PREFIX and streams every object into LOCAL_DIR, 192 at a time. No listing of the
 destination, no hashing, no verification: the bytes alone, as fast as the library moves them.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -35,7 +35,8 @@ def store(endpoint: str, bucket: str) -> S3Store:
     )
 
 
-FILES_IN_FLIGHT = 96  # tether's object-store default for many files
+FILES_IN_FLIGHT = 96  # tether's object-store defaults for many files: connections ...
+DOWNLOADS_IN_FLIGHT = 192  # ... and download_connections
 
 
 async def put(s: S3Store, prefix: str, root: Path) -> None:
@@ -52,7 +53,7 @@ async def put(s: S3Store, prefix: str, root: Path) -> None:
 
 async def get(s: S3Store, prefix: str, root: Path) -> None:
     keys = [meta["path"] for batch in obstore.list(s, prefix + "/") for meta in batch]
-    gate = asyncio.Semaphore(FILES_IN_FLIGHT)
+    gate = asyncio.Semaphore(DOWNLOADS_IN_FLIGHT)
 
     async def one(key: str) -> None:
         dest = root / key[len(prefix) + 1 :]

@@ -442,7 +442,7 @@ def _pull(state: State, env: _Env, remote_name: str, options: dict[str, Any]) ->
                     hint="Commit them (`tether commit TARGET`) or discard them with "
                     "`tether checkout TARGET --force` after `tether fetch`.",
                 )
-            jobs = options.get("jobs") or remote.capabilities.parallel_connections
+            jobs = options.get("jobs") or remote.capabilities.downloads
 
             staging = env.ws.staging_dir / "versioned" / env.dataset.id
 
@@ -613,7 +613,7 @@ def fetch_command(
                 remote,
                 env.cache,
                 sizes,
-                jobs=jobs or remote.capabilities.parallel_connections,
+                jobs=jobs or remote.capabilities.downloads,
                 progress=progress,
             )
     finally:

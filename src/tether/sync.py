@@ -102,7 +102,7 @@ class Context:
     remote_name: str
     backend: Remote  # as opened: its check may still run (use ``remote`` for anything but facts)
     progress: Progress = NO_PROGRESS
-    jobs: int = DEFAULT_JOBS
+    jobs: int = DEFAULT_JOBS  # uploads (and downloads, where the backend has no download_jobs)
     checksum: bool = False
     skip_symlinks: bool = False
     scan_report: ScanReport = field(default_factory=ScanReport)
@@ -123,6 +123,7 @@ class Context:
     # walk of 20,000 cold files. None once it passed.
     checking: Future[None] | None = None
     closing: Future[None] | None = None  # the remote closing in the background (close_soon)
+    download_jobs: int | None = None  # --jobs, else the backend's Capabilities.downloads
     # A pull without the lock (read-only keys): checked before anything is promoted.
     before_promote: Callable[[], None] | None = None
 
@@ -251,6 +252,7 @@ def open_context(
         verify=verify,
         verify_sidecars=options.get("verify_sidecars", True),
         checking=checking,
+        download_jobs=options.get("jobs") or remote.capabilities.downloads,
     )
     try:
         yield ctx
@@ -1185,7 +1187,7 @@ def _execute_pull(
         ctx.dataset.path,
         staging,
         plan.changes,
-        jobs=ctx.jobs,
+        jobs=ctx.download_jobs or ctx.jobs,
         progress=ctx.progress,
         before_promote=ctx.before_promote,
     )
@@ -1198,6 +1200,7 @@ def _execute_pull(
     # connection then closes meanwhile too (over SSH the helpers' exits take a round trip).
     verification = fidelity.verify_run(ctx, result.done, local_after, remote_m)
     faults.checkpoint("before_base")
+
     # The hash cache learns the promoted files' digests beside the base write, as after a push:
     # it is only this machine's memo, with no place in the write order (20,000 rows and their
     # commit took 75 ms, the base 45 ms, one after the other).

@@ -73,6 +73,9 @@ class Capabilities:
     """What a backend can do natively; wrappers and the sync layer adapt to the rest."""
 
     parallel_connections: int = 8
+    # Downloads where they gain from more requests at once than uploads (an object store's
+    # GETs cost its server less than PUTs); None: parallel_connections. ``--jobs`` sets both.
+    parallel_downloads: int | None = None
     atomic_replace: bool = True  # rename over an existing file is atomic
     conditional_create: bool = True  # create-if-absent is enforced by the server
     server_side_hashing: bool = True  # digests can be computed where the data lives
@@ -93,6 +96,11 @@ class Capabilities:
     # Logging in may ask the user on the terminal (password, 2FA): the check then runs before
     # anything else, never beside a progress display that would write over the prompt.
     login_may_prompt: bool = False
+
+    @property
+    def downloads(self) -> int:
+        return self.parallel_downloads or self.parallel_connections
+
     # flush() is this machine's syncfs: calling it in the background while writing starts the
     # disk's writes during the copy instead of after it (tether.fileio.FlushBehind).
     flush_behind: bool = False

@@ -266,6 +266,7 @@ class ObjectStoreRemote:
         self.settings = settings
         self.capabilities = Capabilities(
             parallel_connections=settings.connections,
+            parallel_downloads=settings.download_connections,
             atomic_replace=True,
             conditional_create=bool(settings.conditional_writes),
             server_side_hashing=False,

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 DEFAULTS: dict[str, Any] = {
-    "connections": 96,  # concurrent requests for many small files (see docs/object-stores.md)
+    "connections": 96,  # concurrent uploads of small files (see docs/object-stores.md)
+    "download_connections": 192,  # concurrent downloads of small files
     "multipart_threshold": 32 * MiB,
     "part_size": 16 * MiB,
     "part_concurrency": 8,
@@ -87,6 +88,7 @@ class StoreSettings:
     conditional_writes: bool | None  # None: probe the store
     state_dir: Path | None
     connections: int
+    download_connections: int
     multipart_threshold: int
     part_size: int
     part_concurrency: int
@@ -315,6 +317,7 @@ def build_settings(
         conditional_writes=cond,
         state_dir=Path(state).expanduser() if state else state_dir,
         connections=int(_number("connections", tuning["connections"], name)),
+        download_connections=int(_number("download_connections", tuning["download_connections"], name)),
         multipart_threshold=max(
             mp.MIN_PART, _size("multipart_threshold", tuning["multipart_threshold"], name)
         ),
@@ -335,7 +338,7 @@ def _client_options(s: StoreSettings) -> dict[str, Any]:
         "allow_http": s.allow_http,
         "timeout": f"{int(s.timeout)}s",
         "connect_timeout": f"{int(s.connect_timeout)}s",
-        "pool_max_idle_per_host": str(max(s.connections, 16)),
+        "pool_max_idle_per_host": str(max(s.connections, s.download_connections, 16)),
         "user_agent": "tether",
     }
 
