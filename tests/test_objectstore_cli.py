@@ -414,6 +414,49 @@ def _pushed_through(
     return prefix, files
 
 
+def test_the_stores_verdict_on_conditional_writes_is_kept_a_day_in_the_workspace(
+    rclone: S3Server, proxy: ThrottlingProxy, tmp_path: Path, tether: Tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe (conditional PUTs and a DELETE) runs once; later runs of the workspace take
+    its verdict from .tether/store-probes.json until it is a day old or damaged, and
+    `tether remote test` asks afresh and records what it found."""
+
+    def probes() -> int:
+        count = sum("cw-probe" in path for _m, path in proxy.requests)
+        proxy.requests.clear()
+        monkeypatch.setattr(objectstore, "_probe_cache", {})  # as a new process starts
+        return count
+
+    ws = make_workspace(tmp_path)
+    add_s3_remote(ws, rclone, endpoint=proxy.endpoint)
+    _files(ws, 3)
+    memo = ws.root / ".tether" / objectstore.PROBES_FILE
+    probes()
+    assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+    asked = probes()  # rclone refuses the first conditional PUT outright: a PUT and a DELETE
+    assert asked >= 2
+    [entry] = json.loads(memo.read_text()).values()
+    assert entry["conditional_writes"] is False  # rclone serve s3 does not enforce If-None-Match
+    ws.write("d0/f000.txt", "edited")
+    r = tether("push", DS, "s3", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert probes() == 0
+    assert "does not enforce conditional writes" in r.stderr  # the verdict still says so
+    for spoil in ("day old", "damaged"):
+        if spoil == "day old":
+            entry["checked"] -= objectstore.PROBE_TTL_S + 1
+            memo.write_text(json.dumps({next(iter(json.loads(memo.read_text()))): entry}))
+        else:
+            memo.write_text("{not json")
+        ws.write("d0/f000.txt", spoil)
+        assert tether("push", DS, "s3", "-y", cwd=ws.root).exit_code == 0
+        assert probes() == asked, spoil
+    memo.unlink()
+    assert tether("remote", "test", "s3", cwd=ws.root).exit_code == 0
+    assert probes() == asked
+    assert [e["conditional_writes"] for e in json.loads(memo.read_text()).values()] == [False]
+
+
 def _another_workspace(
     proxy: ThrottlingProxy, server: S3Server, tmp_path: Path, name: str, prefix: str
 ) -> WorkspaceFixture:

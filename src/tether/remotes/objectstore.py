@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import obstore
 from obstore import exceptions as obx
 
+from tether import fileio
 from tether.errors import (
     ConnectionDropped,
     InvalidPath,
@@ -95,6 +97,11 @@ CREDENTIAL_CODES = {
 _CODE = re.compile(r"<Code>\s*([A-Za-z]+)\s*</Code>")
 _probe_cache: dict[tuple[str, str], bool] = {}
 _probe_lock = threading.Lock()
+# The store's verdict on If-None-Match, kept in the workspace between runs: the probe is two or
+# three requests (conditional PUTs, then a DELETE) before every push or pull would take its
+# lock, 40-60 ms through a 20 ms link. Asked again after a day, and by every `tether remote test`.
+PROBES_FILE = "store-probes.json"
+PROBE_TTL_S = 24 * 3600
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -694,9 +701,12 @@ class ObjectStoreRemote:
         with _probe_lock:
             known = _probe_cache.get(cache_key)
             if known is None:
+                known = self._remembered_conditional()
+            if known is None:
                 folder = path.rsplit("/", 1)[0] if "/" in path else ""
                 known = self.probe_conditional_writes(folder)
-                _probe_cache[cache_key] = known
+                self.remember_conditional(known)
+            _probe_cache[cache_key] = known
         self._conditional = known
         self.capabilities = replace(self.capabilities, conditional_create=known)
         if not known:
@@ -705,6 +715,40 @@ class ObjectStoreRemote:
                 "uses a put + read-back check instead, which is weaker (see docs/object-stores.md)"
             )
         return known
+
+    def _probes(self) -> tuple[Path | None, dict[str, Any]]:
+        state = self.settings.state_dir
+        if state is None:
+            return None, {}
+        path = state / PROBES_FILE
+        try:
+            raw = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return path, {}  # none yet, or damaged: probe again and rewrite it
+        return path, raw if isinstance(raw, dict) else {}
+
+    def _probe_key(self) -> str:
+        return f"{self.settings.where} {self.settings.bucket}"
+
+    def _remembered_conditional(self) -> bool | None:
+        """The verdict an earlier run recorded, if it is less than PROBE_TTL_S old."""
+        _path, probes = self._probes()
+        entry = probes.get(self._probe_key())
+        if not isinstance(entry, dict):
+            return None
+        enforced, checked = entry.get("conditional_writes"), entry.get("checked")
+        if not isinstance(enforced, bool) or not isinstance(checked, (int, float)):
+            return None
+        return enforced if 0 <= time.time() - checked < PROBE_TTL_S else None
+
+    def remember_conditional(self, enforced: bool) -> None:
+        path, probes = self._probes()
+        if path is None:
+            return
+        probes[self._probe_key()] = {"conditional_writes": enforced, "checked": time.time()}
+        data = json.dumps(probes, indent=1, sort_keys=True).encode()
+        with contextlib.suppress(OSError, TetherError):  # a workspace we cannot write: asked again
+            fileio.write_bytes_atomic(path, data, durable=False)
 
     def probe_conditional_writes(self, folder: str) -> bool:
         """Create a probe object twice with If-None-Match: the store enforces it iff the second fails."""
@@ -1143,6 +1187,7 @@ def diagnose(remote: ObjectStoreRemote) -> list[tuple[str, bool, str, str]]:
         return results
     try:
         enforced = remote.probe_conditional_writes("")
+        remote.remember_conditional(enforced)
         if enforced:
             results.append(("conditional writes", True, "If-None-Match is enforced: locks are exclusive", ""))
         else:
