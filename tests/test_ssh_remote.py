@@ -831,6 +831,19 @@ def test_symlinks_on_the_remote_are_refused(remote: SshRemote, tmp_path: Path) -
     assert list(outside.iterdir()) == []
 
 
+def test_a_lock_within_a_symlinked_dataset_folder_is_not_made(remote: SshRemote, tmp_path: Path) -> None:
+    """A lock taken before the look (``within``) goes only into a real folder: through a link
+    the record would land outside the remote; the locked write path then refuses the link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (remote_root(remote) / "ds").symlink_to(outside)
+    with pytest.raises(FileNotFoundError):
+        remote.create_exclusive("ds/.tether/lock", b"one", within="ds")
+    with pytest.raises(InvalidPath):
+        remote.create_exclusive("ds/.tether/lock", b"one")
+    assert list(outside.iterdir()) == []
+
+
 def test_create_exclusive_has_one_winner(tmp_path: Path, sshd: SshServer) -> None:
     a = ssh_remote(tmp_path, name="shared")
     b = SshRemote(a.url, a.settings)

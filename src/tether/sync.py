@@ -102,7 +102,7 @@ class Context:
     remote_name: str
     backend: Remote  # as opened: its check may still run (use ``remote`` for anything but facts)
     progress: Progress = NO_PROGRESS
-    jobs: int = DEFAULT_JOBS  # uploads (and downloads, where the backend has no download_jobs)
+    jobs: int = DEFAULT_JOBS  # uploads: --jobs, else the backend's parallel_connections
     checksum: bool = False
     skip_symlinks: bool = False
     scan_report: ScanReport = field(default_factory=ScanReport)
@@ -123,7 +123,7 @@ class Context:
     # walk of 20,000 cold files. None once it passed.
     checking: Future[None] | None = None
     closing: Future[None] | None = None  # the remote closing in the background (close_soon)
-    download_jobs: int | None = None  # --jobs, else the backend's Capabilities.downloads
+    download_jobs: int = DEFAULT_JOBS  # --jobs, else the backend's Capabilities.downloads
     # A pull without the lock (read-only keys): checked before anything is promoted.
     before_promote: Callable[[], None] | None = None
 
@@ -1187,7 +1187,7 @@ def _execute_pull(
         ctx.dataset.path,
         staging,
         plan.changes,
-        jobs=ctx.download_jobs or ctx.jobs,
+        jobs=ctx.download_jobs,
         progress=ctx.progress,
         before_promote=ctx.before_promote,
     )

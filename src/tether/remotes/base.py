@@ -106,7 +106,8 @@ class Capabilities:
     flush_behind: bool = False
     # A push or pull nobody reviews takes the lock before its one look at the remote instead of
     # looking again under the lock (tether.sync._run), where that look costs more than the lock
-    # record (an object store's listing; over SSH a cold walk of the tree through the link).
+    # record (an object store's listing; over SSH a cold walk of the tree through the link; on
+    # a path, NFS included, a second walk of the tree).
     # The record is created only inside a dataset folder that already exists
     # (create_exclusive's ``within``), so a pull of a dataset the remote lacks makes none.
     lock_before_listing: bool = False

@@ -258,6 +258,14 @@ class Base:
             return path[len(self.path) + 1 :]
         return ""
 
+    def is_folder(self, rel: str) -> bool:
+        """Whether ``rel`` is a real folder (a link to one is not), its parents checked as
+        parent_ok checks them; nothing is made."""
+        try:
+            return stat.S_ISDIR(os.lstat(self.parent_ok(rel, False)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
     def parent_ok(self, rel: str, create: bool) -> str:
         """Absolute path of ``rel`` after checking no folder on the way is a symlink.
 
@@ -532,14 +540,8 @@ class Helper:
         dataset that may not be there): otherwise nothing is made and ``absent`` says why.
         """
         within = h.get("within")
-        if within is not None:
-            try:  # each folder on the way checked as for a write (no symlinked folder), none made
-                folder = os.path.dirname(self.base.parent_ok(within + "/entry", False))
-                st = os.lstat(folder)
-            except (FileNotFoundError, NotADirectoryError):
-                return {"created": False, "absent": True}
-            if not stat.S_ISDIR(st.st_mode):
-                return {"created": False, "absent": True}
+        if within is not None and not self.base.is_folder(within):
+            return {"created": False, "absent": True}
         final = self.base.parent_ok(h["path"], True)
         with flocked(final + ".flock"):
             if os.path.lexists(final):
