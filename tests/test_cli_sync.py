@@ -897,3 +897,40 @@ def test_yes_skips_the_question_on_a_terminal(synced, tether, monkeypatch: pytes
     r = ok(run(tether, "push", ws, "-y"))
     assert "Proceed" not in r.stderr
     assert ws.remote_file("a.txt").read_text() == "edited"
+
+
+def test_an_unattended_run_to_a_path_locks_first_and_walks_the_remote_once(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-y`` on a path remote: the lock, then one walk of the remote copy under it; a run that
+    shows its plan walks before the lock and again under it. A pull of a dataset the share
+    lacks makes no folder there."""
+    from tether import sync
+
+    seen: list[str] = []
+    real_scan, real_create = sync.scan_remote, LocalRemote.create_exclusive
+
+    def scan(*args: Any, **kwargs: Any) -> Any:
+        seen.append("walk")
+        return real_scan(*args, **kwargs)
+
+    def create(self: LocalRemote, path: str, data: bytes, **kwargs: Any) -> bool:
+        seen.append("lock")
+        return real_create(self, path, data, **kwargs)
+
+    ws.write("a.txt", "a")
+    ws.write("d/b.txt", "b")
+    ok(run(tether, "push", ws, "-y"))  # a first push: no folder yet, so planned first
+    monkeypatch.setattr(sync, "scan_remote", scan)
+    monkeypatch.setattr(LocalRemote, "create_exclusive", create)
+    ok(run(tether, "pull", ws2, "-y"))
+    assert seen == ["lock", "walk"]
+    assert data_files(ws2.data / "ns/ds") == {"a.txt": b"a", "d/b.txt": b"b"}
+    seen.clear()
+    ws.write("a.txt", "a2")
+    sync.push("ns/ds", "store", workspace=ws.root, confirm=lambda plan: True)
+    assert seen == ["walk", "lock", "walk"]
+    before = tree(ws.remote_dir)
+    r = run(tether, "pull", ws2, "-y", target="ns/absent")
+    assert r.exit_code == ExitCode.USAGE and "exists neither" in r.stderr, r.output
+    assert tree(ws.remote_dir) == before and not (ws.remote_dir / "ns/absent").exists()

@@ -217,6 +217,12 @@ def test_downloads_run_on_download_connections_and_jobs_sets_both(
     r = tether("pull", DS, "s3", "-y", "--jobs", "3", cwd=third.root)
     assert r.exit_code == 0, r.output
     assert used == [("push_changes", 5), ("pull_changes", 7), ("push_changes", 3), ("pull_changes", 3)]
+    bad = make_workspace(tmp_path, "bad")
+    add_s3_remote(bad, rclone, prefix=prefix, download_connections=0)
+    r = tether("pull", DS, "s3", "-y", cwd=bad.root)
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert "option download_connections must be a positive number, not 0" in r.stderr
+    assert "Traceback" not in r.output
     assert (third.data / DS / "d0/f000.txt").read_bytes() == b"changed"
     assert (third.data / DS / "d1/f001.txt").read_bytes() == files["d1/f001.txt"]
 
@@ -455,6 +461,14 @@ def test_the_stores_verdict_on_conditional_writes_is_kept_a_day_in_the_workspace
     assert tether("remote", "test", "s3", cwd=ws.root).exit_code == 0
     assert probes() == asked
     assert [e["conditional_writes"] for e in json.loads(memo.read_text()).values()] == [False]
+    memo.unlink()
+    memo.mkdir()  # a record that cannot be written: every run probes, none fails for it
+    for edit in ("one", "two"):
+        ws.write("d0/f000.txt", edit)
+        r = tether("push", DS, "s3", "-y", cwd=ws.root)
+        assert r.exit_code == 0, r.output
+        assert probes() == asked
+    assert memo.is_dir() and list(memo.iterdir()) == []
 
 
 def _another_workspace(

@@ -129,6 +129,7 @@ def test_profile_problems_are_config_errors(tmp_path: Path) -> None:
         ({"access_key_id": "k"}, "only one of"),
         ({"part_size": "lots"}, "part_size"),
         ({"allow_http": "maybe"}, "allow_http"),
+        ({"download_connections": "lots"}, "download_connections"),
     ],
 )
 def test_bad_options_are_config_errors(tmp_path: Path, options: dict[str, object], match: str) -> None:

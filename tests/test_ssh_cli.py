@@ -196,6 +196,45 @@ def test_an_unattended_pull_locks_first_and_looks_once_and_a_missing_dataset_get
     assert sorted(str(p) for p in hpc.remote_dir.rglob("*")) == before
 
 
+def test_the_connection_closes_while_the_run_writes_its_own_records(
+    hpc: WorkspaceFixture, sshd: SshServer, tmp_path: Path, tether, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing touches the remote after a push's index request or a pull's lock release, so the
+    helpers and master close then, beside the base and hash-cache writes, not after them."""
+    from tether import sync
+
+    events: list[str] = []
+    real_close, real_save = SshRemote.close, sync.save_base
+
+    def close(self):  # type: ignore[no-untyped-def]
+        events.append("close")
+        return real_close(self)
+
+    def save(*args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append("base written")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(SshRemote, "close", close)
+    monkeypatch.setattr(sync, "save_base", save)
+    files = _files(hpc, 8)
+    assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
+    assert events[:2] == ["close", "base written"], events
+    other = make_workspace(tmp_path, "ws2", hpc.remote_dir)
+    add_remote(other.root, "hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options())
+    events.clear()
+    real_execute_pull = sync._execute_pull
+
+    def execute_pull(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_execute_pull(*args, **kwargs)
+        events.append("pull done")
+        return result
+
+    monkeypatch.setattr(sync, "_execute_pull", execute_pull)
+    assert tether("pull", DS, "hpc", "-y", cwd=other.root).exit_code == 0
+    assert sorted(events) == ["base written", "close", "pull done"] and events[-1] == "pull done", events
+    assert {k: (other.data / DS / k).read_bytes() for k in files} == files
+
+
 def test_a_login_that_may_prompt_checks_first_and_still_starts_the_stream_helper(
     hpc: WorkspaceFixture, sshd: SshServer, tether
 ) -> None:
