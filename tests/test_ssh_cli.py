@@ -54,6 +54,19 @@ def _files(ws: WorkspaceFixture, n: int, prefix: str = "f") -> dict[str, bytes]:
     return files
 
 
+def _record_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The op of every request any helper channel is sent from now on, in order."""
+    ops: list[str] = []
+    real_send = ssh_mod._Channel.send
+
+    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        ops.append(header.get("op"))
+        return real_send(self, header, payload, **kw)
+
+    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    return ops
+
+
 def _remote_tree(ws: WorkspaceFixture) -> dict[str, bytes]:
     root = ws.remote_dir / DS
     return {
@@ -124,14 +137,7 @@ def test_a_push_ends_with_one_request_that_writes_the_index_and_lets_the_lock_go
     """After the flush, a push's only remote request is the index's, which also deletes the
     lock record; the files were verified (and the parquet checks read the remote) before it.
     A pull lets its lock go once, after its verification, while it writes its base."""
-    ops: list[str] = []
-    real_send = ssh_mod._Channel.send
-
-    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
-        ops.append(header.get("op"))
-        return real_send(self, header, payload, **kw)
-
-    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    ops = _record_ops(monkeypatch)
     files = _files(hpc, 20)
     r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
     assert r.exit_code == 0, r.output
@@ -163,16 +169,9 @@ def test_an_unattended_pull_locks_first_and_looks_once_and_a_missing_dataset_get
     dataset's folder exists)."""
     from tether import sync
 
-    ops: list[str] = []
-    real_send = ssh_mod._Channel.send
-
-    def recording(self, header, payload=b"", **kw):  # type: ignore[no-untyped-def]
-        ops.append(header.get("op"))
-        return real_send(self, header, payload, **kw)
-
     files = _files(hpc, 12)
     assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
-    monkeypatch.setattr(ssh_mod._Channel, "send", recording)
+    ops = _record_ops(monkeypatch)
     unattended = make_workspace(tmp_path, "unattended", hpc.remote_dir)
     add_remote(unattended.root, "hpc", f"ssh://{HOST}{hpc.remote_dir}", sshd.options())
     r = tether("pull", DS, "hpc", "-y", cwd=unattended.root)
