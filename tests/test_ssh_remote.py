@@ -399,10 +399,94 @@ def test_a_batch_over_a_link_with_latency_is_spread_over_streams(
         got: dict[str, BaseException | None] = {}
         r.get_many(back, on_bytes=lambda n: None, on_done=lambda i, e: got.__setitem__(i.path, e))
         assert got == {i.path: None for i in items}
-        assert {label for label, op in slow_link if op == "get"} == {"bulk", "stream"}
+        # A download borrows the idle control helper for its second stream.
+        assert {label for label, op in slow_link if op == "get"} == {"bulk", "control"}
         pairs = zip(back, items, strict=True)
         assert all(Path(b.local).read_bytes() == Path(i.local).read_bytes() for b, i in pairs)
+        assert r.exists(items[0].path)  # the control helper answers small requests again
         assert sshd.auth_count() - logins == 1 and sshd.helper_starts() - helpers == 3  # one login
+    finally:
+        r.close()
+
+
+def _pushed(tmp_path: Path, r: SshRemote, n: int) -> list[TransferItem]:
+    """``n`` small files put on the remote, as items to download into ``tmp_path/back``."""
+    src = tmp_path / "src"
+    items = [_item(src, f"f{i:03d}", os.urandom(100 + i), f"ds/f{i:03d}") for i in range(n)]
+    r.put_many(items, on_bytes=lambda n: None, on_done=lambda i, e: None)
+    return [i._replace(local=str(tmp_path / "back" / i.path)) for i in items]
+
+
+def test_a_small_request_during_a_download_does_not_wait_behind_the_borrowed_control_helper(
+    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]]
+) -> None:
+    """A lease renewal must get through while the control helper carries a stream: it goes to
+    a spare helper. Here the control stream's first file waits until such a request is
+    answered, so a request queued behind that stream would never be."""
+    r = ssh_remote(tmp_path, streams=2)
+    try:
+        back = _pushed(tmp_path, r, 200)
+        answered: list[bool] = []
+
+        def done(item: TransferItem, error: BaseException | None) -> None:
+            assert error is None
+            if threading.current_thread() is not threading.main_thread() and not answered:
+                asker = threading.Thread(target=lambda: answered.append(r.exists(back[0].path)))
+                asker.start()
+                asker.join(20)
+                assert answered == [True], "the small request waited for the stream"
+
+        r.get_many(back, on_bytes=lambda n: None, on_done=done)
+        assert answered == [True]
+        assert {label for label, op in slow_link if op == "get"} == {"bulk", "control"}
+        assert all(Path(b.local).is_file() for b in back)
+        assert r.exists(back[1].path)  # lent back: the control helper answers again
+    finally:
+        r.close()
+
+
+def test_a_download_stream_that_fails_on_the_control_helper_leaves_a_working_connection(
+    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]]
+) -> None:
+    """A stream cut mid-file cannot be resumed in step, so its helper is killed; when that was
+    the control helper, the next small request (the lock's release) starts a new one."""
+    r = ssh_remote(tmp_path, streams=2)
+    try:
+        back = _pushed(tmp_path, r, 200)
+
+        def done(item: TransferItem, error: BaseException | None) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("the control stream fails")
+
+        with pytest.raises(RuntimeError, match="control stream fails"):
+            r.get_many(back, on_bytes=lambda n: None, on_done=done)
+        assert ("control", "get") in slow_link
+        helpers = sshd.helper_starts()
+        assert r.exists(back[0].path) and r.read_bytes(back[0].path) == Path(back[0].local).read_bytes()
+        assert sshd.helper_starts() - helpers == 1  # a new control helper, on the same login
+        assert _temp_files(remote_root(r)) == []
+    finally:
+        r.close()
+
+
+def test_a_download_does_not_borrow_the_control_helper_while_a_small_request_uses_it(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ssh_mod, "STREAMS_MIN_RTT_S", 0.0)
+    r = ssh_remote(tmp_path, streams=3)
+    try:
+        control = r.control()
+        with r._small_channel() as channel:
+            assert channel is control
+            busy = r.streams(10, borrow_control=True)
+        assert control not in busy and len(busy) == 3
+        idle = r.streams(10, borrow_control=True)
+        assert idle[1] is control and len(idle) == 3
+        with r._small_channel() as channel:
+            assert channel is not control and channel.label == "spare"
+        r._return_control()
+        with r._small_channel() as channel:
+            assert channel is control
     finally:
         r.close()
 
@@ -418,9 +502,10 @@ def test_push_and_pull_over_several_streams_through_the_cli(
     for rel, data in files.items():
         ws.write(rel, data)
     assert tether("push", "ns/ds", "hpc", "-y", cwd=ws.root).exit_code == 0
+    before = sshd.helper_starts()
     assert tether("pull", "ns/ds", "hpc", "-y", cwd=other.root).exit_code == 0
-    assert {label for label, _ in slow_link} == {"bulk", "stream"}
-    assert {op for _, op in slow_link} == {"puts", "get"}
+    assert sshd.helper_starts() - before == 2  # control and bulk: the control helper streams too
+    assert set(slow_link) == {("bulk", "puts"), ("stream", "puts"), ("bulk", "get"), ("control", "get")}
     pulled = other.root / "data" / "ns" / "ds"
     assert {rel: (pulled / rel).read_bytes() for rel in files} == files
     assert tether("diff", "ns/ds", "hpc", cwd=other.root).exit_code == 0
