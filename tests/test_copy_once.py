@@ -211,6 +211,35 @@ def test_pull_reuses_the_digests_it_verified(
     assert tether("diff", "ns/ds", "store", cwd=ws2.root).exit_code == 0
 
 
+def test_a_pulled_file_edited_before_the_cache_learns_it_is_not_vouched_for(
+    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash cache learns the pulled files' states after the promotion, beside the base
+    write: a file rewritten in between (same size and mtime, as `cp -p` leaves it) is left out,
+    so the next scan hashes it instead of trusting the digest it arrived with."""
+    files = {f"s/f{i}.txt": f"content {i}".encode() for i in range(10)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    backdate(ws.data)
+    assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
+    edited = ws2.data / "ns/ds/s/f3.txt"
+    real = faults.checkpoint
+
+    def edit_after_promotion(name: str) -> None:
+        if name == "before_base":
+            rewrite_keeping_mtime(edited)
+        real(name)
+
+    monkeypatch.setattr(faults, "checkpoint", edit_after_promotion)
+    r = tether("pull", "ns/ds", "store", "-y", cwd=ws2.root)
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(faults, "checkpoint", real)
+    assert edited.read_bytes() != files["s/f3.txt"]
+    assert cached_digests(ws2) == {rel: _sha(data) for rel, data in files.items() if rel != "s/f3.txt"}
+    r = tether("diff", "ns/ds", "store", "--json", cwd=ws2.root)
+    assert r.exit_code == 1 and "s/f3.txt" in r.output, r.output
+
+
 @pytest.mark.parametrize("fork_min", ["256", "1"], ids=["in-process", "forked"])
 def test_pull_records_the_base_a_fresh_scan_would_give(
     ws: WorkspaceFixture,

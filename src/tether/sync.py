@@ -64,7 +64,7 @@ from tether.readahead import read_soon
 from tether.remotes import Remote, open_remote
 from tether.remotes.base import IndexedListing, RemoteStat, TaggedUploads, prepare_transfers
 from tether.scan import ScanReport, StatEntry, scan_tree
-from tether.transfer import BatchResult, pull_changes, push_changes
+from tether.transfer import BatchResult, landed_states, pull_changes, push_changes
 from tether.verify import (
     VERIFY_MODES,
     VerifyReport,
@@ -1224,7 +1224,8 @@ def _remember_arrived(ctx: Context, result: BatchResult, arrived: dict[str, Entr
     nothing."""
     cache = HashCache(ctx.workspace.hash_cache_path)
     try:
-        landed = ((p, st, arrived[p].digest) for p, st in result.landed.items() if _landed_as(st, arrived[p]))
+        states = landed_states(os.fspath(ctx.dataset.path), arrived, result.promoted_at_ns)
+        landed = ((st.path, st, arrived[st.path].digest) for st in states if _landed_as(st, arrived[st.path]))
         _remember_digests(ctx, cache, landed)
     finally:
         cache.close()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,8 +76,8 @@ class BatchResult:
     staged: int = 0  # verified in staging but not promoted, because another file failed
     # SHA-256s learnt by downloading files whose listed digest was provisional (foreign objects)
     resolved: dict[str, str] = field(default_factory=dict)
-    # Pulls: the state of each promoted file under its final name, for the hash cache.
-    landed: dict[str, StatEntry] = field(default_factory=dict)
+    # Pulls: when the promotion of the downloads ended (time.time_ns()), see landed_states.
+    promoted_at_ns: int = 0
 
     def raise_first(self) -> None:
         """Raise the most telling failure: verification first, then a stale source."""
@@ -571,11 +572,8 @@ def pull_changes(
             ensure_dir(os.path.dirname(final))
             os.replace(staged_path(change), final)
         faults.checkpoint("promoted")
-        st = os.stat(final)  # after the rename, which changed its ctime
-        result.landed[change.path] = StatEntry(
-            change.path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
-        )
         progress.advance(files=1)
+    result.promoted_at_ns = time.time_ns()
     for change in deletes:
         final = local_root / change.path
         final.unlink(missing_ok=True)
@@ -587,6 +585,21 @@ def pull_changes(
     syncfs(local_root)
     shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def landed_states(root: str, paths: Iterable[str], promoted_at_ns: int) -> Iterator[StatEntry]:
+    """The promoted files' states under their final names, for the hash cache: read after
+    the fact, beside the base write, not in the promotion loop (20,000 stats took 0.06 s of a
+    pull's critical path). A whole-tree rename keeps each file's inode and ctime, a file's own
+    rename sets its ctime then, so a ctime after ``promoted_at_ns`` means someone changed the
+    file since: it is left out (and hashed afresh by the next scan)."""
+    for path in paths:
+        try:
+            st = os.lstat(f"{root}/{path}")
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_ctime_ns <= promoted_at_ns:
+            yield StatEntry(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def _local_changed(path: str, planned: Entry | None, folders: dict[str, bool]) -> bool:
