@@ -159,3 +159,32 @@ def test_discard_deletes_at_once_when_the_disk_is_nearly_full(
     discard.discard(tree)
     assert not tree.exists() and list((tmp_path / "trash").iterdir()) == []
     discard.defer(False)
+
+
+def test_closing_the_latency_proxy_with_open_connections_leaves_no_pending_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every bench log ended in "Task was destroyed but it is pending!" tracebacks: the proxy's
+    loop stopped before its cancelled pipes had finished."""
+    import gc
+    import socket
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from benchlib.latency import LatencyProxy
+    finally:
+        sys.path.pop(0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        proxy = LatencyProxy(server.getsockname()[1], 0.001)
+        clients = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        for client in clients:
+            client.sendall(b"x" * 1000)
+        for conn in accepted:  # the bytes went through: both pipes of each connection are running
+            assert conn.recv(1000)
+        with caplog.at_level("ERROR", logger="asyncio"):
+            proxy.close()
+            gc.collect()
+        for sock in clients + accepted:
+            sock.close()
+    assert "destroyed but it is pending" not in caplog.text

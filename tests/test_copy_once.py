@@ -212,7 +212,10 @@ def test_pull_reuses_the_digests_it_verified(
 
 
 def test_a_pulled_file_edited_before_the_cache_learns_it_is_not_vouched_for(
-    ws: WorkspaceFixture, ws2: WorkspaceFixture, tether: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+    ws: WorkspaceFixture,
+    ws2: WorkspaceFixture,
+    tether: Callable[..., Result],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The hash cache learns the pulled files' states after the promotion, beside the base
     write: a file rewritten in between (same size and mtime, as `cp -p` leaves it) is left out,

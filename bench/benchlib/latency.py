@@ -89,8 +89,13 @@ class LatencyProxy:
         async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
+            # Let the cancelled pipes run their finally blocks before the loop stops: a task
+            # destroyed while pending printed "coroutine ignored GeneratorExit" into every log.
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
 
         with contextlib.suppress(RuntimeError):
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
