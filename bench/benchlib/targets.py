@@ -347,9 +347,11 @@ S3_TARGETS: tuple[Target, ...] = (
 )
 
 # Issue 7 (versioned remotes): tether-v's commit + push and pull against DVC's add + push and
-# pull, on local-path remotes; shown only when both tether-v and dvc were run.
+# pull, on local-path and S3 remotes (the issue names both); shown only when both tether-v and
+# dvc were run.
 VERSIONED_TARGETS: tuple[Target, ...] = tuple(
-    Target("local", case, label, "speedup", "tether-v", "dvc", limit, ">=", optional=True)
+    Target(kind, case, f"{kind} {label}", "speedup", "tether-v", "dvc", limit, ">=", optional=True)
+    for kind in ("local", "s3")
     for case, label, limit in (
         ("small-push", "small push (commit+push): DVC / tether-v time", 5.0),
         ("small-pull", "small pull: DVC / tether-v time", 5.0),
@@ -357,7 +359,8 @@ VERSIONED_TARGETS: tuple[Target, ...] = tuple(
         ("large-pull", "large pull: DVC / tether-v time", 1.0),
     )
 ) + tuple(
-    Target("local", case, label, "speedup", "tether-v", "dvc", optional=True)
+    Target(kind, case, f"{kind} {label}", "speedup", "tether-v", "dvc", optional=True)
+    for kind in ("local", "s3")
     for case, label in (
         ("small-change", "small 1% change (commit+push): DVC / tether-v time"),
         ("small-noop", "small no-op: DVC status / tether-v diff time"),
