@@ -1652,3 +1652,29 @@ def test_stale_private_master_folders_are_removed_and_nothing_else(tmp_path: Pat
     assert all(p.is_dir() for p in kept)
     assert (tmp_path / "tether-ssh-afile000").is_file() and (tmp_path / "tether-ssh-link0000").is_symlink()
     assert ssh_mod.remove_stale_private_dirs(str(tmp_path / "missing"), now=now) == 0
+
+
+def test_a_large_upload_keeps_the_kernel_reading_ahead_of_it(
+    remote: SshRemote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file is read chunk by chunk in the thread that hashes and sends it: the next
+    window of it is asked for ahead (posix_fadvise), so those reads do not wait on the disk."""
+    from tether import readahead
+
+    asked: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        asked.append((os.fstat(fd).st_size, offset, length))
+        real(fd, offset, length, advice)
+
+    # Files from RESUME_MIN up are sent resumably and left out of the small-file Prefetcher.
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 2 * ssh_helper.SMALL)
+    monkeypatch.setattr(readahead.os, "posix_fadvise", fadvise)
+    size = 3 * ssh_helper.SMALL + 7
+    big = _item(tmp_path / "src", "big", os.urandom(size), "ds/big")
+    outcome: dict[str, BaseException | None] = {}
+    remote.put_many([big], on_bytes=lambda n: None, on_done=lambda i, e: outcome.__setitem__(i.path, e))
+    assert outcome == {"ds/big": None}
+    assert asked == [(size, 0, readahead.SequentialReadAhead.STEP)]  # one step covers 3 MiB
+    assert (remote_root(remote) / "ds/big").read_bytes() == Path(big.local).read_bytes()

@@ -1,4 +1,5 @@
-"""Reading ahead of a consumer that opens many small files one after another.
+"""Reading ahead of a consumer: one that opens many small files one after another, or one
+that reads a large file from start to end (SequentialReadAhead).
 
 A copier or hasher that opens 20,000 small files in turn waits on the disk for each one when the
 page cache is cold (about 0.1 ms a file): reading is serialised with the work. A thread walking a
@@ -61,6 +62,37 @@ class Prefetcher:
                     return
             if path is not None:
                 _will_need(path, os.O_NOFOLLOW)
+
+
+class SequentialReadAhead:
+    """Keeps the kernel reading a window ahead of one thread that reads a large file in order.
+
+    Sending a large file over SSH, one thread reads a chunk, hashes it and writes it to ssh: with
+    a cold cache each read waited on the disk, since the kernel's own read-ahead (128 KiB by
+    default) is used up by a 1 MiB read. Four 512 MiB files over loopback took 7.1-8.4 s
+    (median 7.7 s of 6) that way and 6.0-7.0 s (median 6.5 s of 5) with ``WILLNEED`` asked
+    for the next 64 MiB in steps of 16 MiB. The window is bounded, so a file of any size costs
+    at most ``WINDOW`` bytes of page cache ahead of the reader. A hint only: errors are ignored.
+    """
+
+    WINDOW = 64 * 1024 * 1024
+    STEP = 16 * 1024 * 1024
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        self._fd = fd
+        self._queued = start  # bytes before this offset have been asked for
+        self._size = size
+        self._enabled = hasattr(os, "posix_fadvise")
+
+    def reading(self, pos: int) -> None:
+        """The reader is about to read at ``pos``: have the window after it on its way."""
+        target = min(self._size, pos + self.WINDOW)
+        while self._enabled and self._queued < target:
+            try:
+                os.posix_fadvise(self._fd, self._queued, self.STEP, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self._enabled = False
+            self._queued += self.STEP
 
 
 def read_soon(*paths: Path) -> None:

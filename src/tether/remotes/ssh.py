@@ -66,6 +66,7 @@ from tether.fileio import Prefetcher, check_source_state, create_in_place, os_er
 from tether.lock import local_flock
 from tether.manifest import UNHASHED
 from tether.paths import TEMP_MARKER, check_relpath
+from tether.readahead import SequentialReadAhead
 from tether.remotes import ssh_helper
 from tether.remotes.base import (
     ANY_SIZE,
@@ -1758,7 +1759,9 @@ class _PutStream:
             f.seek(offset)
         self.ch.send_head(header, n)
         left = n
+        ahead = SequentialReadAhead(f.fileno(), offset, item.size)
         while left:
+            ahead.reading(item.size - left)
             try:
                 chunk = f.read(min(CHUNK, left))
             except OSError as exc:
