@@ -54,8 +54,10 @@ def test_into_an_empty_folder_the_staged_tree_is_renamed_whole(
     assert local.stat().st_ino == staged_inode[0]  # the staging folder itself became the dataset
     assert not staging.exists()
     assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()} == FILES
-    for rel, st in result.landed.items():  # what the hash cache learns is the file as it is now
-        now = os.stat(local / rel)
+    landed = list(transfer.landed_states(str(local), FILES, result.promoted_at_ns))
+    assert sorted(st.path for st in landed) == sorted(FILES)  # none changed since its promotion
+    for st in landed:  # what the hash cache learns is the file as it is now
+        now = os.stat(local / st.path)
         assert (st.inode, st.size, st.mtime_ns, st.ctime_ns) == (
             now.st_ino,
             now.st_size,
