@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tether import faults
 from tether.cli import main
 from tether.hashing import HashCache
 from tether.scan import scan_tree
@@ -155,3 +156,17 @@ def rewrite_keeping_mtime(path: Path) -> None:
     st = path.stat()
     path.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def rewrite_at_checkpoint(monkeypatch: pytest.MonkeyPatch, name: str, path: Path) -> Callable[[], None]:
+    """Rewrite ``path`` keeping its mtime whenever a run passes checkpoint ``name`` (an edit at
+    an exact step, no race); the returned function stops it, for the rerun."""
+    real = faults.checkpoint
+
+    def rewriting(passed: str) -> None:
+        if passed == name:
+            rewrite_keeping_mtime(path)
+        real(passed)
+
+    monkeypatch.setattr(faults, "checkpoint", rewriting)
+    return lambda: monkeypatch.setattr(faults, "checkpoint", real)

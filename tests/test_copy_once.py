@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import tether
-from conftest import Result, WorkspaceFixture, backdate, cached_digests, rewrite_keeping_mtime
+from conftest import Result, WorkspaceFixture, backdate, cached_digests, rewrite_at_checkpoint
 from tether import faults, fileio, forked
 from tether.errors import StalePlanError
 from tether.fileio import Prefetcher, copy_verified
@@ -226,17 +226,10 @@ def test_a_pulled_file_edited_before_the_cache_learns_it_is_not_vouched_for(
     backdate(ws.data)
     assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
     edited = ws2.data / "ns/ds/s/f3.txt"
-    real = faults.checkpoint
-
-    def edit_after_promotion(name: str) -> None:
-        if name == "before_base":
-            rewrite_keeping_mtime(edited)
-        real(name)
-
-    monkeypatch.setattr(faults, "checkpoint", edit_after_promotion)
+    stop = rewrite_at_checkpoint(monkeypatch, "before_base", edited)  # after the promotion
     r = tether("pull", "ns/ds", "store", "-y", cwd=ws2.root)
     assert r.exit_code == 0, r.output
-    monkeypatch.setattr(faults, "checkpoint", real)
+    stop()
     assert edited.read_bytes() != files["s/f3.txt"]
     assert cached_digests(ws2) == {rel: _sha(data) for rel, data in files.items() if rel != "s/f3.txt"}
     r = tether("diff", "ns/ds", "store", "--json", cwd=ws2.root)
@@ -326,19 +319,12 @@ def test_rewrite_with_restored_mtime_during_a_first_push_is_refused(
     copy sees another ctime, so the unhashed file is not promoted (exit 3); the rerun sends it."""
     target = ws.write("a.bin", b"A" * 500)
     ws.write("b.bin", b"B" * 500)
-    real = faults.checkpoint
-
-    def at_lock(name: str) -> None:
-        if name == "locked":
-            rewrite_keeping_mtime(target)
-        real(name)
-
-    monkeypatch.setattr(faults, "checkpoint", at_lock)
+    stop = rewrite_at_checkpoint(monkeypatch, "locked", target)
     r = tether("push", "ns/ds", "store", "-y", cwd=ws.root)
     assert r.exit_code == 3, r.output
     assert "a.bin changed locally after it was scanned" in r.output
     assert not ws.remote_file("a.bin").exists()
-    monkeypatch.setattr(faults, "checkpoint", real)
+    stop()
     assert tether("push", "ns/ds", "store", "-y", cwd=ws.root).exit_code == 0
     assert ws.remote_file("a.bin").read_bytes() == target.read_bytes()
 

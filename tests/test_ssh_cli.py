@@ -22,7 +22,7 @@ from conftest import (
     backdate,
     cached_digests,
     make_workspace,
-    rewrite_keeping_mtime,
+    rewrite_at_checkpoint,
     run_subprocess,
 )
 from sshd import HOST, Relay, SshServer, add_remote, sshd_fixture  # noqa: F401
@@ -620,19 +620,12 @@ def test_rewrite_with_restored_mtime_during_a_first_push_is_not_sent(
     reads it: a rewrite that kept size and mtime is refused (exit 3), and the rerun sends it."""
     files = _files(hpc, 6)
     target = hpc.data / DS / sorted(files)[0]
-    real = faults.checkpoint
-
-    def at_lock(name: str) -> None:
-        if name == "locked":
-            rewrite_keeping_mtime(target)
-        real(name)
-
-    monkeypatch.setattr(faults, "checkpoint", at_lock)
+    stop = rewrite_at_checkpoint(monkeypatch, "locked", target)
     r = tether("push", DS, "hpc", "-y", cwd=hpc.root)
     assert r.exit_code == 3, r.output
     assert "changed locally after it was scanned" in r.output
     assert not (hpc.remote_dir / DS / sorted(files)[0]).exists()
-    monkeypatch.setattr(faults, "checkpoint", real)
+    stop()
     assert tether("push", DS, "hpc", "-y", cwd=hpc.root).exit_code == 0
     assert (hpc.remote_dir / DS / sorted(files)[0]).read_bytes() == target.read_bytes()
 
