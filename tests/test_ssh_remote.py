@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
 import glob
 import hashlib
 import os
@@ -509,6 +510,71 @@ def test_push_and_pull_over_several_streams_through_the_cli(
     pulled = other.root / "data" / "ns" / "ds"
     assert {rel: (pulled / rel).read_bytes() for rel in files} == files
     assert tether("diff", "ns/ds", "hpc", cwd=other.root).exit_code == 0
+
+
+def test_a_pull_whose_borrowed_control_stream_fails_releases_the_lock_and_the_rerun_converges(
+    tmp_path: Path,
+    sshd: SshServer,
+    slow_link: list[tuple[str, str]],
+    tether: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full local disk met by the stream on the borrowed control helper ends the pull (exit 3,
+    the disk named); that helper is killed with its stream, so the lock is released through a
+    new one, nothing is promoted, and the rerun pulls everything."""
+    ws = make_workspace(tmp_path, remote_dir=tmp_path / "remote")
+    other = make_workspace(tmp_path, "other", remote_dir=tmp_path / "remote")
+    for w in (ws, other):
+        _add_remote(w, get_server(), streams=2)
+    files = {f"d{i % 5}/f{i:03d}.bin": os.urandom(i * 53 % 4000) for i in range(150)}
+    for rel, data in files.items():
+        ws.write(rel, data)
+    assert tether("push", "ns/ds", "hpc", "-y", cwd=ws.root).exit_code == 0
+    real_create = ssh_mod.create_in_place
+
+    def full_in_the_second_stream(path: str) -> int:
+        if threading.current_thread().name == "tether-ssh-stream":
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_create(path)
+
+    monkeypatch.setattr(ssh_mod, "create_in_place", full_in_the_second_stream)
+    r = tether("pull", "ns/ds", "hpc", "-y", cwd=other.root)
+    assert r.exit_code == ExitCode.REFUSED, r.output
+    assert "no space left on the device" in r.output
+    assert ("control", "get") in slow_link
+    assert not (tmp_path / "remote" / lock_path("ns/ds")).exists()  # released, not left to expire
+    pulled = other.root / "data" / "ns" / "ds"
+    assert not any(p.is_file() for p in pulled.rglob("*") if ".tether" not in p.parts)
+
+    monkeypatch.setattr(ssh_mod, "create_in_place", real_create)
+    assert tether("pull", "ns/ds", "hpc", "-y", cwd=other.root).exit_code == 0
+    assert {rel: (pulled / rel).read_bytes() for rel in files} == files
+    assert tether("diff", "ns/ds", "hpc", cwd=other.root).exit_code == 0
+
+
+def test_a_large_file_pushed_through_the_cli_is_read_ahead_of_its_sender(
+    tmp_path: Path, sshd: SshServer, tether: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether import readahead
+
+    ws = make_workspace(tmp_path, remote_dir=tmp_path / "remote")
+    _add_remote(ws, get_server())
+    data = os.urandom(3 * ssh_helper.SMALL + 11)
+    ws.write("big.bin", data)
+    asked: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if length == readahead.SequentialReadAhead.STEP:
+            asked.append((os.fstat(fd).st_size, offset))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(ssh_mod, "RESUME_MIN", 2 * ssh_helper.SMALL)  # sent resumably, as from 64 MiB
+    monkeypatch.setattr(readahead.os, "posix_fadvise", fadvise)
+    r = tether("push", "ns/ds", "hpc", "-y", cwd=ws.root)
+    assert r.exit_code == 0, r.output
+    assert asked == [(len(data), 0)]
+    assert (tmp_path / "remote" / "ns" / "ds" / "big.bin").read_bytes() == data
 
 
 def test_closing_tells_every_helper_to_finish_before_waiting_for_any(
