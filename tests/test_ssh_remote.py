@@ -492,9 +492,9 @@ def test_a_download_does_not_borrow_the_control_helper_while_a_small_request_use
         r.close()
 
 
-def test_push_and_pull_over_several_streams_through_the_cli(
-    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]], tether: Any
-) -> None:
+def _pushed_for_two_streams(tmp_path: Path, tether: Any) -> tuple[WorkspaceFixture, dict[str, bytes]]:
+    """150 files pushed through the CLI over two streams, and a second workspace to pull them
+    into (both with the remote ``hpc``, streams = 2)."""
     ws = make_workspace(tmp_path, remote_dir=tmp_path / "remote")
     other = make_workspace(tmp_path, "other", remote_dir=tmp_path / "remote")
     for w in (ws, other):
@@ -503,6 +503,13 @@ def test_push_and_pull_over_several_streams_through_the_cli(
     for rel, data in files.items():
         ws.write(rel, data)
     assert tether("push", "ns/ds", "hpc", "-y", cwd=ws.root).exit_code == 0
+    return other, files
+
+
+def test_push_and_pull_over_several_streams_through_the_cli(
+    tmp_path: Path, sshd: SshServer, slow_link: list[tuple[str, str]], tether: Any
+) -> None:
+    other, files = _pushed_for_two_streams(tmp_path, tether)
     before = sshd.helper_starts()
     assert tether("pull", "ns/ds", "hpc", "-y", cwd=other.root).exit_code == 0
     assert sshd.helper_starts() - before == 2  # control and bulk: the control helper streams too
@@ -522,14 +529,7 @@ def test_a_pull_whose_borrowed_control_stream_fails_releases_the_lock_and_the_re
     """A full local disk met by the stream on the borrowed control helper ends the pull (exit 3,
     the disk named); that helper is killed with its stream, so the lock is released through a
     new one, nothing is promoted, and the rerun pulls everything."""
-    ws = make_workspace(tmp_path, remote_dir=tmp_path / "remote")
-    other = make_workspace(tmp_path, "other", remote_dir=tmp_path / "remote")
-    for w in (ws, other):
-        _add_remote(w, get_server(), streams=2)
-    files = {f"d{i % 5}/f{i:03d}.bin": os.urandom(i * 53 % 4000) for i in range(150)}
-    for rel, data in files.items():
-        ws.write(rel, data)
-    assert tether("push", "ns/ds", "hpc", "-y", cwd=ws.root).exit_code == 0
+    other, files = _pushed_for_two_streams(tmp_path, tether)
     real_create = ssh_mod.create_in_place
 
     def full_in_the_second_stream(path: str) -> int:
